@@ -12,7 +12,6 @@ check-python:
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt | check-python
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install -c constraints.txt -e '.[all]'
 	$(PY) -m pip check
 	touch $(STAMP)
