@@ -1,0 +1,46 @@
+"""DPQuant under `tf.distribute`: one global noise draw, global normalization.
+
+See docs/DISTRIBUTED.md. Public names:
+
+* strategies: `StrategyKind`, `make_strategy`, `configure_cpu_devices`;
+* replica-context arithmetic used by the DP optimizers: `num_replicas_in_sync`,
+  `replica_noise_stddev`, `add_replica_noise`, `check_generator_strategy`,
+  `global_example_count`, `global_normalizer`;
+* a loopback cluster for `MultiWorkerMirroredStrategy`: `run_local_cluster`,
+  `free_ports`, `local_tf_config`, `install_watchdog`, `WorkerResult`;
+* the design's reference optimizer `PrototypeDPSGDOptimizer`.
+"""
+
+from dpquant_tf.distribute._cluster import free_ports
+from dpquant_tf.distribute._cluster import install_watchdog
+from dpquant_tf.distribute._cluster import local_tf_config
+from dpquant_tf.distribute._cluster import run_local_cluster
+from dpquant_tf.distribute._cluster import WorkerResult
+from dpquant_tf.distribute._prototype import PrototypeDPSGDOptimizer
+from dpquant_tf.distribute._replica import add_replica_noise
+from dpquant_tf.distribute._replica import check_generator_strategy
+from dpquant_tf.distribute._replica import global_example_count
+from dpquant_tf.distribute._replica import global_normalizer
+from dpquant_tf.distribute._replica import num_replicas_in_sync
+from dpquant_tf.distribute._replica import replica_noise_stddev
+from dpquant_tf.distribute._strategy import configure_cpu_devices
+from dpquant_tf.distribute._strategy import make_strategy
+from dpquant_tf.distribute._strategy import StrategyKind
+
+__all__ = [
+    "PrototypeDPSGDOptimizer",
+    "StrategyKind",
+    "WorkerResult",
+    "add_replica_noise",
+    "check_generator_strategy",
+    "configure_cpu_devices",
+    "free_ports",
+    "global_example_count",
+    "global_normalizer",
+    "install_watchdog",
+    "local_tf_config",
+    "make_strategy",
+    "num_replicas_in_sync",
+    "replica_noise_stddev",
+    "run_local_cluster",
+]
