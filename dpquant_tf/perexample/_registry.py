@@ -1,0 +1,115 @@
+"""Registry: which layer can produce the per-example gradient of a variable.
+
+A *tapped* layer exposes, after each call, ``tap_input`` (the tensor fed to its
+linear op) and ``tap_output`` (the op's output ``z``, before any activation or
+backward-quantization identity), plus ``layer`` (the wrapped Keras layer that
+owns the variables). ``QuantizedLayer`` (dpquant_tf.quantization) and
+:class:`~dpquant_tf.perexample.TappedLayer` are tapped layers.
+
+Tapped layers are held weakly (a ``weakref.WeakSet``): registering a layer never
+keeps a model alive. The map from variable to layer is rebuilt from the live
+registered layers at each lookup (at trace time, not per step), so it follows
+variables created after registration (layers register when built or wrapped).
+"""
+
+import enum
+import threading
+import weakref
+from typing import Dict, NamedTuple, Optional
+
+__all__ = ["LayerKind", "VarSlot", "kind_of", "register_tapped_layer",
+           "registered_slots", "unregister_tapped_layer"]
+
+_LOCK = threading.Lock()
+_TAPPED = weakref.WeakSet()
+
+
+class LayerKind(enum.Enum):
+  """Layer kinds with a closed-form per-example gradient rule."""
+  DENSE = "dense"
+  CONV = "conv"                 # Conv1D / Conv2D (channels_last or first)
+  DEPTHWISE_CONV2D = "depthwise_conv2d"
+  EINSUM_DENSE = "einsum_dense"
+  EMBEDDING = "embedding"
+  LAYER_NORM = "layer_norm"
+  GROUP_NORM = "group_norm"
+
+
+class VarSlot(NamedTuple):
+  """Where a variable sits: the tapped layer and the variable's role in it."""
+  layer: object   # the tapped layer (has tap_input / tap_output)
+  kind: LayerKind
+  role: str       # "kernel", "bias", "embeddings", "gamma", "beta"
+
+
+def kind_of(inner) -> Optional[LayerKind]:
+  """The kind of a plain Keras layer, or None when there is no rule for it."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  layers = tf.keras.layers
+  # Order matters: DepthwiseConv2D and Conv1D/2D subclass the base Conv.
+  if isinstance(inner, layers.DepthwiseConv2D):
+    return LayerKind.DEPTHWISE_CONV2D
+  if isinstance(inner, (layers.Conv1D, layers.Conv2D)) and not isinstance(
+      inner, (layers.Conv1DTranspose, layers.Conv2DTranspose,
+              layers.SeparableConv1D, layers.SeparableConv2D)):
+    return LayerKind.CONV
+  if isinstance(inner, layers.Dense):
+    return LayerKind.DENSE
+  if isinstance(inner, layers.EinsumDense):
+    return LayerKind.EINSUM_DENSE
+  if isinstance(inner, layers.Embedding):
+    return LayerKind.EMBEDDING
+  if isinstance(inner, layers.LayerNormalization):
+    return LayerKind.LAYER_NORM
+  if isinstance(inner, layers.GroupNormalization):
+    return LayerKind.GROUP_NORM
+  return None
+
+
+_ROLES = {
+    LayerKind.DENSE: ("kernel", "bias"),
+    LayerKind.CONV: ("kernel", "bias"),
+    LayerKind.DEPTHWISE_CONV2D: ("depthwise_kernel", "bias"),
+    LayerKind.EINSUM_DENSE: ("kernel", "bias"),
+    LayerKind.EMBEDDING: ("embeddings",),
+    LayerKind.LAYER_NORM: ("gamma", "beta"),
+    LayerKind.GROUP_NORM: ("gamma", "beta"),
+}
+
+
+def register_tapped_layer(layer) -> None:
+  """Registers a tapped layer (idempotent; held weakly).
+
+  Args:
+    layer: an object with a ``layer`` attribute (the wrapped Keras layer) that
+      sets ``tap_input`` and ``tap_output`` on every call.
+  """
+  with _LOCK:
+    _TAPPED.add(layer)
+
+
+def unregister_tapped_layer(layer) -> None:
+  """Removes a tapped layer from the registry (no-op if absent)."""
+  with _LOCK:
+    _TAPPED.discard(layer)
+
+
+def registered_slots() -> Dict[object, VarSlot]:
+  """Maps ``var.ref()`` to its :class:`VarSlot` for all live tapped layers."""
+  with _LOCK:
+    layers = list(_TAPPED)
+  slots = {}
+  for tapped in layers:
+    inner = getattr(tapped, "layer", None)
+    kind = kind_of(inner) if inner is not None else None
+    if kind is None:
+      continue
+    for role in _ROLES[kind]:
+      var = getattr(inner, role, None)
+      if var is not None and hasattr(var, "ref"):
+        slots[var.ref()] = VarSlot(tapped, kind, _role_name(role))
+  return slots
+
+
+def _role_name(role: str) -> str:
+  return "kernel" if role == "depthwise_kernel" else role

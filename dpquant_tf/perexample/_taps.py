@@ -1,0 +1,121 @@
+"""TappedLayer and tap_model: the fast per-example path for plain Keras models.
+
+``QuantizedLayer`` (dpquant_tf.quantization) taps the layers it wraps. For
+layers it does not wrap (unquantized models, Embedding, LayerNormalization,
+GroupNormalization), :func:`tap_model` clones a Sequential or Functional model
+and wraps every layer that has a per-example rule in a :class:`TappedLayer`.
+The wrapper computes exactly what the layer computes (same variables, same
+ops); it only records the tensors the rules need and applies the activation
+itself so that the tap output is the pre-activation ``z``.
+"""
+
+import weakref
+
+import tensorflow as tf
+
+from dpquant_tf import _validation
+from dpquant_tf.perexample import _registry
+
+__all__ = ["TappedLayer", "tap_model"]
+
+
+@tf.keras.utils.register_keras_serializable(package="dpquant_tf")
+class TappedLayer(tf.keras.layers.Wrapper):
+  """Runs a Keras layer and records its tap input and pre-activation output.
+
+  After each call, ``tap_input`` is the layer's input and ``tap_output`` the
+  output before the activation (for layers with an ``activation``) or the
+  layer's output (Embedding, normalization layers). The wrapped layer must be
+  called once per forward pass (a second call in the same trace makes the
+  fast path fall back to the jacobian for it, with a log line).
+
+  Args:
+    layer: a Dense, Conv1D, Conv2D, DepthwiseConv2D, EinsumDense, Embedding,
+      LayerNormalization or GroupNormalization layer.
+    **kwargs: passed to ``tf.keras.layers.Wrapper``.
+  """
+
+  def __init__(self, layer, **kwargs):
+    if _registry.kind_of(layer) is None:
+      _validation.fail("layer", layer,
+                       "a layer with a per-example gradient rule (Dense, Conv1D, "
+                       "Conv2D, DepthwiseConv2D, EinsumDense, Embedding, "
+                       "LayerNormalization, GroupNormalization)", TypeError)
+    kwargs.setdefault("name", f"{layer.name}_tapped")
+    super().__init__(layer, **kwargs)
+    activation = getattr(layer, "activation", None)
+    self.activation = tf.keras.activations.get(activation) if activation else None
+    if activation is not None:
+      layer.activation = tf.keras.activations.linear
+    self.tap_input = None
+    self.tap_output = None
+    self.tap_calls = weakref.WeakKeyDictionary()
+    _registry.register_tapped_layer(self)
+
+  def build(self, input_shape):
+    if not self.layer.built:
+      self.layer.build(input_shape)
+    super().build(input_shape)
+
+  def call(self, inputs, *args, **kwargs):
+    z = self.layer(inputs, *args, **kwargs)
+    self.tap_input = inputs
+    self.tap_output = z
+    if not tf.executing_eagerly():
+      graph = tf.compat.v1.get_default_graph()
+      self.tap_calls[graph] = self.tap_calls.get(graph, 0) + 1
+    return self.activation(z) if self.activation is not None else z
+
+  def compute_output_shape(self, input_shape):
+    return self.layer.compute_output_shape(input_shape)
+
+  def get_config(self):
+    config = super().get_config()
+    config["activation"] = tf.keras.activations.serialize(self.activation) if (
+        self.activation is not None) else None
+    return config
+
+  @classmethod
+  def from_config(cls, config, custom_objects=None):
+    config = dict(config)
+    activation = config.pop("activation", None)
+    layer = super().from_config(config, custom_objects=custom_objects)
+    if activation is not None:
+      layer.activation = tf.keras.activations.get(activation)
+    return layer
+
+
+def tap_model(model, *, layers=None):
+  """Clones ``model`` with every supported layer wrapped in a TappedLayer.
+
+  The clone computes exactly what ``model`` computes; its weights are copied.
+  Layers that already tap (a ``QuantizedLayer`` or ``TappedLayer``) are kept.
+
+  Args:
+    model: a Sequential or Functional ``tf.keras.Model``.
+    layers: optional collection of layer names to wrap (default: all
+      supported layers).
+
+  Returns:
+    The tapped clone.
+  """
+  if not isinstance(model, tf.keras.Model):
+    _validation.fail("model", model, "a tf.keras.Model", TypeError)
+  if not (isinstance(model, tf.keras.Sequential)
+          or getattr(model, "_is_graph_network", False)):
+    _validation.fail("model", model.name,
+                     "a Sequential or Functional model (subclassed models cannot "
+                     "be cloned; wrap their layers in TappedLayer directly)")
+  wanted = None if layers is None else set(layers)
+
+  def clone(layer):
+    new = layer.__class__.from_config(layer.get_config())
+    if hasattr(layer, "tap_output") or _registry.kind_of(layer) is None:
+      return new
+    if wanted is not None and layer.name not in wanted:
+      return new
+    return TappedLayer(new, name=layer.name + "_tapped")
+
+  tapped = tf.keras.models.clone_model(model, clone_function=clone)
+  tapped.set_weights(model.get_weights())
+  return tapped
