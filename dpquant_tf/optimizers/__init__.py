@@ -1,0 +1,13 @@
+"""DP optimizers with quantized per-example gradients (TF-Privacy subclasses)."""
+
+from dpquant_tf.optimizers._dp_quant import DPQuantAdamOptimizer
+from dpquant_tf.optimizers._dp_quant import DPQuantOptimizer
+from dpquant_tf.optimizers._dp_quant import PerExampleMethod
+from dpquant_tf.privacy._mechanisms import SensitivityMode
+
+__all__ = [
+    "DPQuantAdamOptimizer",
+    "DPQuantOptimizer",
+    "PerExampleMethod",
+    "SensitivityMode",
+]

@@ -1,0 +1,576 @@
+"""DPQuantOptimizer / DPQuantAdamOptimizer: TF-Privacy optimizers with
+per-layer quantized per-example gradients and in-graph privacy events.
+
+The optimizer is a thin adapter: it owns the variables (clip, noise
+multiplier, bit widths, generator, event table) and calls the pure mechanisms
+of ``dpquant_tf.privacy`` in order. See docs/PRIVACY.md.
+"""
+
+import enum
+import logging
+import math
+from typing import Any, Dict, List, Mapping, Optional, Union
+
+import tensorflow as tf
+from tensorflow_privacy.privacy.dp_query import gaussian_query
+from tensorflow_privacy.privacy.optimizers import dp_optimizer_keras
+
+from dpquant_tf import _validation as V
+from dpquant_tf.privacy import _events
+from dpquant_tf.privacy import _mechanisms as M
+
+__all__ = ["DPQuantAdamOptimizer", "DPQuantOptimizer", "PerExampleMethod"]
+
+_log = logging.getLogger(__name__)
+BitsSpec = Union[None, int, Mapping[str, int]]
+
+
+class PerExampleMethod(enum.Enum):
+  """How per-example gradients are computed.
+
+  AUTO: ``dpquant_tf.perexample`` (fast layer taps where possible, jacobian
+    for the rest) when that module is available, else the jacobian.
+  JACOBIAN: always ``tape.jacobian`` (TF-Privacy's method).
+  """
+  AUTO = "auto"
+  JACOBIAN = "jacobian"
+
+
+def _check_bits(name: str, value: Any, *, allow_zero: bool) -> int:
+  if allow_zero and not isinstance(value, bool) and value == 0:
+    return 0
+  return V.check_int(name, value, low=M.MIN_BITS, high=M.MAX_BITS)
+
+
+def _check_bits_spec(name: str, spec: BitsSpec) -> BitsSpec:
+  if spec is None:
+    return None
+  if isinstance(spec, Mapping):
+    return {V.check_type(f"{name} key", k, str, "a variable or layer name"):
+            _check_bits(f"{name}[{k!r}]", v, allow_zero=True)
+            for k, v in spec.items()}
+  return _check_bits(name, spec, allow_zero=False)
+
+
+def _name_matches(key: str, var_name: str) -> bool:
+  if key in (var_name, var_name.split(":")[0]):
+    return True
+  return key in var_name.split(":")[0].split("/")[:-1]
+
+
+class _DPQuantMixin:
+  """Shared implementation of the DPQuant optimizers (see DPQuantOptimizer)."""
+
+  def __init__(self,
+               l2_norm_clip: float,
+               noise_multiplier: float,
+               num_microbatches: Optional[int] = None,
+               gradient_accumulation_steps: int = 1,
+               *,
+               ledger=None,
+               gradient_bits: BitsSpec = None,
+               sensitivity_mode=M.SensitivityMode.RECLIP,
+               update_bits: Optional[int] = None,
+               expected_batch_size: Optional[float] = None,
+               sampling_probability: Optional[float] = None,
+               dataset_size: Optional[int] = None,
+               seed: Optional[int] = None,
+               per_example_method=PerExampleMethod.AUTO,
+               event_table_size: int = _events.DEFAULT_TABLE_SIZE,
+               **kwargs):
+    l2_norm_clip = V.check_positive("l2_norm_clip", l2_norm_clip)
+    noise_multiplier = V.check_non_negative("noise_multiplier",
+                                            noise_multiplier)
+    if num_microbatches is not None:
+      num_microbatches = V.check_int("num_microbatches", num_microbatches,
+                                     low=1)
+    gradient_accumulation_steps = V.check_int(
+        "gradient_accumulation_steps", gradient_accumulation_steps, low=1)
+    gradient_bits = _check_bits_spec("gradient_bits", gradient_bits)
+    sensitivity_mode = V.check_enum("sensitivity_mode", sensitivity_mode,
+                                    M.SensitivityMode)
+    if update_bits is not None:
+      update_bits = _check_bits("update_bits", update_bits, allow_zero=False)
+    if expected_batch_size is not None:
+      expected_batch_size = V.check_positive("expected_batch_size",
+                                             expected_batch_size)
+    if sampling_probability is not None:
+      sampling_probability = V.check_probability("sampling_probability",
+                                                 sampling_probability)
+    if dataset_size is not None:
+      dataset_size = V.check_int("dataset_size", dataset_size, low=1)
+    if seed is not None:
+      seed = V.check_int("seed", seed)
+    per_example_method = V.check_enum("per_example_method",
+                                      per_example_method, PerExampleMethod)
+    event_table_size = V.check_int("event_table_size", event_table_size,
+                                   low=1)
+    query = gaussian_query.GaussianSumQuery(l2_norm_clip,
+                                            l2_norm_clip * noise_multiplier)
+    super().__init__(query, num_microbatches, gradient_accumulation_steps,
+                     **kwargs)
+    self._initial_gradient_bits = gradient_bits
+    self._sensitivity_mode = sensitivity_mode
+    self._expected_batch_size = expected_batch_size
+    self._dataset_size = dataset_size
+    self._initial_sampling_probability = sampling_probability
+    self._seed = seed
+    self._per_example_method = per_example_method
+    self._event_table_size = event_table_size
+    self._pending_bits: Dict[str, int] = {}
+    if isinstance(gradient_bits, Mapping):
+      self._pending_bits.update(gradient_bits)
+    self._bits_var = None
+    self._var_names: Optional[List[str]] = None
+    self._var_sizes: Optional[List[int]] = None
+    self._create_dp_state(l2_norm_clip, noise_multiplier, update_bits,
+                          sampling_probability)
+    if ledger is not None:
+      ledger.attach(self)
+
+  # ------------------------------------------------------------------ state
+  def _dp_weight(self, name, shape, dtype, value):
+    return self.add_weight(
+        name, shape=shape, dtype=dtype, trainable=False,
+        initializer=tf.keras.initializers.Constant(value))
+
+  def _create_dp_state(self, clip, noise, update_bits, q):
+    k = self._event_table_size
+    self.l2_norm_clip_var = self._dp_weight("dp_l2_norm_clip", [],
+                                            tf.float32, clip)
+    self.noise_multiplier_var = self._dp_weight("dp_noise_multiplier", [],
+                                                tf.float64, noise)
+    self.update_bits_var = self._dp_weight("dp_update_bits", [], tf.int32,
+                                           update_bits or 0)
+    self.sampling_probability_var = self._dp_weight(
+        "dp_sampling_probability", [], tf.float64, -1.0 if q is None else q)
+    self._event_q = self._dp_weight("dp_event_q", [k], tf.float64, 0.0)
+    self._event_z = self._dp_weight("dp_event_z", [k], tf.float64, 0.0)
+    self._event_count = self._dp_weight("dp_event_count", [k], tf.int64, 0)
+    self._event_used = self._dp_weight("dp_event_used", [], tf.int32, 0)
+    self._event_overflow = self._dp_weight("dp_event_overflow", [], tf.int32,
+                                           0)
+    if self._seed is None:
+      gen = tf.random.Generator.from_non_deterministic_state()
+    else:
+      gen = tf.random.Generator.from_seed(self._seed)
+    self._generator = gen
+    self._track_trackable(gen, name="dp_generator")
+
+  @property
+  def generator(self) -> tf.random.Generator:
+    """The generator of DP noise and stochastic rounding."""
+    return self._generator
+
+  @property
+  def sensitivity_mode(self) -> M.SensitivityMode:
+    return self._sensitivity_mode
+
+  @property
+  def expected_batch_size(self) -> Optional[float]:
+    return self._expected_batch_size
+
+  def build(self, var_list):
+    """Creates the per-variable bit-width variable for `var_list`."""
+    var_list = tf.nest.flatten(var_list)
+    names = [v.name for v in var_list]
+    if self._bits_var is not None:
+      if names != self._var_names:
+        raise ValueError(
+            f"Expected var_list={names} to be the variables this optimizer "
+            f"was built for ({self._var_names}).")
+      return
+    self._check_var_list(var_list)
+    self._var_names = names
+    self._var_sizes = [int(v.shape.num_elements()) for v in var_list]
+    init = [self._initial_bits_for(n) for n in names]
+    with tf.init_scope():
+      self._bits_var = self._dp_weight("dp_gradient_bits", [len(names)],
+                                       tf.int32, init)
+    self._pending_bits = {}
+
+  def _initial_bits_for(self, var_name: str) -> int:
+    bits = 0
+    if isinstance(self._initial_gradient_bits, int):
+      bits = self._initial_gradient_bits
+    for key, value in self._pending_bits.items():
+      if _name_matches(key, var_name):
+        bits = value
+    return bits
+
+  def set_gradient_bits(self, bits: Union[int, Mapping[str, int]]) -> None:
+    """Sets per-variable gradient bit widths (0 = exact); no retrace.
+
+    Args:
+      bits: an int for every variable, or a mapping from a variable name
+        (``"dense/kernel:0"`` or ``"dense/kernel"``) or layer name
+        (``"dense"``) to bits in [2, 24] or 0.
+    """
+    if not isinstance(bits, Mapping):
+      bits = {"*": _check_bits("bits", bits, allow_zero=True)}
+    else:
+      bits = _check_bits_spec("bits", bits)
+    if self._bits_var is None:
+      if "*" in bits:
+        self._initial_gradient_bits = bits.pop("*")
+        self._pending_bits = {}
+      self._pending_bits.update(bits)
+      return
+    current = [int(b) for b in self._bits_var.numpy()]
+    for key, value in bits.items():
+      hits = [i for i, n in enumerate(self._var_names)
+              if key == "*" or _name_matches(key, n)]
+      if not hits:
+        V.fail("bits key", key, f"a variable or layer name among "
+               f"{self._var_names}")
+      for i in hits:
+        current[i] = value
+    self._bits_var.assign(current)
+
+  def gradient_bits(self) -> Dict[str, int]:
+    """Current bits per variable name (0 = exact); {} before the first step
+    unless bits were set (then the pending settings keyed as given)."""
+    if self._bits_var is None:
+      out = dict(self._pending_bits)
+      if isinstance(self._initial_gradient_bits, int):
+        out.setdefault("*", self._initial_gradient_bits)
+      return out
+    return dict(zip(self._var_names, (int(b) for b in self._bits_var.numpy())))
+
+  def set_noise_multiplier(self, value: float) -> None:
+    self.noise_multiplier_var.assign(
+        V.check_non_negative("noise_multiplier", value))
+
+  def set_l2_norm_clip(self, value: float) -> None:
+    self.l2_norm_clip_var.assign(V.check_positive("l2_norm_clip", value))
+
+  def set_sampling_probability(self, value: float) -> None:
+    self.sampling_probability_var.assign(
+        V.check_probability("sampling_probability", value))
+
+  # ------------------------------------------------------------- checks
+  @staticmethod
+  def _check_var_list(var_list) -> None:
+    bad = [v.name for v in var_list
+           if "batch_normalization" in v.name.lower()]
+    if bad:
+      V.fail("var_list", bad, "free of BatchNormalization variables: batch "
+             "statistics couple the examples of a batch and break per-example"
+             " DP; use GroupNormalization (dpquant_tf.quantization.fix_model)")
+
+  @staticmethod
+  def check_model(model: tf.keras.Model) -> None:
+    """Raises if `model` has layers that break per-example DP."""
+    bad = [l.name for l in model.submodules
+           if isinstance(l, tf.keras.layers.BatchNormalization)]
+    if bad:
+      V.fail("model", model.name, f"free of BatchNormalization layers (found "
+             f"{bad}): batch statistics couple the examples of a batch; use "
+             "GroupNormalization (dpquant_tf.quantization.fix_model)")
+
+  def _check_loss(self, loss) -> None:
+    if loss.shape.rank == 0:
+      V.fail("loss", loss, "a per-example loss vector (shape [batch]); build "
+             "the Keras loss with reduction=tf.keras.losses.Reduction.NONE")
+    batch = loss.shape[0]
+    nmb = self._num_microbatches
+    if batch is not None and nmb is not None and batch % nmb:
+      V.fail("num_microbatches", nmb, f"a divisor of the batch size {batch}")
+    if (self._expected_batch_size is not None and nmb is not None and
+        batch is not None and batch != nmb):
+      V.fail("num_microbatches", nmb, "None or the batch size when "
+             "expected_batch_size is set (one example per microbatch)")
+
+  # --------------------------------------------------- per-example grads
+  def _jacobian_per_example_gradients(self, loss, var_list, tape,
+                                      num_microbatches):
+    """TF-Privacy's path: jacobian of the microbatch mean losses."""
+    with tape:
+      microbatch_losses = tf.reduce_mean(
+          tf.reshape(loss, [num_microbatches, -1]), axis=1)
+    return tape.jacobian(microbatch_losses, var_list,
+                         unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+  def _per_example_gradients(self, loss, var_list, tape,
+                             num_microbatches=None):
+    """One ``[num_microbatches, *var.shape]`` tensor per variable."""
+    if num_microbatches is None:
+      num_microbatches = self._microbatch_count(loss)
+    if self._per_example_method is PerExampleMethod.AUTO:
+      try:
+        from dpquant_tf import perexample  # pylint: disable=g-import-not-at-top
+        fast = perexample.per_example_gradients
+      except (ImportError, AttributeError):
+        fast = None
+      if fast is not None:
+        return list(fast(loss, var_list, tape, num_microbatches,
+                         fallback=self._jacobian_per_example_gradients))
+    return list(self._jacobian_per_example_gradients(loss, var_list, tape,
+                                                     num_microbatches))
+
+  def _microbatch_count(self, loss):
+    if self._num_microbatches is None:
+      return tf.shape(loss)[0]
+    return self._num_microbatches
+
+  # ------------------------------------------------------------- noise
+  def _per_replica_noise_stddev(self, stddev):
+    """Hook for tf.distribute: the noise each replica adds.
+
+    With one replica this is `stddev`. With R > 1 replicas whose sums are
+    added, each replica should add stddev / sqrt(R); that path (and the
+    matching normalization) is not implemented here, so it raises.
+    """
+    ctx = tf.distribute.get_replica_context()
+    if ctx is not None and ctx.num_replicas_in_sync > 1:
+      raise NotImplementedError(
+          "DPQuantOptimizer with more than one replica in sync: per-replica "
+          "noise (stddev/sqrt(R)) and global normalization are provided by "
+          "dpquant_tf.distribute, not by the optimizer alone.")
+    return stddev
+
+  # ------------------------------------------------------------ events
+  def _step_sampling_probability(self, loss):
+    q = self.sampling_probability_var
+    if self._dataset_size is None:
+      return tf.identity(q)
+    if self._expected_batch_size is not None:
+      batch = tf.constant(self._expected_batch_size, tf.float64)
+    else:
+      batch = tf.cast(tf.shape(loss)[0], tf.float64)
+    derived = tf.minimum(batch / float(self._dataset_size), 1.0)
+    return tf.where(q >= 0, q, derived)
+
+  def _record_privacy_event(self, q, z):
+    new = _events.update_event_table(self._event_q, self._event_z,
+                                     self._event_count, self._event_used,
+                                     q, z)
+    return tf.group(
+        self._event_q.assign(new[0]), self._event_z.assign(new[1]),
+        self._event_count.assign(new[2]), self._event_used.assign(new[3]),
+        self._event_overflow.assign(
+            tf.maximum(self._event_overflow, tf.cast(new[4], tf.int32))))
+
+  def dp_events(self):
+    """``[(PoissonSampledDpEvent(q, GaussianDpEvent(z)), count), ...]``.
+
+    Raises:
+      EventTableOverflowError, UnknownSamplingProbabilityError.
+    """
+    return _events.events_from_table(
+        self._event_q.numpy(), self._event_z.numpy(),
+        self._event_count.numpy(), self._event_used.numpy(),
+        self._event_overflow.numpy())
+
+  def dp_event_steps(self) -> int:
+    """Number of DP steps recorded in the event table."""
+    return int(self._event_count.numpy().sum())
+
+  def current_event_parameters(self, var_list=None, batch_size=None):
+    """(q, z) the next step would record, computed eagerly in Python."""
+    q = float(self.sampling_probability_var.numpy())
+    if q < 0 and self._dataset_size is not None:
+      b = self._expected_batch_size or batch_size
+      q = -1.0 if b is None else min(float(b) / self._dataset_size, 1.0)
+    z = float(self.noise_multiplier_var.numpy())
+    if self._sensitivity_mode is M.SensitivityMode.BOUND:
+      if self._bits_var is None and var_list is not None:
+        names = [v.name for v in var_list]
+        bits = [self._initial_bits_for(n) for n in names]
+        sizes = [int(v.shape.num_elements()) for v in var_list]
+      elif self._bits_var is not None:
+        bits = [int(b) for b in self._bits_var.numpy()]
+        sizes = self._var_sizes
+      else:
+        bits, sizes = [], []
+      clip = float(self.l2_norm_clip_var.numpy())
+      sens = M.bound_sensitivity_py(clip, sizes, bits)
+      z = z / (sens / clip)
+    if self._num_microbatches is not None and batch_size is not None and (
+        batch_size // self._num_microbatches > 1):
+      z = z / 2.0
+    return q, z
+
+  # ------------------------------------------------------ the DP step
+  def _compute_gradients(self, loss, var_list, grad_loss=None, tape=None):
+    """DP step: per-example grads, quantize, clip, sum, noise, normalize."""
+    del grad_loss  # Not supported by DP optimizers (as in TF-Privacy).
+    self._was_dp_gradients_called = True
+    if not callable(loss) and tape is None:
+      raise ValueError("`tape` is required when a `Tensor` loss is passed.")
+    tape = tape if tape is not None else tf.GradientTape()
+    with tape:
+      if callable(loss):
+        if not callable(var_list):
+          tape.watch(var_list)
+        loss = loss()
+      if callable(var_list):
+        var_list = var_list()
+    var_list = tf.nest.flatten(var_list)
+    loss = tf.convert_to_tensor(loss)
+    self._check_loss(loss)
+    self.build(var_list)
+    with tf.keras.backend.name_scope(self._name + "/gradients"):
+      nmb = self._microbatch_count(loss)
+      grads = self._per_example_gradients(loss, var_list, tape, nmb)
+      summed, sens_ratio = self._clip_quantize_sum(grads)
+      final = self._noise_and_normalize(summed, loss, nmb, sens_ratio)
+    return list(zip(final, var_list))
+
+  def _clip_quantize_sum(self, grads):
+    """Clips (and quantizes) per-example gradients; returns sums and the
+    sensitivity in units of C (float64)."""
+    clip = self.l2_norm_clip_var
+    bits = self._bits_var
+    quant_on = tf.reduce_any(bits > 0)
+    clipped = M.clip_per_example(grads, clip)
+    reclip = self._sensitivity_mode is M.SensitivityMode.RECLIP
+
+    def quantized():
+      q = M.quantize_per_example(clipped, bits, clip, self._generator)
+      return M.clip_per_example(q, clip) if reclip else q
+
+    processed = tf.cond(quant_on, quantized, lambda: list(clipped))
+    summed = [tf.reduce_sum(g, axis=0) for g in tf.nest.flatten(processed)]
+    if reclip:
+      ratio = tf.constant(1.0, tf.float64)
+    else:
+      extra = M.quantization_error_bound(self._var_sizes, bits, clip)
+      ratio = 1.0 + tf.where(quant_on, extra, tf.zeros_like(extra)) / tf.cast(
+          clip, tf.float64)
+    return summed, ratio
+
+  def _noise_and_normalize(self, summed, loss, nmb, sens_ratio):
+    sigma = self.noise_multiplier_var
+    stddev = tf.cast(sigma, tf.float32) * self.l2_norm_clip_var
+    stddev = self._per_replica_noise_stddev(stddev)
+    noised = M.add_gaussian_noise(summed, stddev, self._generator)
+    z = sigma / sens_ratio
+    if self._num_microbatches is not None:
+      rows = tf.shape(loss)[0] // self._num_microbatches
+      # Microbatches of >1 example double the add/remove sensitivity.
+      z = tf.where(rows > 1, z / 2.0, z)
+    record = self._record_privacy_event(
+        self._step_sampling_probability(loss), z)
+    if self._expected_batch_size is not None:
+      normalizer = tf.constant(self._expected_batch_size, tf.float32)
+    else:
+      normalizer = tf.cast(nmb, tf.float32)
+    with tf.control_dependencies([record]):
+      final = [g / tf.cast(normalizer, g.dtype) for g in noised]
+    ubits = self.update_bits_var
+    return tf.cond(ubits > 0,
+                   lambda: M.quantize_update(final, ubits, self._generator),
+                   lambda: list(final))
+
+  def get_gradients(self, loss, params):
+    raise NotImplementedError(
+        "DPQuant optimizers support TF2 eager/tf.function training "
+        "(Keras fit, minimize, _compute_gradients) only.")
+
+  # ------------------------------------------------------------ config
+  def get_config(self):
+    base_cls = [c for c in type(self).__mro__
+                if c.__module__.startswith("tf_keras")][0]
+    config = base_cls.get_config(self)
+    bits = (self.gradient_bits() if self._bits_var is not None
+            else self._initial_gradient_bits)
+    if isinstance(bits, dict) and self._bits_var is None and self._pending_bits:
+      bits = dict(self._pending_bits)
+    config.update({
+        "l2_norm_clip": float(self.l2_norm_clip_var.numpy()),
+        "noise_multiplier": float(self.noise_multiplier_var.numpy()),
+        "num_microbatches": self._num_microbatches,
+        "gradient_accumulation_steps": self.gradient_accumulation_steps,
+        "gradient_bits": bits,
+        "sensitivity_mode": self._sensitivity_mode.value,
+        "update_bits": int(self.update_bits_var.numpy()) or None,
+        "expected_batch_size": self._expected_batch_size,
+        "sampling_probability": self._initial_sampling_probability,
+        "dataset_size": self._dataset_size,
+        "seed": self._seed,
+        "per_example_method": self._per_example_method.value,
+        "event_table_size": self._event_table_size,
+    })
+    return config
+
+  @classmethod
+  def from_config(cls, config, custom_objects=None):
+    config = dict(config)
+    if "lr" in config:
+      config["learning_rate"] = config.pop("lr")
+    if isinstance(config.get("learning_rate"), dict):
+      config["learning_rate"] = (
+          tf.keras.optimizers.schedules.deserialize(
+              config["learning_rate"], custom_objects=custom_objects))
+    return cls(**config)
+
+
+@tf.keras.utils.register_keras_serializable(package="dpquant_tf")
+class DPQuantOptimizer(_DPQuantMixin,
+                       dp_optimizer_keras.GenericDPSGDOptimizer):
+  """DP-SGD with per-layer quantized per-example gradients (Keras 2).
+
+  A subclass of TF-Privacy's ``GenericDPSGDOptimizer`` with TF-Privacy's
+  argument names, so ``DPKerasSGDOptimizer(l2_norm_clip=..., noise_multiplier
+  =..., num_microbatches=..., learning_rate=...)`` becomes
+  ``DPQuantOptimizer(...)``. Each step:
+
+  1. per-example (microbatch) gradients (fast layer taps or jacobian);
+  2. clip each to L2 norm C (as TF-Privacy);
+  3. optional per-variable stochastic quantization Q(g; b, C) (METHOD.md
+     sec. 3), then re-clip to C (RECLIP, sensitivity C) or not (BOUND,
+     sensitivity C + sqrt(sum_l d_l (C/L_l)^2));
+  4. sum, add N(0, (z C)^2) from the optimizer's ``tf.random.Generator``;
+  5. divide by ``expected_batch_size`` (Poisson batches) or the number of
+     microbatches (TF-Privacy);
+  6. optional stochastic quantization of the update (post-processing);
+  7. record the step's privacy event (q, z_eff) in an in-graph table.
+
+  Formal guarantee: each step is the sampled Gaussian mechanism with noise
+  multiplier z_eff = z * C / sensitivity (halved for microbatches of more
+  than one example) w.r.t. add/remove-one adjacency, provided the batches
+  are Poisson samples with probability q; the ledger composes these events.
+
+  Args:
+    l2_norm_clip: C > 0, clip norm (a tf.Variable ``l2_norm_clip_var``).
+    noise_multiplier: z >= 0, noise std / C (``noise_multiplier_var``).
+    num_microbatches: as TF-Privacy (None = one example per microbatch).
+    gradient_accumulation_steps: as TF-Privacy; each call is one DP step.
+    ledger: optional ``PrivacyLedger`` to attach to.
+    gradient_bits: None (off), an int in [2, 24] for all variables, or a
+      mapping from variable/layer name to bits (0 = exact).
+    sensitivity_mode: ``SensitivityMode.RECLIP`` (default) or ``BOUND``.
+    update_bits: bits of the post-noise update quantization (None = off).
+    expected_batch_size: normalizer for Poisson batches (q * N).
+    sampling_probability: q of each step, for the privacy events.
+    dataset_size: N; if given and q is not, q = batch / N (expected batch
+      size when set, else the batch's rows).
+    seed: seeds the generator (tests only); None = non-deterministic.
+    per_example_method: ``PerExampleMethod.AUTO`` or ``JACOBIAN``.
+    event_table_size: distinct (q, z) pairs the event table can hold.
+    **kwargs: passed to ``tf.keras.optimizers.legacy.SGD``.
+  """
+
+  def __init__(self, l2_norm_clip, noise_multiplier, num_microbatches=None,
+               gradient_accumulation_steps=1, *, name="DPQuantOptimizer",
+               **kwargs):
+    super().__init__(l2_norm_clip, noise_multiplier, num_microbatches,
+                     gradient_accumulation_steps, name=name, **kwargs)
+
+
+@tf.keras.utils.register_keras_serializable(package="dpquant_tf")
+class DPQuantAdamOptimizer(_DPQuantMixin,
+                           dp_optimizer_keras.GenericDPAdamOptimizer):
+  """DP-Adam with per-layer quantized per-example gradients.
+
+  Same arguments and guarantees as ``DPQuantOptimizer``; ``**kwargs`` go to
+  ``tf.keras.optimizers.legacy.Adam`` (learning_rate, beta_1, ...). Adam's
+  moments are post-processing of the noised gradient.
+  """
+
+  def __init__(self, l2_norm_clip, noise_multiplier, num_microbatches=None,
+               gradient_accumulation_steps=1, *, name="DPQuantAdamOptimizer",
+               **kwargs):
+    super().__init__(l2_norm_clip, noise_multiplier, num_microbatches,
+                     gradient_accumulation_steps, name=name, **kwargs)

@@ -1,0 +1,102 @@
+"""Privacy events as data: an in-graph table of (q, z) -> step count.
+
+Each DP step of the optimizer is a Poisson-sampled Gaussian mechanism with
+sampling probability q and effective noise multiplier z. The optimizer keeps a
+small fixed-size table of the distinct (q, z) pairs it has used and how many
+steps used each, in ``tf.Variable``s, updated in graph (XLA compatible, works
+with ``steps_per_execution > 1``). A table overflow sets a flag; building
+events from an overflowed table raises, it never approximates.
+"""
+
+from typing import List, Tuple
+
+import dp_accounting
+import numpy as np
+import tensorflow as tf
+
+__all__ = [
+    "EventTableOverflowError",
+    "UnknownSamplingProbabilityError",
+    "events_from_table",
+    "update_event_table",
+]
+
+DEFAULT_TABLE_SIZE = 64
+
+
+class EventTableOverflowError(RuntimeError):
+  """More distinct (q, z) pairs than the optimizer's event table holds."""
+
+
+class UnknownSamplingProbabilityError(ValueError):
+  """Steps were taken without a known sampling probability."""
+
+
+def update_event_table(q_table: tf.Tensor, z_table: tf.Tensor,
+                       counts: tf.Tensor, used: tf.Tensor,
+                       q: tf.Tensor, z: tf.Tensor):
+  """Returns the table after one more step with (q, z). Pure function.
+
+  Args:
+    q_table: float64 [K] sampling probabilities of the used slots.
+    z_table: float64 [K] noise multipliers of the used slots.
+    counts: int64 [K] step counts.
+    used: int32 scalar, number of used slots.
+    q: float64 scalar, this step's sampling probability.
+    z: float64 scalar, this step's effective noise multiplier.
+
+  Returns:
+    (q_table, z_table, counts, used, overflowed) with `overflowed` a bool
+    scalar that is True when the step could not be recorded (table full).
+  """
+  size = tf.shape(q_table)[0]
+  in_use = tf.range(size) < used
+  match = in_use & tf.equal(q_table, q) & tf.equal(z_table, z)
+  found = tf.reduce_any(match)
+  match_idx = tf.cast(tf.argmax(tf.cast(match, tf.int32)), tf.int32)
+  full = used >= size
+  overflowed = tf.logical_and(tf.logical_not(found), full)
+  idx = tf.where(found, match_idx, tf.minimum(used, size - 1))
+  ok = tf.logical_not(overflowed)
+  one_hot = tf.one_hot(idx, size, on_value=True, off_value=False,
+                       dtype=tf.bool) & ok
+  new_q = tf.where(one_hot, q, q_table)
+  new_z = tf.where(one_hot, z, z_table)
+  new_counts = counts + tf.cast(one_hot, counts.dtype)
+  new_used = used + tf.cast(ok & tf.logical_not(found), used.dtype)
+  return new_q, new_z, new_counts, new_used, overflowed
+
+
+def events_from_table(q_table, z_table, counts, used, overflow,
+                      ) -> List[Tuple[dp_accounting.DpEvent, int]]:
+  """Builds ``(PoissonSampledDpEvent(q, GaussianDpEvent(z)), count)`` pairs.
+
+  All numbers are converted to Python floats/ints (dp_accounting pitfall).
+
+  Raises:
+    EventTableOverflowError: if the table overflowed.
+    UnknownSamplingProbabilityError: if a step had no sampling probability.
+  """
+  if bool(np.asarray(overflow)):
+    raise EventTableOverflowError(
+        "The optimizer saw more distinct (sampling probability, noise "
+        "multiplier) pairs than its event table holds; the privacy cost of "
+        "the extra steps was not recorded. Construct the optimizer with a "
+        "larger event_table_size or change noise/bit settings less often.")
+  used = int(np.asarray(used))
+  q_table = np.asarray(q_table)
+  z_table = np.asarray(z_table)
+  counts = np.asarray(counts)
+  out = []
+  for i in range(used):
+    q, z, c = float(q_table[i]), float(z_table[i]), int(counts[i])
+    if c == 0:
+      continue
+    if q < 0:
+      raise UnknownSamplingProbabilityError(
+          f"{c} training steps were taken without a known sampling "
+          "probability: construct the optimizer with sampling_probability= "
+          "or dataset_size=, or call optimizer.set_sampling_probability().")
+    out.append((dp_accounting.PoissonSampledDpEvent(
+        q, dp_accounting.GaussianDpEvent(z)), c))
+  return out

@@ -1,0 +1,256 @@
+"""PrivacyLedger: one accountant for every training step and analysis release.
+
+Training steps come from the attached optimizers' in-graph event tables (the
+optimizer emits them; nothing is recomputed from hyperparameters). Analysis
+releases (the loss-sensitivity estimator) are recorded with ``record``. The
+ledger is a ``tf.Module``: its recorded events live in a string variable, so
+``tf.train.Checkpoint(ledger=ledger)`` saves and restores them.
+"""
+
+import enum
+import json
+import math
+import textwrap
+from typing import Dict, List, Optional, Tuple
+
+import attr
+import dp_accounting
+from dp_accounting import dp_event as dp_event_lib
+import tensorflow as tf
+
+from dpquant_tf import _validation as V
+from dpquant_tf.privacy import _accounting
+
+__all__ = ["EventKind", "PrivacyLedger", "SamplingMethod"]
+
+
+class SamplingMethod(enum.Enum):
+  """How training batches were formed.
+
+  POISSON: each example independently with probability q (``poisson_dataset``).
+    The accounted epsilon is the guarantee.
+  SHUFFLED: fixed-size batches of shuffled data (plain ``model.fit``). The
+    Poisson-accounted epsilon is then NOT a proven guarantee; the statement
+    says so and also gives the bound without amplification by sampling.
+  """
+  POISSON = "poisson"
+  SHUFFLED = "shuffled"
+
+
+class EventKind(enum.Enum):
+  TRAIN = "train"
+  ANALYSIS = "analysis"
+
+
+def _event_to_json(event):
+  if isinstance(event, (list, tuple)):
+    return [_event_to_json(e) for e in event]
+  if isinstance(event, dp_accounting.DpEvent):
+    fields = {f.name: _event_to_json(getattr(event, f.name))
+              for f in attr.fields(type(event))}
+    return {"__event__": type(event).__name__, **fields}
+  if isinstance(event, (bool, int, float, str)) or event is None:
+    return event
+  raise TypeError(f"Cannot serialize {event!r} in a DpEvent.")
+
+
+def _event_from_json(data):
+  if isinstance(data, list):
+    return [_event_from_json(d) for d in data]
+  if isinstance(data, dict):
+    data = dict(data)
+    cls = getattr(dp_event_lib, data.pop("__event__"))
+    return cls(**{k: _event_from_json(v) for k, v in data.items()})
+  return data
+
+
+class _Attached:
+  """Plain holder so tf.Module does not track attached optimizers."""
+
+  def __init__(self):
+    self.optimizers = []
+
+
+class PrivacyLedger(tf.Module):
+  """Records DP events and answers epsilon queries.
+
+  Args:
+    sampling_method: ``SamplingMethod.SHUFFLED`` (default: plain shuffled
+      fixed batches) or ``POISSON`` (``poisson_dataset``).
+    accountant: ``Accountant.RDP`` (default) or ``PLD``.
+    dataset_size: N, only used in the statement.
+    name: module name.
+  """
+
+  def __init__(self, *, sampling_method=SamplingMethod.SHUFFLED,
+               accountant=_accounting.Accountant.RDP,
+               dataset_size: Optional[int] = None, name="privacy_ledger"):
+    super().__init__(name=name)
+    self.sampling_method = V.check_enum("sampling_method", sampling_method,
+                                        SamplingMethod)
+    self.accountant = V.check_enum("accountant", accountant,
+                                   _accounting.Accountant)
+    self.dataset_size = (None if dataset_size is None else
+                         V.check_int("dataset_size", dataset_size, low=1))
+    self._records = tf.Variable("[]", dtype=tf.string, trainable=False,
+                                name="recorded_events")
+    self._attached = _Attached()
+    self._parsed = ("[]", [])
+
+  # ------------------------------------------------------------ input
+  def attach(self, optimizer) -> None:
+    """Pulls `optimizer.dp_events()` on every query."""
+    if not hasattr(optimizer, "dp_events"):
+      V.fail("optimizer", optimizer, "an optimizer with dp_events() (a "
+             "DPQuantOptimizer)", TypeError)
+    if all(o is not optimizer for o in self._attached.optimizers):
+      self._attached.optimizers.append(optimizer)
+
+  def record(self, event: dp_accounting.DpEvent, *, kind=EventKind.ANALYSIS,
+             count: int = 1) -> None:
+    """Records `count` occurrences of `event` (a release that spends privacy).
+
+    Args:
+      event: a dp_accounting ``DpEvent`` with Python-float parameters.
+      kind: ``"analysis"`` (estimator releases) or ``"train"``.
+      count: number of occurrences.
+    """
+    V.check_type("event", event, dp_accounting.DpEvent, "a DpEvent")
+    kind = V.check_enum("kind", kind, EventKind)
+    count = V.check_int("count", count, low=1)
+    records = self._load()
+    key = json.dumps(_event_to_json(event), sort_keys=True)
+    for item in records:
+      if item["kind"] == kind.value and item["key"] == key:
+        item["count"] += count
+        break
+    else:
+      records.append({"kind": kind.value, "key": key, "count": count})
+    self._records.assign(json.dumps(records))
+
+  def _load(self) -> List[Dict]:
+    raw = self._records.numpy().decode()
+    if raw != self._parsed[0]:
+      self._parsed = (raw, json.loads(raw))
+    return [dict(r) for r in self._parsed[1]]
+
+  # ------------------------------------------------------------ output
+  def events(self, kind=None) -> List[Tuple[dp_accounting.DpEvent, int]]:
+    """(event, count) pairs of the given kind (None = all).
+
+    Raises:
+      EventTableOverflowError / UnknownSamplingProbabilityError from an
+      attached optimizer whose events cannot be accounted exactly.
+    """
+    kind = None if kind is None else V.check_enum("kind", kind, EventKind)
+    out = []
+    if kind in (None, EventKind.TRAIN):
+      for opt in self._attached.optimizers:
+        out.extend(opt.dp_events())
+    for item in self._load():
+      if kind is None or item["kind"] == kind.value:
+        out.append((_event_from_json(json.loads(item["key"])),
+                    item["count"]))
+    return out
+
+  def epsilon(self, delta: float, *, accountant=None, kind=None) -> float:
+    """Epsilon at `delta` of everything recorded (or one kind)."""
+    delta = V.check_open_unit("delta", delta)
+    acc = (self.accountant if accountant is None else
+           V.check_enum("accountant", accountant, _accounting.Accountant))
+    return _accounting.compose_epsilon(self.events(kind), delta, acc)
+
+  def epsilon_with(self, extra, delta: float) -> float:
+    """Epsilon if `extra` (DpEvents or (event, count) pairs) were added."""
+    delta = V.check_open_unit("delta", delta)
+    events = self.events() + _accounting.as_event_counts(extra)
+    return _accounting.compose_epsilon(events, delta, self.accountant)
+
+  def analysis_share(self, delta: float) -> float:
+    """Share of epsilon due to analysis: (eps_all - eps_train) / eps_all."""
+    total = self.epsilon(delta)
+    if total <= 0 or not math.isfinite(total):
+      return 0.0
+    return max(0.0, (total - self.epsilon(delta, kind=EventKind.TRAIN))
+               / total)
+
+  def _train_summary(self):
+    """(steps, epochs, min z, max z, q values) of the training events."""
+    steps, epochs, zs, qs = 0, 0.0, [], set()
+    for event, count in self.events(EventKind.TRAIN):
+      q = getattr(event, "sampling_probability", 1.0)
+      inner = getattr(event, "event", event)
+      zs.append(float(getattr(inner, "noise_multiplier", float("nan"))))
+      qs.add(q)
+      steps += count
+      epochs += count * q
+    return steps, epochs, zs, qs
+
+  def epsilon_without_amplification(self, delta: float) -> float:
+    """Bound with each example in at most ceil(epochs) steps (any order).
+
+    Every training step is taken at the smallest noise multiplier used, so
+    this is conservative for runs whose noise changes.
+    """
+    steps, epochs, zs, _ = self._train_summary()
+    events = []
+    if steps:
+      z = min(zs)
+      events.append((dp_accounting.GaussianDpEvent(z),
+                     max(1, math.ceil(epochs - 1e-9))))
+    events += self.events(EventKind.ANALYSIS)
+    return _accounting.compose_epsilon(events, delta, self.accountant)
+
+  def statement(self, delta: float) -> str:
+    """A privacy statement in the wording of TF-Privacy's
+    ``compute_dp_sgd_privacy_statement``."""
+    delta = V.check_open_unit("delta", delta)
+    steps, epochs, zs, qs = self._train_summary()
+    n = self.dataset_size
+    if n is not None and qs:
+      batch = ", ".join(f"{q * n:g}" for q in sorted(qs))
+      n_text = f"{n} examples with {batch} expected examples per iteration"
+    else:
+      rates = ", ".join(f"{q:g}" for q in sorted(qs)) or "n/a"
+      n_text = f"examples sampled at rate {rates} per iteration"
+    z_text = (f"{zs[0]:g}" if len(set(zs)) == 1 else
+              f"from {min(zs):g} to {max(zs):g}" if zs else "n/a")
+    sampling = ("Poisson sampling" if self.sampling_method is
+                SamplingMethod.POISSON else "shuffled fixed-size batches")
+    paras = [textwrap.fill(
+        f"DP-SGD (dpquant_tf) performed over {n_text}, noise multiplier "
+        f"{z_text} for {epochs:g} epochs ({steps} steps) using {sampling}, "
+        "and no bound on number of examples per user.", width=80)]
+    paras.append(textwrap.fill(
+        "This privacy guarantee protects the release of all model "
+        "checkpoints in addition to the final model.", width=80))
+    eps_once = self.epsilon_without_amplification(delta)
+    eps_poisson = self.epsilon(delta)
+    para = textwrap.fill(
+        f"Example-level DP with add-or-remove-one adjacency at delta = "
+        f"{delta} computed with {self.accountant.name} accounting:", width=80)
+    para += (f"\n    Epsilon with each example occurring once per epoch:  "
+             f"{eps_once:12.3f}\n    Epsilon assuming Poisson sampling (*):"
+             f"               {eps_poisson:12.3f}")
+    paras.append(para)
+    paras.append(textwrap.fill(
+        "No user-level privacy guarantee is possible without a bound on the "
+        "number of examples per user.", width=80))
+    share = self.analysis_share(delta)
+    paras.append(textwrap.fill(
+        f"Loss-sensitivity analysis releases account for {100 * share:.2f}% "
+        "of the Poisson epsilon (share = 1 - eps(training only) / eps(all)).",
+        width=80))
+    if self.sampling_method is SamplingMethod.POISSON:
+      note = ("(*) Batches were Poisson sampled (each example included "
+              "independently with the stated rate), so this is the "
+              "guarantee of the run.")
+    else:
+      note = ("(*) Batches were NOT Poisson sampled: training used shuffled "
+              "fixed-size batches. Poisson sampling is not usually done in "
+              "training pipelines, but assuming that the data was randomly "
+              "shuffled, it is believed that the actual epsilon should be "
+              "closer to this value than the conservative assumption of an "
+              "arbitrary data order. Only the first value is a proven bound.")
+    paras.append(textwrap.fill(note, width=80))
+    return "\n\n".join(paras) + "\n"
