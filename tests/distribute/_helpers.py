@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.distribute import conftest
 
 
 def mirrored(num_replicas):
@@ -15,6 +14,9 @@ def mirrored(num_replicas):
   """
   if num_replicas == 1:
     return tf.distribute.get_strategy()
+  # Imported here: importing it configures logical CPU devices, which must not
+  # happen in a multi-worker process before the strategy is created.
+  from tests.distribute import conftest  # pylint: disable=g-import-not-at-top
   if conftest.AVAILABLE_CPU_DEVICES < num_replicas:
     pytest.fail(f"needs {num_replicas} logical CPU devices, the runtime has "
                 f"{conftest.AVAILABLE_CPU_DEVICES}: run tests/distribute in "
