@@ -217,13 +217,24 @@ def _load_npz(path: str) -> Dataset:
                  f"{len(x_test)} test")
 
 
+def _to_numpy(dataset) -> Tuple[np.ndarray, np.ndarray]:
+  """Concatenates a supervised tf.data.Dataset into (images, labels) arrays."""
+  xs, ys = [], []
+  for x, y in dataset.batch(1024).as_numpy_iterator():
+    xs.append(x)
+    ys.append(y)
+  if not xs:
+    _validation.fail("dataset", dataset, "a non-empty split")
+  return np.concatenate(xs), np.concatenate(ys)
+
+
 def _load_tfds(name: str, *, data_dir: Optional[str]) -> Dataset:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   (train, test), info = tfds.load(
-      name, split=["train", "test"], as_supervised=True, batch_size=-1,
-      with_info=True, data_dir=data_dir)
-  x_train, y_train = tfds.as_numpy(train)
-  x_test, y_test = tfds.as_numpy(test)
+      name, split=["train", "test"], as_supervised=True, with_info=True,
+      data_dir=data_dir)
+  x_train, y_train = _to_numpy(train)
+  x_test, y_test = _to_numpy(test)
   x_train = _to_images("x_train", x_train)
   x_test = _to_images("x_test", x_test)
   y_train = _to_labels("y_train", y_train, len(x_train))
