@@ -8,17 +8,37 @@ from dpquant_tf.quantization._formats import format_levels
 from dpquant_tf.quantization._formats import QuantFormat
 from dpquant_tf.quantization._formats import Rounding
 from dpquant_tf.quantization._formats import ScaleMode
+from dpquant_tf.quantization._layers import LayerKind
+from dpquant_tf.quantization._layers import QuantizedLayer
+from dpquant_tf.quantization._model import get_plan
+from dpquant_tf.quantization._model import LayerInfo
+from dpquant_tf.quantization._model import quantizable_layers
+from dpquant_tf.quantization._model import quantize_model
+from dpquant_tf.quantization._model import quantized_layers
+from dpquant_tf.quantization._model import set_plan
+from dpquant_tf.quantization._plan import LayerQuantConfig
+from dpquant_tf.quantization._plan import QuantPlan
 from dpquant_tf.quantization._quantizers import example_axes
 from dpquant_tf.quantization._quantizers import quantization_scale
 from dpquant_tf.quantization._quantizers import quantize
 
 __all__ = [
     "BITS_RANGE",
+    "LayerInfo",
+    "LayerKind",
+    "LayerQuantConfig",
     "QuantFormat",
+    "QuantPlan",
+    "QuantizedLayer",
     "Rounding",
     "ScaleMode",
     "example_axes",
     "format_levels",
+    "get_plan",
+    "quantizable_layers",
     "quantization_scale",
     "quantize",
+    "quantize_model",
+    "quantized_layers",
+    "set_plan",
 ]

@@ -1,0 +1,310 @@
+"""QuantizedLayer: a Keras wrapper that runs one layer in low precision.
+
+Forward: ``z = op(q(x), q(W)) + b`` with per-example scales for the input ``x``
+and per-tensor or per-channel scales for the kernel ``W`` (straight-through
+gradients for both roundings). Backward: the gradient arriving at ``z`` is
+quantized per example before it flows into ``op`` (so both the weight gradient
+and the gradient passed to earlier layers use it). Then the layer's activation.
+
+Whether and how a layer quantizes lives in non-trainable variables
+(``enabled``, ``fwd_format``, ``fwd_bits``, ``bwd_format``, ``bwd_bits``), so a
+traced or XLA-compiled train step serves every setting: schedules only assign.
+Bits 0 switches one direction off. Quantization applies whenever enabled, in
+training and in inference.
+
+Taps (contract with dpquant_tf.perexample): every call sets ``tap_input`` (the
+tensor fed to ``op``: ``q(x)``, or ``x`` when the forward direction is off; for
+``padding='causal'`` Conv1D, after the causal padding, with ``op`` a VALID
+convolution) and ``tap_output`` (``z`` before the backward-quantization
+identity and before the activation). ``layer`` is the wrapped Keras layer whose
+``kernel``/``depthwise_kernel`` and ``bias`` are the variables used.
+
+Why not tfmot's ``quantize_apply``: its quantizers act on forward tensors only
+and cannot quantize the gradient at a layer's output, which DPQuant needs.
+"""
+
+import enum
+import weakref
+
+import tensorflow as tf
+
+from dpquant_tf import _validation
+from dpquant_tf.perexample import _registry as _perexample_registry
+from dpquant_tf.quantization import _formats
+from dpquant_tf.quantization import _quantizers
+from dpquant_tf.quantization._formats import QuantFormat, Rounding, ScaleMode
+
+_layers = tf.keras.layers
+
+
+class LayerKind(enum.Enum):
+  """Layer types QuantizedLayer can wrap."""
+  DENSE = "dense"
+  CONV1D = "conv1d"
+  CONV2D = "conv2d"
+  DEPTHWISE_CONV2D = "depthwise_conv2d"
+  EINSUM_DENSE = "einsum_dense"
+
+
+def layer_kind(layer):
+  """The `LayerKind` of a plain Keras layer, or None if it cannot be wrapped."""
+  if isinstance(layer, _layers.DepthwiseConv2D):
+    return LayerKind.DEPTHWISE_CONV2D
+  excluded = (_layers.Conv1DTranspose, _layers.Conv2DTranspose,
+              _layers.SeparableConv1D, _layers.SeparableConv2D)
+  if isinstance(layer, excluded):
+    return None
+  if isinstance(layer, _layers.Conv2D):
+    return LayerKind.CONV2D
+  if isinstance(layer, _layers.Conv1D):
+    return LayerKind.CONV1D
+  if isinstance(layer, _layers.Dense):
+    return LayerKind.DENSE
+  if isinstance(layer, _layers.EinsumDense):
+    return LayerKind.EINSUM_DENSE
+  return None
+
+
+SUPPORTED = "Dense, Conv1D, Conv2D, DepthwiseConv2D or EinsumDense"
+
+
+def _einsum_parts(equation):
+  inputs, output = equation.split("->")
+  _, kernel = inputs.split(",")
+  return kernel, output
+
+
+def kernel_of(layer):
+  """The kernel variable a wrapped layer uses."""
+  if layer_kind(layer) == LayerKind.DEPTHWISE_CONV2D:
+    return layer.depthwise_kernel
+  return layer.kernel
+
+
+def kernel_output_axes(layer):
+  """Kernel axes that index output channels (kept in per-channel scales)."""
+  kind = layer_kind(layer)
+  rank = kernel_of(layer).shape.rank
+  if kind == LayerKind.DEPTHWISE_CONV2D:
+    return [rank - 2, rank - 1]
+  if kind == LayerKind.EINSUM_DENSE:
+    kernel, output = _einsum_parts(layer.equation)
+    return [i for i, c in enumerate(kernel) if c in output]
+  return [rank - 1]
+
+
+@tf.custom_gradient
+def _straight_through(x, q):
+  """Returns q; the gradient flows to x unchanged (straight-through)."""
+  def grad(dy):
+    return dy, None
+  return tf.identity(q), grad
+
+
+@tf.keras.utils.register_keras_serializable(package="dpquant_tf")
+class QuantizedLayer(_layers.Wrapper):
+  """Runs a Dense/Conv/DepthwiseConv2D/EinsumDense layer in low precision.
+
+  Args:
+    layer: the Keras layer to wrap (Dense, Conv1D, Conv2D, DepthwiseConv2D,
+      EinsumDense).
+    enabled: initial value of the on/off variable.
+    fwd_format, fwd_bits: format of weights and input activations (bits 0:
+      forward off).
+    bwd_format, bwd_bits: format of the gradient at the layer output (bits 0:
+      backward off).
+    rounding: `Rounding.STOCHASTIC` (default, unbiased) or `Rounding.NEAREST`
+      (deterministic; for inference and tests).
+    weight_scale: `ScaleMode.PER_CHANNEL` (default) or `ScaleMode.PER_TENSOR`.
+    seed: None draws the rounding noise from
+      `tf.random.Generator.from_non_deterministic_state()`; an int seeds it.
+    **kwargs: passed to `tf.keras.layers.Wrapper` (e.g. `name`).
+  """
+
+  def __init__(self, layer, *, enabled=True,
+               fwd_format=QuantFormat.INT4_SAWB, fwd_bits=4,
+               bwd_format=QuantFormat.LUQ_FP4, bwd_bits=4,
+               rounding=Rounding.STOCHASTIC,
+               weight_scale=ScaleMode.PER_CHANNEL, seed=None, **kwargs):
+    kind = layer_kind(layer)
+    if kind is None:
+      _validation.fail("layer", layer, f"a {SUPPORTED} layer", TypeError)
+    if kind == LayerKind.CONV1D and layer.data_format == "channels_first" and (
+        layer.padding == "causal"):
+      _validation.fail("layer.padding", layer.padding,
+                       "not 'causal' with channels_first")
+    self._initial = {
+        "enabled": bool(_validation.check_type("enabled", enabled, bool)),
+    }
+    fwd_format, fwd_bits = _formats.check_format_bits("fwd", fwd_format, fwd_bits)
+    bwd_format, bwd_bits = _formats.check_format_bits("bwd", bwd_format, bwd_bits)
+    self._initial.update(fwd_format=fwd_format, fwd_bits=fwd_bits,
+                         bwd_format=bwd_format, bwd_bits=bwd_bits)
+    self.rounding = _validation.check_enum("rounding", rounding, Rounding)
+    self.weight_scale = _validation.check_enum("weight_scale", weight_scale,
+                                               ScaleMode)
+    self.seed = None if seed is None else _validation.check_int("seed", seed)
+    kwargs.setdefault("name", f"quant_{layer.name}")
+    super().__init__(layer, **kwargs)
+    self.kind = kind
+    self.tap_input = None
+    self.tap_output = None
+    self.tap_calls = weakref.WeakKeyDictionary()
+    _perexample_registry.register_tapped_layer(self)
+
+  def build(self, input_shape):
+    if not self.layer.built:
+      self.layer.build(input_shape)
+    init = self._initial
+
+    def var(name, value, dtype):
+      return self.add_weight(
+          name=name, shape=(), dtype=dtype, trainable=False,
+          initializer=tf.keras.initializers.Constant(value))
+
+    self.enabled = var("enabled", init["enabled"], tf.bool)
+    self.fwd_format = var("fwd_format", init["fwd_format"].id, tf.int32)
+    self.fwd_bits = var("fwd_bits", init["fwd_bits"], tf.int32)
+    self.bwd_format = var("bwd_format", init["bwd_format"].id, tf.int32)
+    self.bwd_bits = var("bwd_bits", init["bwd_bits"], tf.int32)
+    with tf.init_scope():
+      self.generator = (tf.random.Generator.from_non_deterministic_state()
+                        if self.seed is None else
+                        tf.random.Generator.from_seed(self.seed))
+    super().build(input_shape)
+
+  # -- quantization helpers -------------------------------------------------
+
+  def _quantize(self, x, fmt, bits, axes):
+    return _quantizers.quantize(x, fmt, bits, rounding=self.rounding,
+                                generator=self.generator, scale_axes=axes)
+
+  def _fake_quant(self, x, on, axes):
+    """Forward quantization with a straight-through gradient."""
+    q = tf.cond(on, lambda: self._quantize(x, self.fwd_format, self.fwd_bits, axes),
+                lambda: tf.identity(x))
+    return _straight_through(x, tf.stop_gradient(q))
+
+  def _backward_quantizer(self, z, on):
+    """Identity whose gradient is quantized per example."""
+
+    @tf.custom_gradient
+    def identity(z):
+      def grad(dy):
+        return tf.cond(
+            on, lambda: self._quantize(dy, self.bwd_format, self.bwd_bits,
+                                       _quantizers.example_axes(dy)),
+            lambda: tf.identity(dy))
+      return tf.identity(z), grad
+
+    return identity(z)
+
+  def _weight_axes(self, kernel):
+    if self.weight_scale == ScaleMode.PER_TENSOR:
+      return None
+    keep = kernel_output_axes(self.layer)
+    return [i for i in range(kernel.shape.rank) if i not in keep]
+
+  # -- the wrapped op (mirrors the Keras layers' call) -----------------------
+
+  def _op(self, x, kernel):
+    layer, kind = self.layer, self.kind
+    if kind == LayerKind.DENSE:
+      rank = x.shape.rank
+      if rank == 2 or rank is None:
+        z = tf.matmul(a=x, b=kernel)
+      else:
+        z = tf.tensordot(x, kernel, [[rank - 1], [0]])
+        if not tf.executing_eagerly():
+          z.set_shape(x.shape.as_list()[:-1] + [kernel.shape[-1]])
+      return tf.nn.bias_add(z, layer.bias) if layer.use_bias else z
+    if kind == LayerKind.EINSUM_DENSE:
+      z = tf.einsum(layer.equation, x, kernel)
+      return z + layer.bias if layer.bias is not None else z
+    if kind == LayerKind.DEPTHWISE_CONV2D:
+      backend = tf.keras.backend
+      z = backend.depthwise_conv2d(
+          x, kernel, strides=layer.strides, padding=layer.padding,
+          dilation_rate=layer.dilation_rate, data_format=layer.data_format)
+      if layer.use_bias:
+        z = backend.bias_add(z, layer.bias, data_format=layer.data_format)
+      return z
+    return self._conv_op(x, kernel)
+
+  def _conv_op(self, x, kernel):
+    layer = self.layer
+    if layer.groups > 1:
+      z = layer._jit_compiled_convolution_op(x, tf.convert_to_tensor(kernel))  # pylint: disable=protected-access
+    else:
+      z = layer.convolution_op(x, kernel)
+    if layer.use_bias:
+      if layer.rank == 1 and layer._channels_first:  # pylint: disable=protected-access
+        z += tf.reshape(layer.bias, (1, layer.filters, 1))
+      else:
+        z = tf.nn.bias_add(z, layer.bias, data_format=layer._tf_data_format)  # pylint: disable=protected-access
+    return z
+
+  def call(self, inputs, training=None):  # pylint: disable=unused-argument
+    layer = self.layer
+    x = inputs
+    if x.dtype.base_dtype != layer.compute_dtype:
+      x = tf.cast(x, layer.compute_dtype)
+    if self.kind == LayerKind.CONV1D and layer._is_causal:  # pylint: disable=protected-access
+      x = tf.pad(x, layer._compute_causal_padding(x))  # pylint: disable=protected-access
+    enabled = tf.convert_to_tensor(self.enabled)
+    fwd_on = tf.logical_and(enabled, self.fwd_bits > 0)
+    bwd_on = tf.logical_and(enabled, self.bwd_bits > 0)
+    qx = self._fake_quant(x, fwd_on, _quantizers.example_axes(x))
+    kernel = kernel_of(layer)
+    qk = self._fake_quant(tf.convert_to_tensor(kernel), fwd_on,
+                          self._weight_axes(kernel))
+    z = self._op(qx, qk)
+    if not tf.executing_eagerly() and self.kind in (LayerKind.CONV1D,
+                                                     LayerKind.CONV2D):
+      z.set_shape(layer.compute_output_shape(inputs.shape))
+    self.tap_input = qx
+    self.tap_output = z
+    if not tf.executing_eagerly():
+      graph = tf.compat.v1.get_default_graph()
+      self.tap_calls[graph] = self.tap_calls.get(graph, 0) + 1
+    out = self._backward_quantizer(z, bwd_on)
+    if layer.activation is not None:
+      out = layer.activation(out)
+    return out
+
+  def compute_output_shape(self, input_shape):
+    return self.layer.compute_output_shape(input_shape)
+
+  # -- configuration ----------------------------------------------------------
+
+  def current_config(self):
+    """The layer's current settings as a `LayerQuantConfig` (reads variables)."""
+    from dpquant_tf.quantization import _plan  # pylint: disable=g-import-not-at-top
+    return _plan.LayerQuantConfig(
+        enabled=bool(self.enabled.numpy()),
+        fwd_format=QuantFormat(int(self.fwd_format.numpy())),
+        fwd_bits=int(self.fwd_bits.numpy()),
+        bwd_format=QuantFormat(int(self.bwd_format.numpy())),
+        bwd_bits=int(self.bwd_bits.numpy()))
+
+  def assign_config(self, config):
+    """Assigns a `LayerQuantConfig` to the variables (no retrace)."""
+    if not self.built:
+      raise ValueError(f"Expected layer {self.name!r} to be built before "
+                       "assigning a quantization config.")
+    self.enabled.assign(config.enabled)
+    self.fwd_format.assign(config.fwd_format.id)
+    self.fwd_bits.assign(config.fwd_bits)
+    self.bwd_format.assign(config.bwd_format.id)
+    self.bwd_bits.assign(config.bwd_bits)
+
+  def get_config(self):
+    config = super().get_config()
+    init = self._initial
+    config.update(
+        enabled=init["enabled"],
+        fwd_format=init["fwd_format"].name.lower(), fwd_bits=init["fwd_bits"],
+        bwd_format=init["bwd_format"].name.lower(), bwd_bits=init["bwd_bits"],
+        rounding=self.rounding.value, weight_scale=self.weight_scale.value,
+        seed=self.seed)
+    return config

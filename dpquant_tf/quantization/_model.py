@@ -1,0 +1,239 @@
+"""Model-level API: wrap a model's layers, list them, set and read plans."""
+
+import dataclasses
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Union
+
+import numpy as np
+import tensorflow as tf
+
+from dpquant_tf import _validation
+from dpquant_tf.quantization import _layers
+from dpquant_tf.quantization import _plan
+from dpquant_tf.quantization._formats import Rounding, ScaleMode
+from dpquant_tf.quantization._layers import LayerKind, QuantizedLayer
+
+SUPPORTED_MODELS = ("Sequential and Functional tf.keras models (subclassed "
+                    "models: wrap their layers with QuantizedLayer yourself)")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerInfo:
+  """One quantizable layer of a model.
+
+  Attributes:
+    name: the wrapped (inner) layer's name; the key of `QuantPlan`s.
+    index: position in `quantizable_layers(model)` (stable).
+    kind: the `LayerKind`.
+    fwd_macs: forward multiply-adds per example (unknown dimensions count 1).
+    bwd_macs: backward multiply-adds per example: gradients with respect to
+      the input and to the kernel, ``2 * fwd_macs``.
+  """
+  name: str
+  index: int
+  kind: LayerKind
+  fwd_macs: int
+  bwd_macs: int
+
+
+def _check_graph_model(model, what):
+  if not isinstance(model, tf.keras.Model):
+    _validation.fail("model", model, f"a tf.keras.Model ({SUPPORTED_MODELS})",
+                     TypeError)
+  if not getattr(model, "_is_graph_network", False):
+    kind = ("an unbuilt Sequential model (give it an Input or build it)"
+            if isinstance(model, tf.keras.Sequential) else
+            f"a subclassed model ({type(model).__name__})")
+    raise ValueError(f"{what} supports {SUPPORTED_MODELS}; got {kind}.")
+
+
+def _walk(model) -> List[tf.keras.layers.Layer]:
+  """Layers in stable order, descending into nested models."""
+  out = []
+  for layer in model.layers:
+    if isinstance(layer, tf.keras.Model):
+      out.extend(_walk(layer))
+    else:
+      out.append(layer)
+  return out
+
+
+def quantized_layers(model) -> List[QuantizedLayer]:
+  """The model's `QuantizedLayer`s in stable order."""
+  return [l for l in _walk(model) if isinstance(l, QuantizedLayer)]
+
+
+def _macs(layer) -> int:
+  inner = layer.layer if isinstance(layer, QuantizedLayer) else layer
+  shape = layer.get_output_shape_at(0)
+  out = int(np.prod([d or 1 for d in tf.TensorShape(shape)[1:]]))
+  kernel = _layers.kernel_of(inner)
+  kshape = kernel.shape.as_list()
+  out_channels = int(np.prod([kshape[i] for i in _layers.kernel_output_axes(inner)]))
+  return out * int(np.prod(kshape)) // out_channels
+
+
+def quantizable_layers(model) -> List[LayerInfo]:
+  """Lists the model's quantizable layers in a stable order.
+
+  If the model holds `QuantizedLayer`s, those are listed (the layers a plan
+  can control); otherwise every layer `quantize_model` could wrap is.
+
+  Args:
+    model: a built Sequential or Functional model.
+
+  Returns:
+    `LayerInfo`s in the order of `model.layers` (nested models in place).
+  """
+  _check_graph_model(model, "quantizable_layers")
+  layers = quantized_layers(model)
+  if not layers:
+    layers = [l for l in _walk(model) if _layers.layer_kind(l) is not None]
+  infos = []
+  for i, layer in enumerate(layers):
+    inner = layer.layer if isinstance(layer, QuantizedLayer) else layer
+    macs = _macs(layer)
+    infos.append(LayerInfo(inner.name, i, _layers.layer_kind(inner), macs, 2 * macs))
+  return infos
+
+
+def clone_with(model, replace: Callable[[tf.keras.layers.Layer], Optional[tf.keras.layers.Layer]],
+               copy_weights: Callable[[tf.keras.layers.Layer, tf.keras.layers.Layer], None]):
+  """Clones a graph model, replacing layers, and copies the weights over.
+
+  Args:
+    model: a built Sequential or Functional model.
+    replace: returns a new layer for a layer to replace, or None to clone it.
+    copy_weights: `copy_weights(old, new)` for replaced layers.
+
+  Returns:
+    The clone (not compiled).
+  """
+  pairs: Dict[int, tuple] = {}
+
+  def clone_fn(layer):
+    if isinstance(layer, tf.keras.Model) and getattr(layer, "_is_graph_network", False):
+      new = clone_with(layer, replace, copy_weights)
+      pairs[id(layer)] = (layer, new, "nested")
+      return new
+    new = replace(layer)
+    if new is None:
+      new = layer.__class__.from_config(layer.get_config())
+      pairs[id(layer)] = (layer, new, "clone")
+    else:
+      pairs[id(layer)] = (layer, new, "replaced")
+    return new
+
+  clone = tf.keras.models.clone_model(model, clone_function=clone_fn)
+  for old, new, how in pairs.values():
+    if how == "clone":
+      new.set_weights(old.get_weights())
+    elif how == "replaced":
+      copy_weights(old, new)
+  return clone
+
+
+def quantize_model(model, *, layers: Optional[Iterable[str]] = None,
+                   config: Optional[_plan.LayerQuantConfig] = None,
+                   rounding: Union[Rounding, str] = Rounding.STOCHASTIC,
+                   weight_scale: Union[ScaleMode, str] = ScaleMode.PER_CHANNEL,
+                   seed: Optional[int] = None):
+  """Clones a model with its quantizable layers wrapped in `QuantizedLayer`.
+
+  Args:
+    model: a built Sequential or Functional model (not modified).
+    layers: names of the layers to wrap (default: every Dense, Conv1D,
+      Conv2D, DepthwiseConv2D and EinsumDense layer).
+    config: initial `LayerQuantConfig` of every wrapped layer (default: on,
+      INT4-SAWB forward, LUQ-FP4 backward).
+    rounding: rounding of every wrapped layer.
+    weight_scale: per-channel (default) or per-tensor weight scales.
+    seed: None for non-deterministic rounding noise; an int seeds layer i with
+      `seed + i` (tests).
+
+  Returns:
+    The clone, with the original weights; compile it before training.
+
+  Raises:
+    ValueError: subclassed or unbuilt models, unknown or unsupported names.
+  """
+  _check_graph_model(model, "quantize_model")
+  config = config or _plan.LayerQuantConfig()
+  _validation.check_type("config", config, _plan.LayerQuantConfig,
+                         "a LayerQuantConfig")
+  rounding = _validation.check_enum("rounding", rounding, Rounding)
+  weight_scale = _validation.check_enum("weight_scale", weight_scale, ScaleMode)
+  if seed is not None:
+    seed = _validation.check_int("seed", seed)
+  candidates = [l for l in _walk(model) if _layers.layer_kind(l) is not None]
+  names = [l.name for l in candidates]
+  if layers is None:
+    chosen = set(names)
+  else:
+    layers = [layers] if isinstance(layers, str) else list(layers)
+    all_names = {l.name for l in _walk(model)}
+    for name in layers:
+      if name not in all_names:
+        _validation.fail("layers", name, f"one of the model's layers {sorted(all_names)}")
+      if name not in names:
+        _validation.fail("layers", name,
+                         f"a {_layers.SUPPORTED} layer; quantizable: {names}")
+    chosen = set(layers)
+  counter = [0]
+
+  def replace(layer):
+    if layer.name not in chosen or isinstance(layer, QuantizedLayer):
+      return None
+    inner = layer.__class__.from_config(layer.get_config())
+    layer_seed = None if seed is None else seed + names.index(layer.name)
+    counter[0] += 1
+    return QuantizedLayer(
+        inner, enabled=config.enabled, fwd_format=config.fwd_format,
+        fwd_bits=config.fwd_bits, bwd_format=config.bwd_format,
+        bwd_bits=config.bwd_bits, rounding=rounding, weight_scale=weight_scale,
+        seed=layer_seed)
+
+  def copy_weights(old, new):
+    new.layer.set_weights(old.get_weights())
+
+  return clone_with(model, replace, copy_weights)
+
+
+def _by_name(model) -> Dict[str, QuantizedLayer]:
+  _check_graph_model(model, "set_plan/get_plan")
+  wrappers = quantized_layers(model)
+  if not wrappers:
+    raise ValueError("Expected model to contain QuantizedLayers; call "
+                     "dpquant_tf.quantization.quantize_model(model) first.")
+  return {w.layer.name: w for w in wrappers}
+
+
+def set_plan(model, plan: Union[_plan.QuantPlan, Mapping[str, _plan.LayerQuantConfig]],
+             *, partial: bool = False) -> None:
+  """Applies a plan to a quantized model by assigning variables (no retrace).
+
+  Args:
+    model: a model returned by `quantize_model` (or holding QuantizedLayers).
+    plan: a `QuantPlan` (or a mapping name -> `LayerQuantConfig`).
+    partial: False (default): layers missing from the plan are disabled (the
+      plan is the complete description). True: they are left unchanged.
+
+  Raises:
+    ValueError: the plan names a layer the model does not quantize.
+  """
+  if not isinstance(plan, _plan.QuantPlan):
+    plan = _plan.QuantPlan(plan)
+  wrappers = _by_name(model)
+  unknown = sorted(set(plan.layers) - set(wrappers))
+  if unknown:
+    _validation.fail("plan", unknown,
+                     f"names of quantized layers of the model {sorted(wrappers)}")
+  for name, wrapper in wrappers.items():
+    if name in plan.layers:
+      wrapper.assign_config(plan.layers[name])
+    elif not partial:
+      wrapper.enabled.assign(False)
+
+
+def get_plan(model) -> _plan.QuantPlan:
+  """Reads the current plan from a quantized model's variables."""
+  return _plan.QuantPlan({n: w.current_config() for n, w in _by_name(model).items()})
