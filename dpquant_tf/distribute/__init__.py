@@ -5,7 +5,8 @@ See docs/DISTRIBUTED.md. Public names:
 * strategies: `StrategyKind`, `make_strategy`, `configure_cpu_devices`;
 * replica-context arithmetic used by the DP optimizers: `num_replicas_in_sync`,
   `replica_noise_stddev`, `add_replica_noise`, `check_generator_strategy`,
-  `global_example_count`, `global_normalizer`;
+  `global_example_count`, `global_normalizer`,
+  `update_quantization_guard`;
 * a loopback cluster for `MultiWorkerMirroredStrategy`: `run_local_cluster`,
   `free_ports`, `local_tf_config`, `install_watchdog`, `WorkerResult`;
 * the design's reference optimizer `PrototypeDPSGDOptimizer`.
@@ -23,6 +24,7 @@ from dpquant_tf.distribute._replica import global_example_count
 from dpquant_tf.distribute._replica import global_normalizer
 from dpquant_tf.distribute._replica import num_replicas_in_sync
 from dpquant_tf.distribute._replica import replica_noise_stddev
+from dpquant_tf.distribute._replica import update_quantization_guard
 from dpquant_tf.distribute._strategy import configure_cpu_devices
 from dpquant_tf.distribute._strategy import make_strategy
 from dpquant_tf.distribute._strategy import StrategyKind
@@ -43,4 +45,5 @@ __all__ = [
     "num_replicas_in_sync",
     "replica_noise_stddev",
     "run_local_cluster",
+    "update_quantization_guard",
 ]

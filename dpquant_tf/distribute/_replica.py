@@ -45,6 +45,7 @@ __all__ = [
     "global_normalizer",
     "num_replicas_in_sync",
     "replica_noise_stddev",
+    "update_quantization_guard",
 ]
 
 
@@ -184,3 +185,28 @@ def global_normalizer(local_count,
     _validation.check_positive("expected_batch_size", expected_batch_size)
     return tf.constant(float(expected_batch_size), tf.float32)
   return global_example_count(local_count)
+
+
+def update_quantization_guard(update_bits) -> List[tf.Operation]:
+  """Control dependencies that forbid per-replica update quantization.
+
+  Quantizing the noised update (stochastic rounding) is post-processing only
+  when it is applied to the *global* noised sum. Under R > 1 replicas each
+  replica holds just its share, with noise std sigma*C/sqrt(R); rounding the
+  shares before the SUM all-reduce would make the release depend on each
+  share, which the accountant does not cover. Privacy invariant: with R > 1
+  the returned op fails the step if `update_bits` > 0.
+
+  Args:
+    update_bits: int32 scalar (variable or tensor), 0 = update quantization off.
+
+  Returns:
+    [] with one replica, else a one-element list with the check op.
+  """
+  if num_replicas_in_sync() == 1:
+    return []
+  return [tf.debugging.assert_equal(
+      tf.cast(update_bits, tf.int32), 0,
+      message=("update_bits > 0 is not supported with more than one replica "
+               "in sync: post-noise quantization must see the global noised "
+               "sum. Set update_bits=None under tf.distribute."))]

@@ -8,16 +8,11 @@ import tensorflow as tf
 from tensorflow_privacy.privacy.optimizers import dp_optimizer_keras
 
 from dpquant_tf import distribute
+from tests.distribute import _factories
 from tests.distribute import _helpers
 
-CLIP = 0.5
-SIGMA = 1.3
-
-
-def _prototype(noise_multiplier, seed=7, clip=CLIP):
-  return lambda: distribute.PrototypeDPSGDOptimizer(
-      l2_norm_clip=clip, noise_multiplier=noise_multiplier, learning_rate=1.0,
-      seed=seed)
+CLIP = _factories.CLIP
+SIGMA = _factories.SIGMA
 
 
 def _noise_only_update(num_replicas, make_optimizer, *, batch=8, units=500):
@@ -30,9 +25,11 @@ def _noise_only_update(num_replicas, make_optimizer, *, batch=8, units=500):
   return -delta.ravel() * batch  # lr = 1: -delta * B is the summed noise
 
 
+@pytest.mark.parametrize("kind", ["prototype", "dpquant"])
 @pytest.mark.parametrize("num_replicas", [1, 2, 4])
-def test_total_noise_std_is_sigma_clip(num_replicas):
-  noise = _noise_only_update(num_replicas, _prototype(SIGMA))
+def test_total_noise_std_is_sigma_clip(num_replicas, kind):
+  noise = _noise_only_update(
+      num_replicas, _factories.optimizer(kind, noise_multiplier=SIGMA))
   n = noise.size
   target = SIGMA * CLIP
   ratio = noise.std() / target
@@ -63,13 +60,15 @@ def test_replicas_draw_independent_noise():
   assert abs(a.std() - 1 / math.sqrt(2)) < 5 * se
 
 
+@pytest.mark.parametrize("kind", _factories.KINDS)
 @pytest.mark.parametrize("num_replicas", [2, 4])
-def test_noise_free_update_equals_single_device(num_replicas):
+def test_noise_free_update_equals_single_device(num_replicas, kind):
   x, y = _helpers.data(n=8)
-  single = _helpers.one_step_update(_helpers.mirrored(1), _prototype(0.0), x, y,
+  make = _factories.optimizer(kind, noise_multiplier=0.0)
+  single = _helpers.one_step_update(_helpers.mirrored(1), make, x, y,
                                     units=3, steps=2)
-  multi = _helpers.one_step_update(_helpers.mirrored(num_replicas),
-                                   _prototype(0.0), x, y, units=3, steps=2)
+  multi = _helpers.one_step_update(_helpers.mirrored(num_replicas), make, x, y,
+                                   units=3, steps=2)
   for s, m in zip(single, multi):
     assert np.abs(s).max() > 1e-3  # the step is not trivial
     np.testing.assert_allclose(m, s, rtol=1e-5, atol=1e-6)
@@ -86,10 +85,10 @@ def test_tf_privacy_stock_optimizer_is_wrong_under_mirrored():
   np.testing.assert_allclose(double[0], 2 * single[0], rtol=1e-5, atol=1e-6)
 
 
-def test_generator_outside_scope_raises():
+@pytest.mark.parametrize("kind", ["prototype", "dpquant"])
+def test_generator_outside_scope_raises(kind):
   strategy = _helpers.mirrored(2)
-  optimizer = distribute.PrototypeDPSGDOptimizer(
-      l2_norm_clip=1.0, noise_multiplier=1.0, seed=1)  # outside the scope
+  optimizer = _factories.optimizer(kind, noise_multiplier=1.0)()  # outside
   x, y = _helpers.data(n=4)
   with strategy.scope():
     model = tf.keras.Sequential([tf.keras.layers.Dense(3, input_shape=(5,))])
