@@ -16,6 +16,7 @@ from tensorflow_privacy.privacy.dp_query import gaussian_query
 from tensorflow_privacy.privacy.optimizers import dp_optimizer_keras
 
 from dpquant_tf import _validation as V
+from dpquant_tf.distribute import _replica as _dist
 from dpquant_tf.privacy import _events
 from dpquant_tf.privacy import _mechanisms as M
 
@@ -317,17 +318,13 @@ class _DPQuantMixin:
   def _per_replica_noise_stddev(self, stddev):
     """Hook for tf.distribute: the noise each replica adds.
 
-    With one replica this is `stddev`. With R > 1 replicas whose sums are
-    added, each replica should add stddev / sqrt(R); that path (and the
-    matching normalization) is not implemented here, so it raises.
+    With one replica this is `stddev`. With R > 1 replicas in sync, whose
+    noised sums Keras adds (SUM all-reduce), each replica adds
+    stddev / sqrt(R) from its own stream of the (mirrored) generator, so the
+    total is exactly N(0, stddev^2); see dpquant_tf/distribute/_replica.py.
     """
-    ctx = tf.distribute.get_replica_context()
-    if ctx is not None and ctx.num_replicas_in_sync > 1:
-      raise NotImplementedError(
-          "DPQuantOptimizer with more than one replica in sync: per-replica "
-          "noise (stddev/sqrt(R)) and global normalization are provided by "
-          "dpquant_tf.distribute, not by the optimizer alone.")
-    return stddev
+    _dist.check_generator_strategy(self._generator)
+    return _dist.replica_noise_stddev(stddev)
 
   # ------------------------------------------------------------ events
   def _step_sampling_probability(self, loss):
@@ -336,8 +333,9 @@ class _DPQuantMixin:
       return tf.identity(q)
     if self._expected_batch_size is not None:
       batch = tf.constant(self._expected_batch_size, tf.float64)
-    else:
-      batch = tf.cast(tf.shape(loss)[0], tf.float64)
+    else:  # the global batch: summed over replicas in sync
+      batch = tf.cast(_dist.global_example_count(tf.shape(loss)[0]),
+                      tf.float64)
     derived = tf.minimum(batch / float(self._dataset_size), 1.0)
     return tf.where(q >= 0, q, derived)
 
@@ -452,11 +450,11 @@ class _DPQuantMixin:
       z = tf.where(rows > 1, z / 2.0, z)
     record = self._record_privacy_event(
         self._step_sampling_probability(loss), z)
-    if self._expected_batch_size is not None:
-      normalizer = tf.constant(self._expected_batch_size, tf.float32)
-    else:
-      normalizer = tf.cast(nmb, tf.float32)
-    with tf.control_dependencies([record]):
+    # Global expected batch size, or the global number of microbatches.
+    normalizer = _dist.global_normalizer(nmb, self._expected_batch_size)
+    with tf.control_dependencies([record] +
+                                 _dist.update_quantization_guard(
+                                     self.update_bits_var)):
       final = [g / tf.cast(normalizer, g.dtype) for g in noised]
     ubits = self.update_bits_var
     return tf.cond(ubits > 0,
