@@ -151,6 +151,8 @@ class _DPQuantMixin:
     self._event_used = self._dp_weight("dp_event_used", [], tf.int32, 0)
     self._event_overflow = self._dp_weight("dp_event_overflow", [], tf.int32,
                                            0)
+    self._last_q = self._dp_weight("dp_last_q", [], tf.float64, -1.0)
+    self._last_rows = self._dp_weight("dp_last_rows", [], tf.int32, 0)
     if self._seed is None:
       gen = tf.random.Generator.from_non_deterministic_state()
     else:
@@ -339,11 +341,12 @@ class _DPQuantMixin:
     derived = tf.minimum(batch / float(self._dataset_size), 1.0)
     return tf.where(q >= 0, q, derived)
 
-  def _record_privacy_event(self, q, z):
+  def _record_privacy_event(self, q, z, rows):
     new = _events.update_event_table(self._event_q, self._event_z,
                                      self._event_count, self._event_used,
                                      q, z)
     return tf.group(
+        self._last_q.assign(q), self._last_rows.assign(rows),
         self._event_q.assign(new[0]), self._event_z.assign(new[1]),
         self._event_count.assign(new[2]), self._event_used.assign(new[3]),
         self._event_overflow.assign(
@@ -365,7 +368,14 @@ class _DPQuantMixin:
     return int(self._event_count.numpy().sum())
 
   def current_event_parameters(self, var_list=None, batch_size=None):
-    """(q, z) the next step would record, computed eagerly in Python."""
+    """(q, z) the next step would record, computed eagerly in Python.
+
+    Uses the current variables; the batch size (for q = B / N and for
+    microbatch halving) defaults to that of the last recorded step. q is -1
+    when unknown.
+    """
+    if batch_size is None and int(self._last_rows.numpy()) > 0:
+      batch_size = int(self._last_rows.numpy())
     q = float(self.sampling_probability_var.numpy())
     if q < 0 and self._dataset_size is not None:
       b = self._expected_batch_size or batch_size
@@ -449,7 +459,7 @@ class _DPQuantMixin:
       # Microbatches of >1 example double the add/remove sensitivity.
       z = tf.where(rows > 1, z / 2.0, z)
     record = self._record_privacy_event(
-        self._step_sampling_probability(loss), z)
+        self._step_sampling_probability(loss), z, tf.shape(loss)[0])
     # Global expected batch size, or the global number of microbatches.
     normalizer = _dist.global_normalizer(nmb, self._expected_batch_size)
     with tf.control_dependencies([record] +

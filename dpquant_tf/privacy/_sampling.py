@@ -1,0 +1,96 @@
+"""Poisson-sampled tf.data input pipeline with fixed padded batch shape.
+
+Each step includes every example independently with probability q, so the
+ledger may account the steps as ``PoissonSampledDpEvent(q, ...)``. Batches are
+padded to ``max_batch_size`` rows with a 0/1 mask used as the Keras sample
+weight: padded rows have loss 0 and contribute exactly zero gradient, and the
+shape never changes (no XLA retrace). Train with
+``DPQuantOptimizer(expected_batch_size=q * N, ...)`` so the sum is normalized
+by the expected, data-independent batch size.
+"""
+
+from typing import Optional
+
+import numpy as np
+import tensorflow as tf
+from scipy import stats
+
+from dpquant_tf import _validation as V
+
+__all__ = ["poisson_dataset", "poisson_max_batch_size"]
+
+
+def poisson_max_batch_size(dataset_size: int, sampling_rate: float,
+                           overflow_probability: float = 1e-9) -> int:
+  """Smallest m with P(Binomial(N, q) > m) <= overflow_probability."""
+  n = V.check_int("dataset_size", dataset_size, low=1)
+  q = V.check_probability("sampling_rate", sampling_rate)
+  p = V.check_open_unit("overflow_probability", overflow_probability)
+  return int(min(n, stats.binom.isf(p, n, q) + 1))
+
+
+def poisson_dataset(x, y, sampling_rate: float,
+                    max_batch_size: Optional[int] = None, *,
+                    steps: Optional[int] = None, seed: Optional[int] = None
+                    ) -> tf.data.Dataset:
+  """Poisson-sampled batches ``(x, y, mask)`` of fixed shape.
+
+  Args:
+    x: features, array with N rows.
+    y: labels, array with N rows.
+    sampling_rate: q in (0, 1].
+    max_batch_size: rows per padded batch; default: overflow probability
+      1e-9 per step (``poisson_max_batch_size``). A sampled batch larger than
+      this raises an error at iteration (never silently truncated).
+    steps: batches per pass (default: round(1 / q), one expected epoch).
+    seed: seeds the sampling (tests); None = non-deterministic.
+
+  Returns:
+    A ``tf.data.Dataset`` yielding ``(x_batch, y_batch, mask)`` with
+    ``mask`` float32 of shape [max_batch_size] (1 = real, 0 = padding).
+  """
+  x = np.asarray(x)
+  y = np.asarray(y)
+  n = len(x)
+  if len(y) != n:
+    V.fail("y", f"array with {len(y)} rows", f"of the same length as x ({n})")
+  q = V.check_probability("sampling_rate", sampling_rate)
+  if max_batch_size is None:
+    max_batch_size = poisson_max_batch_size(n, q)
+  max_batch_size = V.check_int("max_batch_size", max_batch_size, low=1,
+                               high=n)
+  if steps is None:
+    steps = max(1, int(round(1.0 / q)))
+  steps = V.check_int("steps", steps, low=1)
+  gen = (tf.random.Generator.from_non_deterministic_state() if seed is None
+         else tf.random.Generator.from_seed(V.check_int("seed", seed)))
+  x_t = tf.constant(x)
+  y_t = tf.constant(y)
+
+  def sample(_):
+    chosen = gen.uniform([n], dtype=tf.float64) < q
+    idx = tf.cast(tf.where(chosen)[:, 0], tf.int32)
+    count = tf.shape(idx)[0]
+    check = tf.debugging.assert_less_equal(
+        count, max_batch_size,
+        message=(f"Poisson batch larger than max_batch_size={max_batch_size};"
+                 " raise max_batch_size (truncation would break the "
+                 "accounting)."))
+    with tf.control_dependencies([check]):
+      pad = max_batch_size - count
+    idx = tf.concat([idx, tf.zeros([pad], tf.int32)], axis=0)
+    mask = tf.concat([tf.ones([count]), tf.zeros([pad])], axis=0)
+    xb = tf.gather(x_t, idx)
+    yb = tf.gather(y_t, idx)
+    xb = tf.ensure_shape(xb, [max_batch_size] + list(x.shape[1:]))
+    yb = tf.ensure_shape(yb, [max_batch_size] + list(y.shape[1:]))
+    mask = tf.ensure_shape(mask, [max_batch_size])
+    return xb, yb, mask
+
+  return tf.data.Dataset.range(steps).map(sample)
+
+
+def expected_batch_size(dataset_size: int, sampling_rate: float) -> float:
+  """q * N, the normalizer for Poisson batches."""
+  return float(sampling_rate) * float(dataset_size)
+
