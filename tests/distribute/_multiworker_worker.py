@@ -1,9 +1,10 @@
 """One worker of the loopback MultiWorkerMirroredStrategy test.
 
 Run by `test_distribute_multiworker.py` through
-`dpquant_tf.distribute.run_local_cluster` (TF_CONFIG set per process). Prints
-one line `RESULT <json>`: the weights after a noise-free fit and the noise
-measured in a noise-only step.
+`dpquant_tf.distribute.run_local_cluster` (TF_CONFIG set per process), with a
+comma-separated list of optimizer kinds. Prints one line `RESULT <json>` with,
+per kind, the weight deltas of a noise-free fit, its privacy events and the
+noise measured in a noise-only step.
 """
 
 import json
@@ -17,36 +18,52 @@ from dpquant_tf import distribute  # noqa: E402  (Keras 2 before TF)
 distribute.install_watchdog()
 
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 from tests.distribute import _factories  # noqa: E402
 from tests.distribute import _helpers  # noqa: E402
 
+DATASET_SIZE = 80
 
-def main(kind):
-  strategy = distribute.make_strategy("multiworker")
+
+def _events(optimizer):
+  if not hasattr(optimizer, "dp_events"):
+    return None
+  return [[e.sampling_probability, e.event.noise_multiplier, c]
+          for e, c in optimizer.dp_events()]
+
+
+def run_kind(strategy, kind):
   x, y = _helpers.data(n=8)
-  weights = _helpers.one_step_update(
-      strategy, _factories.optimizer(kind, noise_multiplier=0.0), x, y,
-      units=3, steps=2)
-  zeros_x = np.zeros((8, 4), np.float32)
-  zeros_y = np.zeros((8, 400), np.float32)
-  (noise_delta,) = _helpers.one_step_update(
-      strategy, _factories.optimizer(kind, noise_multiplier=_factories.SIGMA,
-                                     seed=None),
-      zeros_x, zeros_y, units=400, use_bias=False)
+  extra = {} if kind == "prototype" else {"dataset_size": DATASET_SIZE}
+  made = []
+
+  def make():
+    made.append(_factories.optimizer(kind, noise_multiplier=0.0, **extra)())
+    return made[-1]
+
+  deltas = _helpers.one_step_update(strategy, make, x, y, units=3, steps=2)
+  out = {"deltas": [w.tolist() for w in deltas], "events": _events(made[-1])}
+  if kind != "dpquant_adam":  # Adam rescales: the noise test is for SGD
+    (noise_delta,) = _helpers.one_step_update(
+        strategy, _factories.optimizer(kind, noise_multiplier=_factories.SIGMA,
+                                       seed=None),
+        np.zeros((8, 4), np.float32), np.zeros((8, 400), np.float32),
+        units=400, use_bias=False)
+    out.update(noise_std=float((-noise_delta * 8).std()),
+               noise_first=float(noise_delta.ravel()[0]),
+               noise_size=int(noise_delta.size))
+  return out
+
+
+def main(kinds):
+  strategy = distribute.make_strategy("multiworker")
   result = {
       "task": json.loads(os.environ["TF_CONFIG"])["task"]["index"],
       "replicas": strategy.num_replicas_in_sync,
-      "deltas": [w.tolist() for w in weights],
-      "noise_std": float((-noise_delta * 8).std()),
-      "noise_first": float(noise_delta.ravel()[0]),
-      "noise_size": int(noise_delta.size),
+      "kinds": {kind: run_kind(strategy, kind) for kind in kinds},
   }
   print("RESULT " + json.dumps(result), flush=True)
-  # Let the peers finish their collectives before this process exits.
-  tf.keras.backend.clear_session()
 
 
 if __name__ == "__main__":
-  main(sys.argv[1] if len(sys.argv) > 1 else "prototype")
+  main((sys.argv[1] if len(sys.argv) > 1 else "prototype").split(","))

@@ -34,28 +34,40 @@ def _run_cluster(kind):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["prototype"])
-def test_two_workers_match_single_process_and_noise_is_sigma_clip(kind):
-  w0, w1 = _run_cluster(kind)
+def test_two_workers_match_single_process_and_noise_is_sigma_clip():
+  kinds = ("prototype", "dpquant", "dpquant_adam")
+  w0, w1 = _run_cluster(",".join(kinds))
   assert w0["replicas"] == w1["replicas"] == 2
-  # Mirrored variables stay identical on both workers, noise included.
-  for a, b in zip(w0["deltas"], w1["deltas"]):
-    np.testing.assert_array_equal(np.array(a), np.array(b))
-  assert w0["noise_first"] == w1["noise_first"]
-  # Noise-free: the same as one process on the same global batches.
   x, y = _helpers.data(n=8)
-  single = _helpers.one_step_update(
-      _helpers.mirrored(1), _factories.optimizer(kind, noise_multiplier=0.0),
-      x, y, units=3, steps=2)
-  for s, m in zip(single, w0["deltas"]):
-    np.testing.assert_allclose(np.array(m), s, rtol=1e-5, atol=1e-6)
-  # Noise: total std sigma*C (not sqrt(2) sigma*C, not sigma*C/sqrt(2)).
-  target = _factories.SIGMA * _factories.CLIP
-  se = 1 / math.sqrt(2 * w0["noise_size"])
-  ratio = w0["noise_std"] / target
-  assert abs(ratio - 1) < 5 * se, ratio
-  assert abs(ratio - math.sqrt(2)) > 10 * se
-  assert abs(ratio - 1 / math.sqrt(2)) > 10 * se
+  for kind in kinds:
+    r0, r1 = w0["kinds"][kind], w1["kinds"][kind]
+    # Mirrored variables stay identical on both workers, noise included.
+    for a, b in zip(r0["deltas"], r1["deltas"]):
+      np.testing.assert_array_equal(np.array(a), np.array(b))
+    assert r0.get("noise_first") == r1.get("noise_first")
+    # Noise-free: the same as one process on the same global batches.
+    extra = {} if kind == "prototype" else {"dataset_size": 80}
+    made = []
+
+    def make(kind=kind, extra=extra, made=made):
+      made.append(_factories.optimizer(kind, noise_multiplier=0.0, **extra)())
+      return made[-1]
+
+    single = _helpers.one_step_update(_helpers.mirrored(1), make, x, y,
+                                      units=3, steps=2)
+    for s, m in zip(single, r0["deltas"]):
+      np.testing.assert_allclose(np.array(m), s, rtol=1e-5, atol=1e-6)
+    if kind != "prototype":
+      # The global sampling rate 8/80, one event per step, on every worker.
+      assert r0["events"] == r1["events"] == [[0.1, 0.0, 2]], r0["events"]
+    if "noise_std" in r0:
+      # Total noise std sigma*C (not sqrt(2) sigma*C, not sigma*C/sqrt(2)).
+      target = _factories.SIGMA * _factories.CLIP
+      se = 1 / math.sqrt(2 * r0["noise_size"])
+      ratio = r0["noise_std"] / target
+      assert abs(ratio - 1) < 5 * se, (kind, ratio)
+      assert abs(ratio - math.sqrt(2)) > 10 * se
+      assert abs(ratio - 1 / math.sqrt(2)) > 10 * se
 
 
 def test_local_tf_config_and_free_ports():
