@@ -9,6 +9,8 @@ See docs/DISTRIBUTED.md. Public names:
   `update_quantization_guard`;
 * a loopback cluster for `MultiWorkerMirroredStrategy`: `run_local_cluster`,
   `free_ports`, `local_tf_config`, `install_watchdog`, `WorkerResult`;
+* bytes per step on the wire: `Transport`, `step_traffic`, `TrafficRow`,
+  `code_sum_bits`, `ring_factor`;
 * the design's reference optimizer `PrototypeDPSGDOptimizer`.
 """
 
@@ -28,13 +30,21 @@ from dpquant_tf.distribute._replica import update_quantization_guard
 from dpquant_tf.distribute._strategy import configure_cpu_devices
 from dpquant_tf.distribute._strategy import make_strategy
 from dpquant_tf.distribute._strategy import StrategyKind
+from dpquant_tf.distribute._traffic import code_sum_bits
+from dpquant_tf.distribute._traffic import ring_factor
+from dpquant_tf.distribute._traffic import step_traffic
+from dpquant_tf.distribute._traffic import TrafficRow
+from dpquant_tf.distribute._traffic import Transport
 
 __all__ = [
     "PrototypeDPSGDOptimizer",
     "StrategyKind",
+    "TrafficRow",
+    "Transport",
     "WorkerResult",
     "add_replica_noise",
     "check_generator_strategy",
+    "code_sum_bits",
     "configure_cpu_devices",
     "free_ports",
     "global_example_count",
@@ -44,6 +54,8 @@ __all__ = [
     "make_strategy",
     "num_replicas_in_sync",
     "replica_noise_stddev",
+    "ring_factor",
     "run_local_cluster",
+    "step_traffic",
     "update_quantization_guard",
 ]
