@@ -16,6 +16,9 @@ from dpquant_tf.schedule._bits import CombinedPolicy
 from dpquant_tf.schedule._bits import DepthBitsPolicy
 from dpquant_tf.schedule._bits import NormAdaptiveBitsPolicy
 from dpquant_tf.schedule._bits import RampMode
+from dpquant_tf.schedule._estimator import LossSensitivityEstimator
+from dpquant_tf.schedule._estimator import clip_per_example
+from dpquant_tf.schedule._scheduler import DPQuantScheduler
 from dpquant_tf.schedule._selection import LossAwarePolicy
 from dpquant_tf.schedule._selection import RotationPolicy
 from dpquant_tf.schedule._selection import StaticPolicy
@@ -25,9 +28,11 @@ __all__ = [
     "BitsPolicy",
     "BitsTarget",
     "CombinedPolicy",
+    "DPQuantScheduler",
     "Decision",
     "DepthBitsPolicy",
     "LossAwarePolicy",
+    "LossSensitivityEstimator",
     "NormAdaptiveBitsPolicy",
     "Policy",
     "RampMode",
@@ -35,6 +40,7 @@ __all__ = [
     "RotationPolicy",
     "SensitivityRelease",
     "StaticPolicy",
+    "clip_per_example",
     "deserialize_policy",
     "serialize_policy",
 ]

@@ -23,7 +23,7 @@ from dpquant_tf import _validation as v
 from dpquant_tf.schedule import _base
 
 MIN_BITS = 2  # Q(g; b, C) has 2^(b-1) - 1 levels per side: b = 1 has none.
-MAX_BITS = 32
+MAX_BITS = 16  # the widest INT format of dpquant_tf.quantization
 
 
 class RampMode(enum.Enum):
@@ -82,8 +82,8 @@ class BitRampPolicy(BitsPolicy):
   Privacy: a function of the epoch only; ``spends_privacy = False``.
 
   Args:
-    b_start: bits at epoch 0, in [2, 32].
-    b_end: bits from epoch `epochs - 1` on, in [2, 32].
+    b_start: bits at epoch 0, in [2, 16].
+    b_end: bits from epoch `epochs - 1` on, in [2, 16].
     epochs: ramp length in epochs (>= 1).
     mode: ``RampMode`` or "linear" / "exponential".
     target: ``BitsTarget`` or "gradients" (default) / "layers".
@@ -127,8 +127,8 @@ class DepthBitsPolicy(BitsPolicy):
   Privacy: a function of the public architecture; ``spends_privacy = False``.
 
   Args:
-    b_input: bits of the first layer, in [2, 32].
-    b_output: bits of the last layer, in [2, 32].
+    b_input: bits of the first layer, in [2, 16].
+    b_output: bits of the last layer, in [2, 16].
     target: ``BitsTarget`` or "gradients" (default) / "layers".
   """
 
@@ -168,8 +168,8 @@ class NormAdaptiveBitsPolicy(BitsPolicy):
 
   Args:
     b_ref: bits of a layer with the median RMS, in [b_min, b_max].
-    b_min: fewest bits, in [2, 32].
-    b_max: most bits, in [b_min, 32].
+    b_min: fewest bits, in [2, 16].
+    b_max: most bits, in [b_min, 16].
     target: ``BitsTarget`` or "gradients" (default) / "layers".
   """
 

@@ -267,7 +267,7 @@ def test_serialization_round_trip(policy):
     (lambda: schedule.RotationPolicy(ratio=1.5), "Expected ratio=1.5 to be in [0, 1]."),
     (lambda: schedule.LossAwarePolicy(period=0), "Expected period=0 to be an integer in [1, inf]."),
     (lambda: schedule.LossAwarePolicy(alpha=0.0), "Expected alpha=0.0 to be in (0, 1]."),
-    (lambda: schedule.BitRampPolicy(b_start=1), "Expected b_start=1 to be an integer in [2, 32]."),
+    (lambda: schedule.BitRampPolicy(b_start=1), "Expected b_start=1 to be an integer in [2, 16]."),
     (lambda: schedule.BitRampPolicy(mode="cubic"), "Expected mode='cubic' to be one of"),
     (lambda: schedule.DepthBitsPolicy(target="weights"), "Expected target='weights' to be one of"),
 ])
