@@ -12,8 +12,11 @@ Math (per microbatch ``m``, ``k`` examples; sums run over the examples of ``m``
 and over positions ``t`` such as sequence steps or output pixels):
 
 * Dense ``z = x W + b``: ``dW_m = (1/k) sum_{b,t} x_{b,t}^T g_{b,t}``.
-* Conv: the same with ``x`` replaced by its patches (``tf.image.extract_patches``
-  with the layer's strides, dilation and padding; Conv1D as a 1xL image).
+* Conv: the same with ``x`` replaced by its patches (a one-hot-kernel
+  convolution or ``tf.image.extract_patches`` with the layer's strides,
+  dilation and padding; Conv1D as a 1xL image). For ``padding="causal"`` the
+  tap input is the already left-padded input (what the VALID convolution
+  sees), as ``QuantizedLayer`` and ``TappedLayer`` record it.
 * DepthwiseConv2D: patches per channel, contracted channel by channel.
 * EinsumDense: the layer's equation with the batch letter kept in the output.
 * Embedding: rows of ``g`` scatter-added at the looked-up ids.
@@ -85,12 +88,24 @@ def _to_channels_last(layer, t):
   return t
 
 
+_IDENTITY_CONV_MAX_DEPTH = 128
+
+
 def _patches(x, kernel_size, strides, dilation, padding):
   """x [B, H, W, C] -> patches [B, OH, OW, KH*KW*C] ordered (kh, kw, c)."""
   kh, kw = kernel_size
   if kh == 1 and kw == 1 and tuple(dilation) == (1, 1):
     sh, sw = strides
     return x[:, ::sh, ::sw, :] if (sh, sw) != (1, 1) else x
+  depth = kh * kw * x.shape[-1]
+  if depth <= _IDENTITY_CONV_MAX_DEPTH:
+    # A convolution with a one-hot kernel copies each patch into the output
+    # channels in (kh, kw, c) order. On CPU (oneDNN) this is 3-4x faster
+    # than tf.image.extract_patches for small patch depths; its cost grows
+    # as depth^2, so large depths use extract_patches.
+    eye = tf.reshape(tf.eye(depth, dtype=x.dtype), [kh, kw, x.shape[-1], depth])
+    return tf.nn.conv2d(x, eye, strides=list(strides), padding=padding,
+                        dilations=list(dilation))
   return tf.image.extract_patches(
       x, sizes=[1, kh, kw, 1], strides=[1, strides[0], strides[1], 1],
       rates=[1, dilation[0], dilation[1], 1], padding=padding)
@@ -103,8 +118,7 @@ def _conv_geometry(layer, x):
                 tuple(layer.dilation_rate))
   padding = layer.padding.upper()
   if layer.rank == 1:
-    if padding == "CAUSAL":
-      x = tf.pad(x, [[0, 0], [dl[0] * (ks[0] - 1), 0], [0, 0]])
+    if padding == "CAUSAL":  # taps of causal convs hold the padded input
       padding = "VALID"
     x = x[:, None]
     ks, st, dl = (1,) + ks, (1,) + st, (1,) + dl

@@ -41,7 +41,7 @@ class TappedLayer(tf.keras.layers.Wrapper):
                        "a layer with a per-example gradient rule (Dense, Conv1D, "
                        "Conv2D, DepthwiseConv2D, EinsumDense, Embedding, "
                        "LayerNormalization, GroupNormalization)", TypeError)
-    kwargs.setdefault("name", f"{layer.name}_tapped")
+    kwargs.setdefault("name", f"tap_{layer.name}")
     super().__init__(layer, **kwargs)
     activation = getattr(layer, "activation", None)
     self.activation = tf.keras.activations.get(activation) if activation else None
@@ -59,6 +59,9 @@ class TappedLayer(tf.keras.layers.Wrapper):
 
   def call(self, inputs, *args, **kwargs):
     z = self.layer(inputs, *args, **kwargs)
+    if getattr(self.layer, "padding", None) == "causal":
+      # The op sees the left-padded input; the rule expects that tensor.
+      inputs = tf.pad(inputs, self.layer._compute_causal_padding(inputs))  # pylint: disable=protected-access
     self.tap_input = inputs
     self.tap_output = z
     if not tf.executing_eagerly():
@@ -114,7 +117,7 @@ def tap_model(model, *, layers=None):
       return new
     if wanted is not None and layer.name not in wanted:
       return new
-    return TappedLayer(new, name=layer.name + "_tapped")
+    return TappedLayer(new, name="tap_" + layer.name)
 
   tapped = tf.keras.models.clone_model(model, clone_function=clone)
   tapped.set_weights(model.get_weights())

@@ -1,0 +1,70 @@
+r"""Speed of DP training: plain SGD, TF-Privacy, DPQuantOptimizer (fast path).
+
+  python tools/benchmark.py --json
+  python tools/benchmark.py --cases=cnn:64,cnn:256,small_resnet:64 --rounds=7
+
+Runs every contender in one process on the same model, data and batch,
+alternating them round by round; prints median ms per step, examples/s, peak
+memory and the ratios to plain SGD and to TF-Privacy. With --json it prints one
+JSON object whose ``cases`` list holds ``model``, ``batch_size``, ``plain_ms``,
+``tfprivacy_ms``, ``dp_ms``, ``dp_quant_ms`` and more. The logic lives in
+tools/benchmark_lib.py; docs/PERFORMANCE.md records results.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import dpquant_tf  # noqa: E402,F401  (Keras 2 before TensorFlow)
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+
+from tools import benchmark_lib  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("cases", ["cnn:64", "cnn:256", "small_resnet:64"],
+                  "model:batch pairs; models: cnn, small_resnet.")
+flags.DEFINE_list("contenders", list(benchmark_lib.CONTENDERS),
+                  "Subset of plain, tfprivacy, dp, dp_quant.")
+flags.DEFINE_integer("rounds", 5, "Timed rounds (median over rounds).")
+flags.DEFINE_integer("steps", 3, "Steps per contender per round.")
+flags.DEFINE_integer("warmup", 2, "Warm-up steps per contender.")
+flags.DEFINE_float("quant_ratio", 0.5, "Share of quantizable layers quantized.")
+flags.DEFINE_bool("jit_compile", False, "Compile every train step with XLA.")
+flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
+flags.DEFINE_integer("seed", 0, "Seed for weights, data order and the plan.")
+
+
+def _table(report) -> str:
+  rows = ["model         batch contender   ms/step   ex/s     peak MB  vs plain  "
+          "TF-Privacy/x"]
+  for c in report["cases"]:
+    for k in FLAGS.contenders:
+      rows.append(
+          f"{c['model']:<13} {c['batch_size']:>5} {k:<10} {c[k + '_ms']:>8.1f} "
+          f"{c[k + '_examples_per_s']:>8.0f} {str(c[k + '_peak_mb']):>10} "
+          f"{str(c.get(k + '_vs_plain', '')):>8} "
+          f"{str(c.get('tfprivacy_vs_' + k, '')):>8}")
+  return "\n".join(rows)
+
+
+def main(argv):
+  del argv
+  settings = benchmark_lib.Settings(
+      rounds=FLAGS.rounds, steps=FLAGS.steps, warmup=FLAGS.warmup,
+      quant_ratio=FLAGS.quant_ratio, seed=FLAGS.seed,
+      jit_compile=FLAGS.jit_compile, contenders=tuple(FLAGS.contenders))
+  report = benchmark_lib.run(FLAGS.cases, settings, log=logging.info)
+  report["targets"] = benchmark_lib.check_targets(report)
+  if FLAGS.json:
+    print(benchmark_lib.to_json(report))
+  else:
+    print(_table(report))
+    print("\n".join(report["targets"]))
+
+
+if __name__ == "__main__":
+  app.run(main)
