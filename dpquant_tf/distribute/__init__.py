@@ -7,6 +7,8 @@ See docs/DISTRIBUTED.md. Public names:
   `replica_noise_stddev`, `add_replica_noise`, `check_generator_strategy`,
   `global_example_count`, `global_normalizer`,
   `update_quantization_guard`;
+* Poisson-sampled input with per-worker shards: `poisson_input`,
+  `sharded_poisson_dataset_fn`;
 * a loopback cluster for `MultiWorkerMirroredStrategy`: `run_local_cluster`,
   `free_ports`, `local_tf_config`, `install_watchdog`, `WorkerResult`;
 * bytes per step on the wire: `Transport`, `step_traffic`, `TrafficRow`,
@@ -19,6 +21,8 @@ from dpquant_tf.distribute._cluster import install_watchdog
 from dpquant_tf.distribute._cluster import local_tf_config
 from dpquant_tf.distribute._cluster import run_local_cluster
 from dpquant_tf.distribute._cluster import WorkerResult
+from dpquant_tf.distribute._data import poisson_input
+from dpquant_tf.distribute._data import sharded_poisson_dataset_fn
 from dpquant_tf.distribute._prototype import PrototypeDPSGDOptimizer
 from dpquant_tf.distribute._replica import add_replica_noise
 from dpquant_tf.distribute._replica import check_generator_strategy
@@ -53,9 +57,11 @@ __all__ = [
     "local_tf_config",
     "make_strategy",
     "num_replicas_in_sync",
+    "poisson_input",
     "replica_noise_stddev",
     "ring_factor",
     "run_local_cluster",
+    "sharded_poisson_dataset_fn",
     "step_traffic",
     "update_quantization_guard",
 ]

@@ -55,12 +55,31 @@ def run_kind(strategy, kind):
   return out
 
 
+def run_poisson(strategy):
+  """DPQuant on disjoint per-worker shards, each Poisson-sampled at q."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from dpquant_tf import optimizers  # pylint: disable=g-import-not-at-top
+  n, q, steps = 64, 0.125, 2
+  x, y = _helpers.data(n=n)
+  data = distribute.poisson_input(strategy, x, y, q, steps=steps)
+  with strategy.scope():
+    model = tf.keras.Sequential([tf.keras.layers.Dense(3, input_shape=(5,))])
+    optimizer = optimizers.DPQuantOptimizer(
+        l2_norm_clip=1.0, noise_multiplier=1.0, learning_rate=0.1,
+        expected_batch_size=q * n, dataset_size=n)
+    model.compile(optimizer=optimizer, loss=_helpers.per_example_mse())
+  model.fit(data, epochs=1, steps_per_epoch=steps, verbose=0)
+  return {"weights": [w.tolist() for w in model.get_weights()],
+          "events": _events(optimizer)}
+
+
 def main(kinds):
   strategy = distribute.make_strategy("multiworker")
   result = {
       "task": json.loads(os.environ["TF_CONFIG"])["task"]["index"],
       "replicas": strategy.num_replicas_in_sync,
       "kinds": {kind: run_kind(strategy, kind) for kind in kinds},
+      "poisson": run_poisson(strategy),
   }
   print("RESULT " + json.dumps(result), flush=True)
 

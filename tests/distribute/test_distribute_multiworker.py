@@ -68,6 +68,11 @@ def test_two_workers_match_single_process_and_noise_is_sigma_clip():
       assert abs(ratio - 1) < 5 * se, (kind, ratio)
       assert abs(ratio - math.sqrt(2)) > 10 * se
       assert abs(ratio - 1 / math.sqrt(2)) > 10 * se
+  # Poisson input over disjoint per-worker shards (DatasetCreator).
+  p0, p1 = w0["poisson"], w1["poisson"]
+  for a, b in zip(p0["weights"], p1["weights"]):
+    np.testing.assert_array_equal(np.array(a), np.array(b))
+  assert p0["events"] == p1["events"] == [[0.125, 1.0, 2]], p0["events"]
 
 
 def test_local_tf_config_and_free_ports():
