@@ -21,6 +21,9 @@ from dpquant_tf.quantization._plan import QuantPlan
 from dpquant_tf.quantization._quantizers import example_axes
 from dpquant_tf.quantization._quantizers import quantization_scale
 from dpquant_tf.quantization._quantizers import quantize
+from dpquant_tf.quantization._validate import fix_model
+from dpquant_tf.quantization._validate import UnsupportedModelError
+from dpquant_tf.quantization._validate import validate_model
 
 __all__ = [
     "BITS_RANGE",
@@ -32,7 +35,9 @@ __all__ = [
     "QuantizedLayer",
     "Rounding",
     "ScaleMode",
+    "UnsupportedModelError",
     "example_axes",
+    "fix_model",
     "format_levels",
     "get_plan",
     "quantizable_layers",
@@ -41,4 +46,5 @@ __all__ = [
     "quantize_model",
     "quantized_layers",
     "set_plan",
+    "validate_model",
 ]
