@@ -91,7 +91,11 @@ def kernel_of(model, info):
   if wrapper is None:
     return None
   inner = wrapper.layer
-  return getattr(inner, "kernel", None) or getattr(inner, "depthwise_kernel", None)
+  for attr in ("kernel", "depthwise_kernel"):
+    kernel = getattr(inner, attr, None)
+    if kernel is not None:
+      return kernel
+  return None
 
 
 def gradient_bit_keys(model, bits: Dict[str, int]) -> Dict[str, int]:
