@@ -8,7 +8,6 @@ of ``dpquant_tf.privacy`` in order. See docs/PRIVACY.md.
 
 import enum
 import logging
-import math
 from typing import Any, Dict, List, Mapping, Optional, Union
 
 import tensorflow as tf

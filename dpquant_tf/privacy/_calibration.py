@@ -5,7 +5,7 @@ q = B / N, plus planned analysis releases (any dp_accounting events).
 """
 
 import math
-from typing import Iterable, Optional
+from typing import Iterable
 
 import dp_accounting
 

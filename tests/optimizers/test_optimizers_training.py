@@ -1,0 +1,113 @@
+"""DPQuantOptimizer in Keras training: XLA, schedule changes without
+retrace, steps_per_execution, config round trip, checkpoints."""
+
+import dp_accounting
+import numpy as np
+import tensorflow as tf
+
+from dpquant_tf import privacy
+from dpquant_tf.optimizers import DPQuantAdamOptimizer
+from dpquant_tf.optimizers import DPQuantOptimizer
+from dpquant_tf.privacy import _mechanisms as M
+
+
+def _data(n=8, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, 6)).astype("float32")
+  y = rng.integers(0, 3, size=n)
+  return x, y
+
+
+def _model(seed=0):
+  tf.keras.utils.set_random_seed(seed)
+  return tf.keras.Sequential([
+      tf.keras.layers.Dense(5, activation="tanh", input_shape=(6,)),
+      tf.keras.layers.Dense(3)])
+
+
+def _loss(reduction="none"):
+  return tf.keras.losses.SparseCategoricalCrossentropy(
+      from_logits=True, reduction=reduction)
+
+
+def test_bound_mode_records_effective_noise_and_changes_without_retrace():
+  x, y = _data(32)
+  model = _model()
+  opt = DPQuantOptimizer(1.0, 2.0, sensitivity_mode="bound",
+                         sampling_probability=0.25, learning_rate=0.1)
+  model.compile(optimizer=opt, loss=_loss(), jit_compile=True)
+
+  class Switch(tf.keras.callbacks.Callback):
+
+    def on_epoch_begin(self, epoch, logs=None):
+      if epoch == 1:
+        opt.set_gradient_bits({"dense": 4})
+      if epoch == 2:
+        opt.set_gradient_bits(0)
+        opt.set_noise_multiplier(1.5)
+
+  model.fit(x, y, batch_size=8, epochs=3, verbose=0, callbacks=[Switch()])
+  assert model.train_function.experimental_get_tracing_count() == 1
+  sizes = [v.shape.num_elements() for v in model.trainable_variables]
+  sens = M.bound_sensitivity_py(1.0, sizes, [4, 4, 0, 0])
+  events = dict(((e.sampling_probability, e.event.noise_multiplier), c)
+                for e, c in opt.dp_events())
+  assert events == {(0.25, 2.0): 4, (0.25, 2.0 / sens): 4, (0.25, 1.5): 4}
+  assert opt.gradient_bits() == {v.name: 0 for v in model.trainable_variables}
+
+
+def test_get_config_round_trip():
+  opt = DPQuantAdamOptimizer(0.7, 1.3, 4, 2, learning_rate=0.003,
+                             gradient_bits={"dense": 4}, update_bits=8,
+                             sensitivity_mode="bound", dataset_size=100,
+                             expected_batch_size=None, beta_1=0.8)
+  config = opt.get_config()
+  again = DPQuantAdamOptimizer.from_config(config)
+  assert again.get_config() == config
+  assert isinstance(again, DPQuantAdamOptimizer)
+  serialized = tf.keras.optimizers.serialize(DPQuantOptimizer(1.0, 0.5))
+  restored = tf.keras.optimizers.deserialize(serialized)
+  assert isinstance(restored, DPQuantOptimizer)
+  assert float(restored.noise_multiplier_var.numpy()) == 0.5
+
+
+def test_checkpoint_restores_model_optimizer_ledger_and_generator(tmp_path):
+  x, y = _data(32)
+
+  def make():
+    ledger = privacy.PrivacyLedger()
+    opt = DPQuantOptimizer(1.0, 1.0, ledger=ledger, dataset_size=32,
+                           gradient_bits=6)
+    model = _model()
+    model.compile(optimizer=opt, loss=_loss())
+    return model, opt, ledger
+
+  model, opt, ledger = make()
+  model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+  ledger.record(dp_accounting.GaussianDpEvent(10.0))
+  ckpt = tf.train.Checkpoint(model=model, optimizer=opt, ledger=ledger)
+  path = ckpt.save(str(tmp_path / "ckpt"))
+  eps = ledger.epsilon(1e-5)
+  state = opt.generator.state.numpy()
+
+  model2, opt2, ledger2 = make()
+  model2.fit(x[:8], y[:8], batch_size=8, epochs=1, verbose=0)  # build
+  tf.train.Checkpoint(model=model2, optimizer=opt2,
+                      ledger=ledger2).restore(path)
+  assert ledger2.epsilon(1e-5) == eps
+  np.testing.assert_array_equal(opt2.generator.state.numpy(), state)
+  for a, b in zip(model.weights, model2.weights):
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+  model2.fit(x, y, batch_size=8, epochs=1, verbose=0)
+  assert opt2.dp_event_steps() == 8
+  assert ledger2.epsilon(1e-5) > eps
+
+
+def test_steps_per_execution_counts_every_step():
+  x, y = _data(64)
+  model = _model()
+  opt = DPQuantOptimizer(1.0, 1.0, dataset_size=64)
+  model.compile(optimizer=opt, loss=_loss(), steps_per_execution=4)
+  model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+  (event, count), = opt.dp_events()
+  assert (event.sampling_probability, count) == (0.125, 8)
