@@ -2,7 +2,8 @@
 
 See docs/DISTRIBUTED.md. Public names:
 
-* strategies: `StrategyKind`, `make_strategy`, `configure_cpu_devices`;
+* strategies: `StrategyKind`, `make_strategy`, `configure_cpu_devices`,
+  `is_multi_worker`, `check_scheduler`;
 * replica-context arithmetic used by the DP optimizers: `num_replicas_in_sync`,
   `replica_noise_stddev`, `add_replica_noise`, `check_generator_strategy`,
   `global_example_count`, `global_normalizer`,
@@ -31,7 +32,9 @@ from dpquant_tf.distribute._replica import global_normalizer
 from dpquant_tf.distribute._replica import num_replicas_in_sync
 from dpquant_tf.distribute._replica import replica_noise_stddev
 from dpquant_tf.distribute._replica import update_quantization_guard
+from dpquant_tf.distribute._strategy import check_scheduler
 from dpquant_tf.distribute._strategy import configure_cpu_devices
+from dpquant_tf.distribute._strategy import is_multi_worker
 from dpquant_tf.distribute._strategy import make_strategy
 from dpquant_tf.distribute._strategy import StrategyKind
 from dpquant_tf.distribute._traffic import code_sum_bits
@@ -48,12 +51,14 @@ __all__ = [
     "WorkerResult",
     "add_replica_noise",
     "check_generator_strategy",
+    "check_scheduler",
     "code_sum_bits",
     "configure_cpu_devices",
     "free_ports",
     "global_example_count",
     "global_normalizer",
     "install_watchdog",
+    "is_multi_worker",
     "local_tf_config",
     "make_strategy",
     "num_replicas_in_sync",

@@ -30,6 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from dpquant_tf import _validation
+from dpquant_tf.distribute import _strategy
 from dpquant_tf.privacy import _sampling
 
 __all__ = [
@@ -125,9 +126,7 @@ def poisson_input(strategy: tf.distribute.Strategy, x, y,
   Returns:
     A `tf.data.Dataset` or a `tf.keras.utils.experimental.DatasetCreator`.
   """
-  multi_worker = getattr(strategy.extended, "_in_multi_worker_mode",
-                         lambda: False)()
-  if multi_worker:
+  if _strategy.is_multi_worker(strategy):
     fn = sharded_poisson_dataset_fn(x, y, sampling_rate, steps=steps,
                                     max_batch_size=max_batch_size, seed=seed)
     options = tf.distribute.InputOptions(

@@ -25,7 +25,9 @@ from dpquant_tf import _validation
 
 __all__ = [
     "StrategyKind",
+    "check_scheduler",
     "configure_cpu_devices",
+    "is_multi_worker",
     "make_strategy",
 ]
 
@@ -126,3 +128,42 @@ def make_strategy(kind=StrategyKind.DEFAULT, *,
         'a JSON object with "cluster" and "task" (see docs/DISTRIBUTED.md) '
         "for kind='multiworker'")
   return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def is_multi_worker(strategy: Optional[tf.distribute.Strategy] = None) -> bool:
+  """Whether `strategy` (default: the current one) spans several workers."""
+  strategy = strategy or tf.distribute.get_strategy()
+  in_mw = getattr(strategy.extended, "_in_multi_worker_mode", None)
+  return bool(in_mw()) if callable(in_mw) else False
+
+
+def check_scheduler(scheduler, strategy: Optional[tf.distribute.Strategy] = None
+                    ) -> None:
+  """Raises if a `DPQuantScheduler` would break privacy across workers.
+
+  Under a multi-worker strategy every worker runs its own copy of the
+  callback. (1) Its policy must decide the same plan on every worker: give
+  the scheduler the same `seed` everywhere (schedule randomness is public).
+  (2) A `LossSensitivityEstimator` would run on every worker, releasing W
+  noisy analyses while each worker's ledger records one: not allowed (use
+  a policy that spends no privacy, or MirroredStrategy on one machine).
+
+  Args:
+    scheduler: a `dpquant_tf.schedule.DPQuantScheduler`.
+    strategy: default: the current strategy.
+
+  Raises:
+    ValueError: multi-worker and (no seed or an estimator).
+  """
+  if not is_multi_worker(strategy):
+    return
+  if getattr(scheduler, "estimator", None) is not None:
+    _validation.fail(
+        "scheduler.estimator", type(scheduler.estimator).__name__,
+        "None under MultiWorkerMirroredStrategy: every worker would release "
+        "its own analysis while each ledger accounts one")
+  if getattr(scheduler, "seed", None) is None:
+    _validation.fail(
+        "scheduler.seed", None,
+        "an integer, the same on every worker, under "
+        "MultiWorkerMirroredStrategy (workers must apply the same plan)")
