@@ -13,6 +13,7 @@ Usage (from the repository root, no Bazel needed):
 
   .venv/bin/python tools/sync_build.py           # rewrite the BUILD files
   .venv/bin/python tools/sync_build.py --check   # exit 1 if any is out of date
+  .venv/bin/python tools/sync_build.py --tracked # only files git tracks
 
 Test sizes and extra tags: edit `_TEST_SIZES` / `_TEST_TAGS` below, then rerun.
 """
@@ -21,6 +22,7 @@ import argparse
 import ast
 import difflib
 import os
+import subprocess
 import sys
 from typing import Dict, Iterable, List, Optional, Set, Tuple
 
@@ -47,13 +49,22 @@ def _rel(path: str) -> str:
   return os.path.relpath(path, _REPO).replace(os.sep, "/")
 
 
+# Set by --tracked: only files git tracks (what a fresh clone has).
+_TRACKED: Optional[Set[str]] = None
+
+
+def _listed(relpath: str) -> bool:
+  return _TRACKED is None or relpath in _TRACKED
+
+
 def _py_dirs(root: str) -> List[str]:
   """Repository-relative directories under root that hold .py files."""
   found = []
   for dirpath, dirnames, filenames in os.walk(os.path.join(_REPO, root)):
     dirnames[:] = sorted(d for d in dirnames
                          if d not in _SKIP_DIRS and not d.startswith("."))
-    if any(f.endswith(".py") for f in filenames):
+    if any(f.endswith(".py") and _listed(_rel(os.path.join(dirpath, f)))
+           for f in filenames):
       found.append(_rel(dirpath))
   return found
 
@@ -121,9 +132,9 @@ class _Tree:
     for root in _ROOTS:
       for directory in _py_dirs(root):
         for base in sorted(os.listdir(os.path.join(_REPO, directory))):
-          if not base.endswith(".py"):
-            continue
           relpath = f"{directory}/{base}"
+          if not base.endswith(".py") or not _listed(relpath):
+            continue
           with open(os.path.join(_REPO, relpath), encoding="utf-8") as f:
             self.files[relpath] = ast.parse(f.read(), filename=relpath)
           self.modules[_module_name(relpath)] = relpath
@@ -207,7 +218,8 @@ def _data_files(directory: str) -> List[str]:
   out = []
   for base in sorted(os.listdir(os.path.join(_REPO, directory))):
     path = os.path.join(_REPO, directory, base)
-    if (os.path.isfile(path) and not base.endswith((".py", ".pyc", ".md"))
+    if (os.path.isfile(path) and _listed(f"{directory}/{base}")
+        and not base.endswith((".py", ".pyc", ".md"))
         and base not in ("BUILD", "BUILD.bazel") and not base.startswith(".")):
       out.append(base)
   return out
@@ -411,7 +423,15 @@ def main(argv: Optional[List[str]] = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--check", action="store_true",
                       help="Only report BUILD files that are out of date.")
+  parser.add_argument("--tracked", action="store_true",
+                      help="Only consider files git tracks (a fresh clone's "
+                      "view; leaves out work in progress).")
   args = parser.parse_args(argv)
+  if args.tracked:
+    global _TRACKED
+    _TRACKED = set(subprocess.run(
+        ["git", "ls-files"], cwd=_REPO, check=True, capture_output=True,
+        text=True).stdout.splitlines())
   stale = []
   for path, content in sorted(generate().items()):
     full = os.path.join(_REPO, path)
