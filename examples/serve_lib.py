@@ -4,8 +4,10 @@ The export holds only what inference needs: the model's weights and a
 ``serving_default`` signature ``images -> probabilities`` (softmax of the
 logits). It carries no optimizer state (slots, iteration counter, noise
 generator), no privacy ledger and no schedule statistics (loss-sensitivity
-estimates, gradient norms): the model is rebuilt from its config and only its
-weights are copied, so nothing else is reachable from the saved object graph.
+estimates, gradient norms): the model is rebuilt from its config, quantized
+layers are replaced by the layers they wrap (full-precision inference), and
+only the weights are copied, so nothing else is reachable from the saved
+object graph.
 
 Serving from the command line (prints the probabilities of one input)::
 
@@ -29,32 +31,33 @@ __all__ = ["SIGNATURE_KEY", "export_for_serving", "inference_model",
 SIGNATURE_KEY = "serving_default"
 
 
-def inference_model(model, *, disable_quantization: bool = True):
-  """Returns a fresh copy of `model` holding only its weights (no optimizer).
+def inference_model(model):
+  """Returns a plain copy of `model` holding only its weights (no optimizer).
+
+  Layers wrapped by ``dpquant_tf.quantization.QuantizedLayer`` are replaced by
+  the layers they wrap, so the copy serves the trained weights in full
+  precision: quantization is a training-time compute saving, and stochastic
+  rounding would make predictions random. The copy has no optimizer, no
+  quantizer switches or rounding-generator state, and no training statistics.
 
   Args:
-    model: a trained Functional or Sequential ``tf.keras.Model`` (a model
-      quantized by ``dpquant_tf.quantization.quantize_model`` is fine).
-    disable_quantization: when the model has quantized layers, serve the
-      trained weights in full precision (the quantization is a training-time
-      compute saving; stochastic rounding would make predictions random).
-      False keeps the layers' current quantization switches as they are.
+    model: a trained Functional or Sequential ``tf.keras.Model`` (quantized by
+      ``quantize_model`` or not).
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  clone = tf.keras.models.clone_model(model)
-  clone.set_weights(model.get_weights())
-  if disable_quantization:
-    _disable_quantized_layers(clone)
+  from dpquant_tf.quantization import QuantizedLayer  # pylint: disable=g-import-not-at-top
+  pairs = []
+
+  def clone_fn(layer):
+    source = layer.layer if isinstance(layer, QuantizedLayer) else layer
+    new = source.__class__.from_config(source.get_config())
+    pairs.append((source, new))
+    return new
+
+  clone = tf.keras.models.clone_model(model, clone_function=clone_fn)
+  for source, new in pairs:
+    new.set_weights(source.get_weights())
   return clone
-
-
-def _disable_quantized_layers(model) -> None:
-  """Turns every quantized layer's `enabled` switch off (if any exist)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  for layer in model.layers:
-    enabled = getattr(layer, "enabled", None)
-    if isinstance(enabled, tf.Variable) and hasattr(layer, "layer"):
-      enabled.assign(tf.zeros_like(enabled))
 
 
 class _Servable:
@@ -74,14 +77,12 @@ class _Servable:
     self.module.serve = serve
 
 
-def export_for_serving(model, export_dir: str, *,
-                       disable_quantization: bool = True) -> str:
+def export_for_serving(model, export_dir: str) -> str:
   """Saves a serving SavedModel of `model` at `export_dir`.
 
   Args:
     model: the trained Keras model (returns logits).
     export_dir: target directory (created; an existing SavedModel is replaced).
-    disable_quantization: see :func:`inference_model`.
 
   Returns:
     `export_dir`.
@@ -92,7 +93,7 @@ def export_for_serving(model, export_dir: str, *,
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   _validation.check_type("export_dir", export_dir, str, "a directory path")
-  servable = _Servable(inference_model(model, disable_quantization=disable_quantization))
+  servable = _Servable(inference_model(model))
   tf.saved_model.save(servable.module, export_dir,
                       signatures={SIGNATURE_KEY: servable.module.serve})
   return export_dir

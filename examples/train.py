@@ -61,6 +61,9 @@ flags.DEFINE_float("analysis_sampling_rate", _D.analysis_sampling_rate,
                    "Poisson rate of the analysis batch.")
 flags.DEFINE_float("analysis_noise_multiplier", _D.analysis_noise_multiplier,
                    "Noise multiplier of the analysis release.")
+flags.DEFINE_float("analysis_clip", _D.analysis_clip,
+                   "L2 clip of each example's vector of per-layer loss increases.")
+flags.DEFINE_float("beta", _D.beta, "Loss-aware temperature: pi_i ~ exp(-beta * L_i).")
 flags.DEFINE_integer("max_train", None, "Use at most this many training examples.")
 flags.DEFINE_integer("max_test", None, "Use at most this many test examples.")
 flags.DEFINE_string("export_dir", None, "Export a serving SavedModel here.")
@@ -84,7 +87,8 @@ def config_from_flags() -> "train_lib.TrainConfig":
       l2_norm_clip=FLAGS.l2_norm_clip, learning_rate=FLAGS.learning_rate,
       policy=FLAGS.policy, ratio=FLAGS.ratio, format=FLAGS.format,
       optimizer=FLAGS.optimizer, seed=FLAGS.seed, dp=FLAGS.dp,
-      analysis_period=FLAGS.analysis_period,
+      analysis_period=FLAGS.analysis_period, analysis_clip=FLAGS.analysis_clip,
+      beta=FLAGS.beta,
       analysis_sampling_rate=FLAGS.analysis_sampling_rate,
       analysis_noise_multiplier=FLAGS.analysis_noise_multiplier,
       max_train=FLAGS.max_train, max_test=FLAGS.max_test,

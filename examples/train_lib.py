@@ -7,8 +7,9 @@ also written to ``metrics_json`` when set.
 What a DP run does (``dp=True``):
 
 1. loads the data (:mod:`dpquant_tf.data`) and builds the model
-   (:mod:`dpquant_tf.models`); with a quantization policy, wraps every
-   quantizable layer (``quantize_model``);
+   (:mod:`dpquant_tf.models`) and wraps every quantizable layer
+   (``quantize_model``; the fp32 baseline keeps them all switched off, so
+   every run shares one per-example gradient path);
 2. samples batches with Poisson sampling at rate q = batch_size / N
    (``poisson_dataset``), so the accounted epsilon is a proven guarantee;
 3. calibrates the noise multiplier to ``target_epsilon`` counting the planned
@@ -34,7 +35,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import dpquant_tf  # noqa: F401  (Keras 2 switch before TensorFlow)
 from dpquant_tf import _validation
@@ -86,15 +87,18 @@ class TrainConfig:
   delta: float = 1e-5
   l2_norm_clip: float = 1.0
   learning_rate: float = 0.5
-  policy: str = "none"
+  policy: str = "loss_aware"
   ratio: float = 0.75
+  static_layers: Optional[Tuple[str, ...]] = None
   format: str = "luq_fp4"
   optimizer: str = "sgd"
   seed: Optional[int] = None
   dp: bool = True
   analysis_period: int = 2
-  analysis_sampling_rate: float = 0.02
-  analysis_noise_multiplier: float = 4.0
+  analysis_sampling_rate: float = 0.05
+  analysis_noise_multiplier: float = 2.0
+  analysis_clip: float = 0.2
+  beta: float = 50.0
   max_train: Optional[int] = None
   max_test: Optional[int] = None
   export_dir: Optional[str] = None
@@ -118,8 +122,19 @@ class TrainConfig:
                                   self.analysis_sampling_rate)
     _validation.check_positive("analysis_noise_multiplier",
                                self.analysis_noise_multiplier)
+    _validation.check_positive("analysis_clip", self.analysis_clip)
+    _validation.check_non_negative("beta", self.beta)
     if self.seed is not None:
       _validation.check_int("seed", self.seed, low=0)
+    if self.static_layers is not None:
+      if _validation.check_enum("policy", self.policy,
+                                PolicyName) is not PolicyName.STATIC:
+        _validation.fail("static_layers", self.static_layers,
+                         "None unless policy='static'")
+      if isinstance(self.static_layers, str) or not all(
+          isinstance(n, str) for n in self.static_layers):
+        _validation.fail("static_layers", self.static_layers,
+                         "a tuple of layer names", TypeError)
     if self.dp:
       if (self.target_epsilon is None) == (self.noise_multiplier is None):
         _validation.fail("(target_epsilon, noise_multiplier)",
@@ -157,11 +172,13 @@ def base_layer_config(fmt):
 def _make_policy(cfg: TrainConfig, policy: PolicyName):
   from dpquant_tf import schedule  # pylint: disable=g-import-not-at-top
   if policy is PolicyName.STATIC:
-    return schedule.StaticPolicy(ratio=cfg.ratio)
+    layers = None if cfg.static_layers is None else list(cfg.static_layers)
+    return schedule.StaticPolicy(ratio=cfg.ratio, layers=layers)
   if policy is PolicyName.ROTATION:
     return schedule.RotationPolicy(ratio=cfg.ratio)
   if policy is PolicyName.LOSS_AWARE:
-    return schedule.LossAwarePolicy(ratio=cfg.ratio, period=cfg.analysis_period)
+    return schedule.LossAwarePolicy(ratio=cfg.ratio, beta=cfg.beta,
+                                    period=cfg.analysis_period)
   if policy is PolicyName.BIT_RAMP:
     return schedule.BitRampPolicy(epochs=cfg.epochs)
   return None
@@ -251,15 +268,16 @@ def train(config: TrainConfig) -> TrainResult:
   steps_per_epoch = max(1, int(round(1.0 / q)))
   model = dp_models.build_model(cfg.model, ds.input_shape, ds.num_classes)
   policy = _make_policy(cfg, policy_name)
-  base_cfg = base_layer_config(cfg.format) if policy is not None else None
-  if policy is not None:
-    from dpquant_tf import quantization  # pylint: disable=g-import-not-at-top
-    model = quantization.quantize_model(model)
-    layers = quantization.quantizable_layers(model)
-    quantization.set_plan(model, quantization.QuantPlan.select(
-        [l.name for l in layers], [], config=base_cfg))
-  else:
-    layers = throughput_lib.estimate_layer_costs(model)
+  base_cfg = base_layer_config(cfg.format)
+  # Every run (fp32 included) wraps the quantizable layers, so that all runs
+  # share one per-example gradient path; fp32 keeps every layer switched off
+  # (the wrapper is then the plain layer).
+  from dpquant_tf import quantization  # pylint: disable=g-import-not-at-top
+  model = quantization.quantize_model(model)
+  layers = quantization.quantizable_layers(model)
+  all_off = quantization.QuantPlan.select([l.name for l in layers], [],
+                                          config=base_cfg)
+  quantization.set_plan(model, all_off)
   loss = tf.keras.losses.SparseCategoricalCrossentropy(
       from_logits=True, reduction=tf.keras.losses.Reduction.NONE)
 
@@ -274,7 +292,8 @@ def train(config: TrainConfig) -> TrainResult:
     if policy is not None and policy.needs_sensitivities:
       estimator = schedule.LossSensitivityEstimator(
           ds.x_train, ds.y_train, sampling_rate=cfg.analysis_sampling_rate,
-          noise_multiplier=cfg.analysis_noise_multiplier, loss=loss)
+          noise_multiplier=cfg.analysis_noise_multiplier,
+          clip=cfg.analysis_clip, loss=loss)
     analyses = ([(estimator.dp_event(), _num_analyses(cfg, policy))]
                 if estimator is not None else [])
     if cfg.target_epsilon is not None:
@@ -296,7 +315,8 @@ def train(config: TrainConfig) -> TrainResult:
       ledger = privacy.PrivacyLedger()  # accounts the estimator only
       estimator = schedule.LossSensitivityEstimator(
           ds.x_train, ds.y_train, sampling_rate=cfg.analysis_sampling_rate,
-          noise_multiplier=cfg.analysis_noise_multiplier, loss=loss)
+          noise_multiplier=cfg.analysis_noise_multiplier,
+          clip=cfg.analysis_clip, loss=loss)
   optimizer = _make_optimizer(cfg, noise=noise, ledger=ledger if cfg.dp else None,
                               n=n, q=q)
   model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
@@ -316,10 +336,8 @@ def train(config: TrainConfig) -> TrainResult:
             verbose=cfg.verbose)
   train_seconds = time.time() - start
 
-  if policy is not None:  # evaluate the trained weights in full precision
-    from dpquant_tf import quantization  # pylint: disable=g-import-not-at-top
-    quantization.set_plan(model, quantization.QuantPlan.select(
-        [l.name for l in layers], [], config=base_cfg))
+  # Evaluate the trained weights in full precision.
+  quantization.set_plan(model, all_off)
   _, acc = model.evaluate(ds.x_test, ds.y_test, batch_size=256, verbose=0)
   history = scheduler.history if scheduler is not None else [
       {"epoch": e, "quantized": [], "analysis": None} for e in range(cfg.epochs)]

@@ -77,3 +77,19 @@ def test_serve_binary(trained, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.count("example ") == 3
   assert "SavedModel accuracy on 20 test images" in proc.stdout
+
+
+def test_quantized_model_exports_plain_weights(tmp_path):
+  from dpquant_tf import quantization  # pylint: disable=import-outside-toplevel
+  model = quantization.quantize_model(models.tutorial_cnn((28, 28, 1), 10))
+  layers = [info.name for info in quantization.quantizable_layers(model)]
+  quantization.set_plan(model, quantization.QuantPlan.select(layers, layers))
+  x = np.random.default_rng(1).random((6, 28, 28, 1)).astype(np.float32)
+  export = str(tmp_path / "qexport")
+  serve_lib.export_for_serving(model, export)
+  # Served in full precision: equal to the wrapped model with quantization off.
+  quantization.set_plan(model, quantization.QuantPlan.select(layers, []))
+  expected = tf.nn.softmax(model(x, training=False)).numpy()
+  np.testing.assert_allclose(serve_lib.predict(export, x), expected, atol=1e-5)
+  names = serve_lib.saved_variable_names(export)
+  assert len(names) == 8  # kernels and biases only: no quantizer switches/state

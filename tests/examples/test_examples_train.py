@@ -54,6 +54,7 @@ def test_dp_fp32_run_writes_metrics_and_exports(tmp_path):
   np.testing.assert_allclose(serve_lib.predict(export, x), expected, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_nodp_baseline_has_no_epsilon(tmp_path):
   result = train_lib.train(train_lib.TrainConfig(
       policy="none", dp=False, target_epsilon=None, seed=3, **SMALL))
@@ -97,6 +98,7 @@ def test_quantized_policies_report_plans_and_speedup(tmp_path, policy):
   assert m["epsilon"] <= 8.0 + 1e-9
 
 
+@pytest.mark.slow
 def test_train_binary_runs_on_npz(tmp_path):
   rng = np.random.default_rng(1)
   path = tmp_path / "mine.npz"
