@@ -8,7 +8,7 @@ of ``dpquant_tf.privacy`` in order. See docs/PRIVACY.md.
 
 import enum
 import logging
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Dict, List, Mapping, Optional
 
 import tensorflow as tf
 from tensorflow_privacy.privacy.dp_query import gaussian_query
@@ -16,13 +16,13 @@ from tensorflow_privacy.privacy.optimizers import dp_optimizer_keras
 
 from dpquant_tf import _validation as V
 from dpquant_tf.distribute import _replica as _dist
+from dpquant_tf.optimizers import _state
 from dpquant_tf.privacy import _events
 from dpquant_tf.privacy import _mechanisms as M
 
 __all__ = ["DPQuantAdamOptimizer", "DPQuantOptimizer", "PerExampleMethod"]
 
 _log = logging.getLogger(__name__)
-BitsSpec = Union[None, int, Mapping[str, int]]
 
 
 class PerExampleMethod(enum.Enum):
@@ -36,29 +36,7 @@ class PerExampleMethod(enum.Enum):
   JACOBIAN = "jacobian"
 
 
-def _check_bits(name: str, value: Any, *, allow_zero: bool) -> int:
-  if allow_zero and not isinstance(value, bool) and value == 0:
-    return 0
-  return V.check_int(name, value, low=M.MIN_BITS, high=M.MAX_BITS)
-
-
-def _check_bits_spec(name: str, spec: BitsSpec) -> BitsSpec:
-  if spec is None:
-    return None
-  if isinstance(spec, Mapping):
-    return {V.check_type(f"{name} key", k, str, "a variable or layer name"):
-            _check_bits(f"{name}[{k!r}]", v, allow_zero=True)
-            for k, v in spec.items()}
-  return _check_bits(name, spec, allow_zero=False)
-
-
-def _name_matches(key: str, var_name: str) -> bool:
-  if key in (var_name, var_name.split(":")[0]):
-    return True
-  return key in var_name.split(":")[0].split("/")[:-1]
-
-
-class _DPQuantMixin:
+class _DPQuantMixin(_state.DPStateMixin):
   """Shared implementation of the DPQuant optimizers (see DPQuantOptimizer)."""
 
   def __init__(self,
@@ -68,7 +46,7 @@ class _DPQuantMixin:
                gradient_accumulation_steps: int = 1,
                *,
                ledger=None,
-               gradient_bits: BitsSpec = None,
+               gradient_bits: _state.BitsSpec = None,
                sensitivity_mode=M.SensitivityMode.RECLIP,
                update_bits: Optional[int] = None,
                expected_batch_size: Optional[float] = None,
@@ -86,11 +64,12 @@ class _DPQuantMixin:
                                      low=1)
     gradient_accumulation_steps = V.check_int(
         "gradient_accumulation_steps", gradient_accumulation_steps, low=1)
-    gradient_bits = _check_bits_spec("gradient_bits", gradient_bits)
+    gradient_bits = _state.check_bits_spec("gradient_bits", gradient_bits)
     sensitivity_mode = V.check_enum("sensitivity_mode", sensitivity_mode,
                                     M.SensitivityMode)
     if update_bits is not None:
-      update_bits = _check_bits("update_bits", update_bits, allow_zero=False)
+      update_bits = _state.check_bits("update_bits", update_bits,
+                                      allow_zero=False)
     if expected_batch_size is not None:
       expected_batch_size = V.check_positive("expected_batch_size",
                                              expected_batch_size)
@@ -128,128 +107,6 @@ class _DPQuantMixin:
     if ledger is not None:
       ledger.attach(self)
 
-  # ------------------------------------------------------------------ state
-  def _dp_weight(self, name, shape, dtype, value):
-    return self.add_weight(
-        name, shape=shape, dtype=dtype, trainable=False,
-        initializer=tf.keras.initializers.Constant(value))
-
-  def _create_dp_state(self, clip, noise, update_bits, q):
-    k = self._event_table_size
-    self.l2_norm_clip_var = self._dp_weight("dp_l2_norm_clip", [],
-                                            tf.float32, clip)
-    self.noise_multiplier_var = self._dp_weight("dp_noise_multiplier", [],
-                                                tf.float64, noise)
-    self.update_bits_var = self._dp_weight("dp_update_bits", [], tf.int32,
-                                           update_bits or 0)
-    self.sampling_probability_var = self._dp_weight(
-        "dp_sampling_probability", [], tf.float64, -1.0 if q is None else q)
-    self._event_q = self._dp_weight("dp_event_q", [k], tf.float64, 0.0)
-    self._event_z = self._dp_weight("dp_event_z", [k], tf.float64, 0.0)
-    self._event_count = self._dp_weight("dp_event_count", [k], tf.int64, 0)
-    self._event_used = self._dp_weight("dp_event_used", [], tf.int32, 0)
-    self._event_overflow = self._dp_weight("dp_event_overflow", [], tf.int32,
-                                           0)
-    self._last_q = self._dp_weight("dp_last_q", [], tf.float64, -1.0)
-    self._last_rows = self._dp_weight("dp_last_rows", [], tf.int32, 0)
-    if self._seed is None:
-      gen = tf.random.Generator.from_non_deterministic_state()
-    else:
-      gen = tf.random.Generator.from_seed(self._seed)
-    self._generator = gen
-    self._track_trackable(gen, name="dp_generator")
-
-  @property
-  def generator(self) -> tf.random.Generator:
-    """The generator of DP noise and stochastic rounding."""
-    return self._generator
-
-  @property
-  def sensitivity_mode(self) -> M.SensitivityMode:
-    return self._sensitivity_mode
-
-  @property
-  def expected_batch_size(self) -> Optional[float]:
-    return self._expected_batch_size
-
-  def build(self, var_list):
-    """Creates the per-variable bit-width variable for `var_list`."""
-    var_list = tf.nest.flatten(var_list)
-    names = [v.name for v in var_list]
-    if self._bits_var is not None:
-      if names != self._var_names:
-        raise ValueError(
-            f"Expected var_list={names} to be the variables this optimizer "
-            f"was built for ({self._var_names}).")
-      return
-    self._check_var_list(var_list)
-    self._var_names = names
-    self._var_sizes = [int(v.shape.num_elements()) for v in var_list]
-    init = [self._initial_bits_for(n) for n in names]
-    with tf.init_scope():
-      self._bits_var = self._dp_weight("dp_gradient_bits", [len(names)],
-                                       tf.int32, init)
-    self._pending_bits = {}
-
-  def _initial_bits_for(self, var_name: str) -> int:
-    bits = 0
-    if isinstance(self._initial_gradient_bits, int):
-      bits = self._initial_gradient_bits
-    for key, value in self._pending_bits.items():
-      if _name_matches(key, var_name):
-        bits = value
-    return bits
-
-  def set_gradient_bits(self, bits: Union[int, Mapping[str, int]]) -> None:
-    """Sets per-variable gradient bit widths (0 = exact); no retrace.
-
-    Args:
-      bits: an int for every variable, or a mapping from a variable name
-        (``"dense/kernel:0"`` or ``"dense/kernel"``) or layer name
-        (``"dense"``) to bits in [2, 24] or 0.
-    """
-    if not isinstance(bits, Mapping):
-      bits = {"*": _check_bits("bits", bits, allow_zero=True)}
-    else:
-      bits = _check_bits_spec("bits", bits)
-    if self._bits_var is None:
-      if "*" in bits:
-        self._initial_gradient_bits = bits.pop("*")
-        self._pending_bits = {}
-      self._pending_bits.update(bits)
-      return
-    current = [int(b) for b in self._bits_var.numpy()]
-    for key, value in bits.items():
-      hits = [i for i, n in enumerate(self._var_names)
-              if key == "*" or _name_matches(key, n)]
-      if not hits:
-        V.fail("bits key", key, f"a variable or layer name among "
-               f"{self._var_names}")
-      for i in hits:
-        current[i] = value
-    self._bits_var.assign(current)
-
-  def gradient_bits(self) -> Dict[str, int]:
-    """Current bits per variable name (0 = exact); {} before the first step
-    unless bits were set (then the pending settings keyed as given)."""
-    if self._bits_var is None:
-      out = dict(self._pending_bits)
-      if isinstance(self._initial_gradient_bits, int):
-        out.setdefault("*", self._initial_gradient_bits)
-      return out
-    return dict(zip(self._var_names, (int(b) for b in self._bits_var.numpy())))
-
-  def set_noise_multiplier(self, value: float) -> None:
-    self.noise_multiplier_var.assign(
-        V.check_non_negative("noise_multiplier", value))
-
-  def set_l2_norm_clip(self, value: float) -> None:
-    self.l2_norm_clip_var.assign(V.check_positive("l2_norm_clip", value))
-
-  def set_sampling_probability(self, value: float) -> None:
-    self.sampling_probability_var.assign(
-        V.check_probability("sampling_probability", value))
-
   # ------------------------------------------------------------- checks
   @staticmethod
   def _check_var_list(var_list) -> None:
@@ -262,13 +119,26 @@ class _DPQuantMixin:
 
   @staticmethod
   def check_model(model: tf.keras.Model) -> None:
-    """Raises if `model` has layers that break per-example DP."""
-    bad = [l.name for l in model.submodules
-           if isinstance(l, tf.keras.layers.BatchNormalization)]
-    if bad:
-      V.fail("model", model.name, f"free of BatchNormalization layers (found "
-             f"{bad}): batch statistics couple the examples of a batch; use "
-             "GroupNormalization (dpquant_tf.quantization.fix_model)")
+    """Raises ValueError if `model` has layers that break per-example DP.
+
+    Uses ``dpquant_tf.quantization.validate_model`` (every problem at once:
+    BatchNormalization, range-tracking quantizers) when available.
+    """
+    try:
+      from dpquant_tf.quantization import validate_model  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      validate_model = None
+    problems = []
+    if validate_model is not None:
+      problems = list(validate_model(model, strict=False))
+    else:
+      problems = [f"layer {l.name!r} (BatchNormalization)"
+                  for l in model.submodules
+                  if isinstance(l, tf.keras.layers.BatchNormalization)]
+    if problems:
+      V.fail("model", model.name, "free of layers that break per-example DP "
+             "(BatchNormalization couples the examples of a batch); "
+             "problems: " + "; ".join(problems))
 
   def _check_loss(self, loss) -> None:
     if loss.shape.rank == 0:
@@ -326,77 +196,6 @@ class _DPQuantMixin:
     """
     _dist.check_generator_strategy(self._generator)
     return _dist.replica_noise_stddev(stddev)
-
-  # ------------------------------------------------------------ events
-  def _step_sampling_probability(self, loss):
-    q = self.sampling_probability_var
-    if self._dataset_size is None:
-      return tf.identity(q)
-    if self._expected_batch_size is not None:
-      batch = tf.constant(self._expected_batch_size, tf.float64)
-    else:  # the global batch: summed over replicas in sync
-      batch = tf.cast(_dist.global_example_count(tf.shape(loss)[0]),
-                      tf.float64)
-    derived = tf.minimum(batch / float(self._dataset_size), 1.0)
-    return tf.where(q >= 0, q, derived)
-
-  def _record_privacy_event(self, q, z, rows):
-    new = _events.update_event_table(self._event_q, self._event_z,
-                                     self._event_count, self._event_used,
-                                     q, z)
-    return tf.group(
-        self._last_q.assign(q), self._last_rows.assign(rows),
-        self._event_q.assign(new[0]), self._event_z.assign(new[1]),
-        self._event_count.assign(new[2]), self._event_used.assign(new[3]),
-        self._event_overflow.assign(
-            tf.maximum(self._event_overflow, tf.cast(new[4], tf.int32))))
-
-  def dp_events(self):
-    """``[(PoissonSampledDpEvent(q, GaussianDpEvent(z)), count), ...]``.
-
-    Raises:
-      EventTableOverflowError, UnknownSamplingProbabilityError.
-    """
-    return _events.events_from_table(
-        self._event_q.numpy(), self._event_z.numpy(),
-        self._event_count.numpy(), self._event_used.numpy(),
-        self._event_overflow.numpy())
-
-  def dp_event_steps(self) -> int:
-    """Number of DP steps recorded in the event table."""
-    return int(self._event_count.numpy().sum())
-
-  def current_event_parameters(self, var_list=None, batch_size=None):
-    """(q, z) the next step would record, computed eagerly in Python.
-
-    Uses the current variables; the batch size (for q = B / N and for
-    microbatch halving) defaults to that of the last recorded step. q is -1
-    when unknown.
-    """
-    if batch_size is None and int(self._last_rows.numpy()) > 0:
-      batch_size = int(self._last_rows.numpy())
-    q = float(self.sampling_probability_var.numpy())
-    if q < 0 and self._dataset_size is not None:
-      b = self._expected_batch_size or batch_size
-      q = -1.0 if b is None else min(float(b) / self._dataset_size, 1.0)
-    z = float(self.noise_multiplier_var.numpy())
-    if self._sensitivity_mode is M.SensitivityMode.BOUND:
-      if self._bits_var is None and var_list is not None:
-        names = [v.name for v in var_list]
-        bits = [self._initial_bits_for(n) for n in names]
-        sizes = [int(v.shape.num_elements()) for v in var_list]
-      elif self._bits_var is not None:
-        bits = [int(b) for b in self._bits_var.numpy()]
-        sizes = self._var_sizes
-      else:
-        bits, sizes = [], []
-      clip = float(self.l2_norm_clip_var.numpy())
-      sens = M.bound_sensitivity_py(clip, sizes, bits)
-      z = z / (sens / clip)
-    if self._num_microbatches is not None and batch_size is not None and (
-        batch_size // self._num_microbatches > 1):
-      z = z / 2.0
-    return q, z
 
   # ------------------------------------------------------ the DP step
   def _compute_gradients(self, loss, var_list, grad_loss=None, tape=None):
