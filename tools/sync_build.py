@@ -22,6 +22,7 @@ import argparse
 import ast
 import difflib
 import os
+import re
 import subprocess
 import sys
 from typing import Dict, Iterable, List, Optional, Set, Tuple
@@ -163,6 +164,39 @@ class _Tree:
     result.discard(relpath)
     return result
 
+  def string_refs(self, relpath: str) -> Tuple[Set[str], Set[str]]:
+    """In-repo files a test or binary names in string literals (not docstrings).
+
+    Returns (modules, scripts): dotted module names such as
+    "tests.distribute._worker" (for `python -m ...` or `python -c "import ..."`)
+    resolve to their files; file names such as "train.py" resolve to the
+    examples/ or tools/ script of that name (run by path in a subprocess), which
+    must then be in the runfiles.
+    """
+    tree = self.files[relpath]
+    docstrings = {id(n.value) for n in ast.walk(tree)
+                  if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)}
+    modules, scripts = set(), set()
+    for node in ast.walk(tree):
+      if not (isinstance(node, ast.Constant) and isinstance(node.value, str)
+              and id(node) not in docstrings):
+        continue
+      for name in re.findall(r"\b(?:%s)(?:\.\w+)+" % "|".join(_ROOTS),
+                             node.value):
+        parts = name.split(".")
+        for end in range(len(parts), 0, -1):
+          if ".".join(parts[:end]) in self.modules:
+            modules.add(self.modules[".".join(parts[:end])])
+            break
+      for base in re.findall(r"\b(\w+\.py)\b", node.value):
+        for root in ("examples", "tools"):
+          candidate = f"{root}/{base}"
+          if candidate in self.files and _has_main_guard(self.files[candidate]):
+            scripts.add(candidate)
+    modules.discard(relpath)
+    scripts.discard(relpath)
+    return modules, scripts
+
   def parents(self, relpath: str) -> List[str]:
     """The `__init__.py` files Python runs before importing relpath."""
     found = []
@@ -253,10 +287,13 @@ def _build_library_dir(tree: _Tree, directory: str) -> str:
   return _package(rules)
 
 
-def _closure_deps(tree: _Tree, relpath: str) -> Set[str]:
+def _closure_deps(tree: _Tree, relpath: str, strings: bool = False) -> Set[str]:
   """Deps of a test/binary: what it imports plus the packages Python runs first."""
   deps = set()
-  for dep in tree.resolve(relpath):
+  imported = tree.resolve(relpath)
+  if strings:
+    imported |= tree.string_refs(relpath)[0]
+  for dep in imported:
     deps.add(dep)
     deps.update(tree.parents(dep))
   deps.update(p for p in tree.parents(relpath))
@@ -267,9 +304,9 @@ def _closure_deps(tree: _Tree, relpath: str) -> Set[str]:
   return labels
 
 
-def _test_deps(tree: _Tree, relpath: str) -> Set[str]:
+def _test_deps(tree: _Tree, relpath: str, strings: bool = False) -> Set[str]:
   """Closure deps of a file under tests/ (tests/__init__.py is in //tests:conftest)."""
-  deps = _closure_deps(tree, relpath)
+  deps = _closure_deps(tree, relpath, strings)
   deps.discard(_label(relpath))
   if "//tests" in deps:
     deps.discard("//tests")
@@ -319,7 +356,7 @@ def _build_test_dir(tree: _Tree, directory: str) -> str:
     base = os.path.basename(relpath)
     if not base.startswith("test_"):
       continue
-    deps = _test_deps(tree, relpath)
+    deps = _test_deps(tree, relpath, strings=True)
     if local_conftest in tree.files and directory != "tests":
       deps.add(_label(local_conftest))  # pytest loads it for this folder.
     # Another test file imported as a module goes into srcs (a py_test is
@@ -334,13 +371,15 @@ def _build_test_dir(tree: _Tree, directory: str) -> str:
     runner = _RUNNER if directory != "tests" else "pytest_main.py"
     srcs = [base] + [os.path.basename(t) for t in imported_tests] + [runner]
     tags = [area] + _TEST_TAGS.get(relpath, [])
+    # Scripts the test runs by path (subprocess) travel as data.
+    scripts = sorted(_label(p) for p in tree.string_refs(relpath)[1])
     rules.append(_rule("py_test", [
         ("name", base[:-3]),
         ("size", _TEST_SIZES.get(relpath, "medium")),
         ("srcs", srcs),
         ("main", runner),
         ("args", [f"$(rootpath {base})"]),
-        ("data", data or None),
+        ("data", (data + scripts) or None),
         ("tags", sorted(set(tags))),
         ("deps", _sort_labels(deps, directory)),
     ]))
@@ -356,7 +395,7 @@ def _build_binary_dir(tree: _Tree, directory: str) -> str:
   for relpath in files:
     base = os.path.basename(relpath)
     if _has_main_guard(tree.files[relpath]):
-      deps = _closure_deps(tree, relpath)
+      deps = _closure_deps(tree, relpath, strings=True)
       rules.append(_rule("py_binary", [
           ("name", base[:-3]),
           ("srcs", [base]),
