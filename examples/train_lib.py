@@ -278,8 +278,11 @@ def train(config: TrainConfig) -> TrainResult:
   all_off = quantization.QuantPlan.select([l.name for l in layers], [],
                                           config=base_cfg)
   quantization.set_plan(model, all_off)
+  # DP optimizers need per-example losses (Reduction.NONE); plain SGD gets the
+  # batch mean (a NONE loss would make Keras differentiate the batch sum).
   loss = tf.keras.losses.SparseCategoricalCrossentropy(
-      from_logits=True, reduction=tf.keras.losses.Reduction.NONE)
+      from_logits=True, reduction=(tf.keras.losses.Reduction.NONE if cfg.dp
+                                   else tf.keras.losses.Reduction.AUTO))
 
   ledger = estimator = None
   noise = 0.0

@@ -28,7 +28,7 @@ import numpy as np
 
 from dpquant_tf import _validation
 
-__all__ = ["RunSpec", "completed_ids", "markdown_report", "num_quantized",
+__all__ = ["Phase", "RunSpec", "completed_ids", "load_log", "markdown_report", "num_quantized",
            "run_study", "static_subsets", "study_runs", "summarize"]
 
 
@@ -58,52 +58,68 @@ def _eps_tag(eps: Optional[float]) -> str:
   return "nodp" if eps is None else f"eps{eps:g}"
 
 
-def study_runs(*, layer_names: Sequence[str], epsilons: Sequence[Optional[float]],
-               ratios: Sequence[float], seeds: Sequence[int], n_subsets: int = 5,
-               formats: Sequence[str] = ("luq_fp4",),
-               static_seeds: Optional[Sequence[int]] = None,
-               common: Optional[Mapping[str, Any]] = None) -> List[RunSpec]:
-  """The run grid, ordered so that a partial study is already useful.
+@dataclasses.dataclass(frozen=True)
+class Phase:
+  """A block of the study: one seed at one epsilon (None = no DP)."""
+  seed: int
+  epsilon: Optional[float]
+  with_static: bool = True
 
-  Order: for each seed, for each epsilon (None = no DP), for each format: the
-  fp32 baseline, then per ratio DPQuant, rotation and the static subsets.
-  Static subsets run only for the seeds in `static_seeds` (default: the
-  first seed); their spread over subsets is the paper's "static mean +- std".
+
+def study_runs(*, layer_names: Sequence[str], phases: Sequence[Phase],
+               ratios: Sequence[float], n_subsets: int = 5,
+               formats: Sequence[str] = ("luq_fp4",),
+               common: Optional[Mapping[str, Any]] = None,
+               nodp_overrides: Optional[Mapping[str, Any]] = None) -> List[RunSpec]:
+  """The run grid, in phase order so that a partial study is already useful.
+
+  Per phase (seed, epsilon) and format: the fp32 baseline, then per ratio
+  DPQuant, rotation and (``with_static``) the static random subsets, whose
+  spread is the paper's "static mean +- std". When k = round(ratio * n)
+  equals n, every layer is quantized and rotation is the same run as the
+  single static subset, so it is left out.
 
   Args:
     layer_names: the model's quantizable layers (for the static subsets).
-    epsilons: target epsilons; None adds the non-DP (plain SGD) runs.
+    phases: the blocks, in run order.
     ratios: quantized fractions.
-    seeds: initialisation / schedule seeds.
-    n_subsets: static random subsets per ratio.
+    n_subsets: static random subsets per ratio (fewer if fewer exist).
     formats: quantization formats.
-    static_seeds: seeds for which the static subsets run.
     common: TrainConfig arguments shared by every run (epochs, batch_size...).
+    nodp_overrides: TrainConfig arguments replacing `common` in the non-DP
+      phases (e.g. the learning rate: plain SGD averages unclipped
+      gradients, DP-SGD clipped ones, so they need different rates).
   """
   common = dict(common or {})
-  static_seeds = list(seeds[:1] if static_seeds is None else static_seeds)
   runs = []
-  for seed in seeds:
-    for eps in epsilons:
-      base = dict(common, seed=seed, dp=eps is not None, target_epsilon=eps)
-      tag = _eps_tag(eps)
-      runs.append(RunSpec(f"{tag}-fp32-s{seed}", dict(base, policy="none")))
-      for fmt in formats:
-        for ratio in ratios:
-          head = f"{tag}-{fmt}-r{ratio:g}"
-          runs.append(RunSpec(f"{head}-dpquant-s{seed}", dict(
-              base, policy="loss_aware", ratio=ratio, format=fmt)))
+  for phase in phases:
+    seed, eps = phase.seed, phase.epsilon
+    base = dict(common, seed=seed, dp=eps is not None, target_epsilon=eps)
+    if eps is None:
+      base.update(nodp_overrides or {})
+    tag = _eps_tag(eps)
+    fp32_id = f"{tag}-fp32-s{seed}"
+    if fp32_id not in {r.run_id for r in runs}:
+      runs.append(RunSpec(fp32_id, dict(base, policy="none")))
+    for fmt in formats:
+      for ratio in ratios:
+        head = f"{tag}-{fmt}-r{ratio:g}"
+        everything = num_quantized(ratio, len(layer_names)) == len(layer_names)
+        runs.append(RunSpec(f"{head}-dpquant-s{seed}", dict(
+            base, policy="loss_aware", ratio=ratio, format=fmt)))
+        if not everything:
           runs.append(RunSpec(f"{head}-rotation-s{seed}", dict(
               base, policy="rotation", ratio=ratio, format=fmt)))
-          if seed in static_seeds:
-            for subset in static_subsets(layer_names, ratio, n_subsets, seed):
-              runs.append(RunSpec(
-                  f"{head}-static-{'+'.join(subset)}-s{seed}",
-                  dict(base, policy="static", ratio=ratio, format=fmt,
-                       static_layers=tuple(subset))))
+        if phase.with_static:
+          for subset in static_subsets(layer_names, ratio, n_subsets, seed):
+            runs.append(RunSpec(
+                f"{head}-static-{'+'.join(subset)}-s{seed}",
+                dict(base, policy="static", ratio=ratio, format=fmt,
+                     static_layers=tuple(subset))))
   ids = [r.run_id for r in runs]
   if len(set(ids)) != len(ids):
-    _validation.fail("runs", ids, "distinct run ids")
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    _validation.fail("phases", dupes, "phases that give distinct run ids")
   return runs
 
 
