@@ -279,10 +279,11 @@ class _DPQuantMixin(_state.DPStateMixin):
     base_cls = [c for c in type(self).__mro__
                 if c.__module__.startswith("tf_keras")][0]
     config = base_cls.get_config(self)
-    bits = (self.gradient_bits() if self._bits_var is not None
-            else self._initial_gradient_bits)
-    if isinstance(bits, dict) and self._bits_var is None and self._pending_bits:
-      bits = dict(self._pending_bits)
+    bits = self.gradient_bits()
+    if set(bits) == {"*"}:
+      bits = bits["*"] or None
+    elif not bits:
+      bits = None
     config.update({
         "l2_norm_clip": float(self.l2_norm_clip_var.numpy()),
         "noise_multiplier": float(self.noise_multiplier_var.numpy()),

@@ -34,7 +34,8 @@ def check_bits_spec(name: str, spec: BitsSpec) -> BitsSpec:
 
 
 def name_matches(key: str, var_name: str) -> bool:
-  if key in (var_name, var_name.split(":")[0]):
+  """True if `key` is "*", the variable's name, or one of its layer names."""
+  if key in ("*", var_name, var_name.split(":")[0]):
     return True
   return key in var_name.split(":")[0].split("/")[:-1]
 
@@ -123,8 +124,9 @@ class DPStateMixin:
 
     Args:
       bits: an int for every variable, or a mapping from a variable name
-        (``"dense/kernel:0"`` or ``"dense/kernel"``) or layer name
-        (``"dense"``) to bits in [2, 24] or 0.
+        (``"dense/kernel:0"`` or ``"dense/kernel"``), a layer name
+        (``"dense"``) or ``"*"`` (all variables) to bits in [2, 24] or 0;
+        later keys override earlier ones.
     """
     if not isinstance(bits, Mapping):
       bits = {"*": check_bits("bits", bits, allow_zero=True)}
@@ -132,14 +134,13 @@ class DPStateMixin:
       bits = check_bits_spec("bits", bits)
     if self._bits_var is None:
       if "*" in bits:
-        self._initial_gradient_bits = bits.pop("*")
         self._pending_bits = {}
       self._pending_bits.update(bits)
       return
     current = [int(b) for b in self._bits_var.numpy()]
     for key, value in bits.items():
       hits = [i for i, n in enumerate(self._var_names)
-              if key == "*" or name_matches(key, n)]
+              if name_matches(key, n)]
       if not hits:
         V.fail("bits key", key, f"a variable or layer name among "
                f"{self._var_names}")
@@ -151,9 +152,10 @@ class DPStateMixin:
     """Current bits per variable name (0 = exact); {} before the first step
     unless bits were set (then the pending settings keyed as given)."""
     if self._bits_var is None:
-      out = dict(self._pending_bits)
+      out = {}
       if isinstance(self._initial_gradient_bits, int):
-        out.setdefault("*", self._initial_gradient_bits)
+        out["*"] = self._initial_gradient_bits
+      out.update(self._pending_bits)
       return out
     return dict(zip(self._var_names, (int(b) for b in self._bits_var.numpy())))
 

@@ -3,6 +3,7 @@ retrace, steps_per_execution, config round trip, checkpoints."""
 
 import dp_accounting
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from dpquant_tf import privacy
@@ -30,24 +31,30 @@ def _loss(reduction="none"):
       from_logits=True, reduction=reduction)
 
 
-def test_bound_mode_records_effective_noise_and_changes_without_retrace():
+@pytest.mark.parametrize(
+    "jit", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_bound_mode_records_effective_noise_and_changes_without_retrace(jit):
   x, y = _data(32)
   model = _model()
   opt = DPQuantOptimizer(1.0, 2.0, sensitivity_mode="bound",
                          sampling_probability=0.25, learning_rate=0.1)
-  model.compile(optimizer=opt, loss=_loss(), jit_compile=True)
+  model.compile(optimizer=opt, loss=_loss(), jit_compile=jit)
 
   class Switch(tf.keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
       if epoch == 1:
+        self.traces = model.train_function.experimental_get_tracing_count()
         opt.set_gradient_bits({"dense": 4})
       if epoch == 2:
         opt.set_gradient_bits(0)
         opt.set_noise_multiplier(1.5)
 
-  model.fit(x, y, batch_size=8, epochs=3, verbose=0, callbacks=[Switch()])
-  assert model.train_function.experimental_get_tracing_count() == 1
+  switch = Switch()
+  model.fit(x, y, batch_size=8, epochs=3, verbose=0, callbacks=[switch])
+  # Bits and noise changed twice: no retrace after the first epoch.
+  assert model.train_function.experimental_get_tracing_count() == (
+      switch.traces)
   sizes = [v.shape.num_elements() for v in model.trainable_variables]
   sens = M.bound_sensitivity_py(1.0, sizes, [4, 4, 0, 0])
   events = dict(((e.sampling_probability, e.event.noise_multiplier), c)
@@ -111,3 +118,33 @@ def test_steps_per_execution_counts_every_step():
   model.fit(x, y, batch_size=8, epochs=1, verbose=0)
   (event, count), = opt.dp_events()
   assert (event.sampling_probability, count) == (0.125, 8)
+
+
+def test_bits_set_before_first_step_apply_and_round_trip():
+  x, y = _data(16)
+  model = _model()
+  opt = DPQuantOptimizer(1.0, 1.0, gradient_bits=6, dataset_size=16)
+  opt.set_gradient_bits({"dense_1": 3, "dense/bias": 0})
+  assert opt.gradient_bits() == {"*": 6, "dense_1": 3, "dense/bias": 0}
+  config = opt.get_config()
+  assert DPQuantOptimizer.from_config(config).gradient_bits() == (
+      opt.gradient_bits())
+  model.compile(optimizer=opt, loss=_loss())
+  model.fit(x, y, batch_size=8, verbose=0)
+  assert opt.gradient_bits() == {"dense/kernel:0": 6, "dense/bias:0": 0,
+                                 "dense_1/kernel:0": 3, "dense_1/bias:0": 3}
+  with pytest.raises(ValueError, match="Expected bits key='conv'"):
+    opt.set_gradient_bits({"conv": 4})
+
+
+def test_adam_variant_trains_and_records_events():
+  x, y = _data(64)
+  model = _model()
+  ledger = privacy.PrivacyLedger()
+  opt = DPQuantAdamOptimizer(1.0, 0.5, learning_rate=0.02, gradient_bits=8,
+                             dataset_size=64, ledger=ledger, seed=0)
+  model.compile(optimizer=opt, loss=_loss())
+  hist = model.fit(x, y, batch_size=16, epochs=8, verbose=0)
+  assert hist.history["loss"][-1] < hist.history["loss"][0]
+  assert opt.dp_event_steps() == 32
+  assert np.isfinite(ledger.epsilon(1e-5))
