@@ -144,8 +144,14 @@ def completed_ids(log_path: str) -> set:
 
 def _append(log_path: str, record: Mapping[str, Any]) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
+  prefix = ""
+  if os.path.exists(log_path) and os.path.getsize(log_path) > 0:
+    with open(log_path, "rb") as f:
+      f.seek(-1, os.SEEK_END)
+      if f.read(1) != b"\n":
+        prefix = "\n"  # end a line cut by a crash, so this record parses
   with open(log_path, "a") as f:
-    f.write(json.dumps(record, default=str) + "\n")
+    f.write(prefix + json.dumps(record, default=str) + "\n")
     f.flush()
     os.fsync(f.fileno())
 
