@@ -109,7 +109,7 @@ _JACOBIAN_BROKEN = {"conv2d_groups"}
 
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
-@pytest.mark.parametrize("m", [B, B // 2])
+@pytest.mark.parametrize("m", [pytest.param(B, marks=pytest.mark.slow), B // 2])
 def test_layer_matches_jacobian(name, m):
   layer_fn, shape = LAYERS[name]
   tf.keras.utils.set_random_seed(1)
@@ -129,8 +129,10 @@ def test_embedding_matches_jacobian():
     _assert_close(*_both(model, x, y, m))
 
 
-@pytest.mark.parametrize("name", ["conv2d_same_s2", "depthwise", "group_norm",
-                                  "einsum_seq"])
+@pytest.mark.parametrize("name", [
+    "conv2d_same_s2", "group_norm",
+    pytest.param("depthwise", marks=pytest.mark.slow),
+    pytest.param("einsum_seq", marks=pytest.mark.slow)])
 def test_xla_matches_jacobian(name):
   layer_fn, shape = LAYERS[name]
   tf.keras.utils.set_random_seed(3)
