@@ -205,7 +205,8 @@ class LossSensitivityEstimator:
 
   def sample(self):
     """Poisson-samples the analysis batch: each example with probability q_a."""
-    keep = self._generator.uniform([self.num_examples]) < self.sampling_rate
+    keep = (self._generator.uniform([self.num_examples], dtype=tf.float64)
+            < self.sampling_rate)
     idx = tf.where(keep)[:, 0]
     return tf.gather(self._x, idx), tf.gather(self._y, idx)
 

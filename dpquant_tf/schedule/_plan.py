@@ -16,11 +16,15 @@ def default_config() -> "q.LayerQuantConfig":
   return q.LayerQuantConfig()
 
 
+def check_base_config(base_config) -> "q.LayerQuantConfig":
+  return v.check_type("base_config", base_config, q.LayerQuantConfig,
+                      "None or a dpquant_tf.quantization.LayerQuantConfig")
+
+
 def _base(base_config) -> "q.LayerQuantConfig":
   if base_config is None:
     return default_config()
-  return v.check_type("base_config", base_config, q.LayerQuantConfig,
-                      "None or a dpquant_tf.quantization.LayerQuantConfig")
+  return check_base_config(base_config)
 
 
 def plan_from_decision(decision, *, base_config=None) -> "q.QuantPlan":

@@ -82,6 +82,8 @@ class DPQuantScheduler(tf.keras.callbacks.Callback):
       if ledger is None:
         v.fail("ledger", ledger, "a PrivacyLedger when delta is given")
       delta = v.check_open_unit("delta", delta)
+    if base_config is not None:
+      base_config = _plan.check_base_config(base_config)
     self.policy = policy
     self.ledger = ledger
     self.estimator = estimator

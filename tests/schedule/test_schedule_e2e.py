@@ -107,5 +107,5 @@ def test_loss_aware_schedule_trains_on_digits_fast():
 def test_loss_aware_schedule_trains_on_mnist_digits():
   x, y, x_test, y_test = _mnist()
   hist, scheduler, ledger, acc, _ = _run(x, y, x_test, y_test, epochs=8, q=0.02,
-                                         target_epsilon=4.0, learning_rate=2.0)
+                                         target_epsilon=4.0, learning_rate=0.7)
   _check(hist, scheduler, ledger, acc, epochs=8, target_epsilon=4.0, min_accuracy=0.7)

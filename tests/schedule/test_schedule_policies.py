@@ -283,3 +283,27 @@ def test_layers_and_generator_validation():
                                      schedule.Releases(), np.random.default_rng(0))
   with pytest.raises(TypeError, match="Expected generator="):
     schedule.RotationPolicy().decide(0, _layers(2), schedule.Releases(), 42)
+
+
+def test_next_plan_returns_a_quant_plan():
+  from dpquant_tf import quantization  # pylint: disable=g-import-not-at-top
+  layers = _layers(4)
+  rng = np.random.default_rng(0)
+  plan = schedule.RotationPolicy(ratio=0.5).next_plan(0, layers, schedule.Releases(), rng)
+  assert isinstance(plan, quantization.QuantPlan) and len(plan.enabled_layers()) == 2
+  assert plan[plan.enabled_layers()[0]] == quantization.LayerQuantConfig()  # LUQ-FP4
+  base = quantization.LayerQuantConfig(fwd_format="fp8_e4m3", fwd_bits=8,
+                                       bwd_format="fp8_e5m2", bwd_bits=8)
+  plan = schedule.StaticPolicy(layers=["l1"]).next_plan(
+      0, layers, schedule.Releases(), rng, base_config=base)
+  assert plan.enabled_layers() == ["l1"] and plan["l1"] == base
+  assert plan["l0"] == base.disabled()
+  plan = schedule.CombinedPolicy(
+      selection=schedule.StaticPolicy(layers=["l3"]),
+      bits=schedule.DepthBitsPolicy(b_input=2, b_output=8, target="layers")).next_plan(
+          0, layers, schedule.Releases(), rng)
+  assert plan["l3"] == quantization.LayerQuantConfig(
+      fwd_format="int", fwd_bits=8, bwd_format="int", bwd_bits=8)
+  with pytest.raises(TypeError, match="Expected base_config="):
+    schedule.RotationPolicy().next_plan(0, layers, schedule.Releases(), rng,
+                                        base_config="int4")
