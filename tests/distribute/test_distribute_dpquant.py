@@ -66,13 +66,13 @@ def test_quantized_gradients_under_two_replicas(mode):
   rounding; the recorded (BOUND-mode) noise multiplier is the same."""
   make = _factories.optimizer("dpquant", noise_multiplier=0.8, dataset_size=80,
                               gradient_bits=24, sensitivity_mode=mode)
-  single, _ = _fit(1, make)
-  multi, _ = _fit(2, make)
+  single, _ = _fit(1, make, epochs=1)
+  multi, _ = _fit(2, make, epochs=1)
   assert multi.dp_events() == single.dp_events()
   zero = _factories.optimizer("dpquant", noise_multiplier=0.0,
                               gradient_bits=24, sensitivity_mode=mode)
-  _, d1 = _fit(1, zero)
-  _, d2 = _fit(2, zero)
+  _, d1 = _fit(1, zero, epochs=1)
+  _, d2 = _fit(2, zero, epochs=1)
   for a, b in zip(d1, d2):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
 
@@ -96,16 +96,16 @@ def test_schedule_callback_assigns_bits_under_mirrored_strategy():
         l2_norm_clip=1.0, noise_multiplier=0.5, learning_rate=0.1,
         dataset_size=80, seed=1)
     model.compile(optimizer=optimizer, loss=_helpers.per_example_mse())
-  ramp = schedule.BitRampPolicy(b_start=2, b_end=8, epochs=3)
+  ramp = schedule.BitRampPolicy(b_start=2, b_end=8, epochs=2)
   scheduler_cls = getattr(schedule, "DPQuantScheduler", None)
   if scheduler_cls is None:  # not exported yet
     from dpquant_tf.schedule import _scheduler  # pylint: disable=g-import-not-at-top
     scheduler_cls = _scheduler.DPQuantScheduler
   callback = scheduler_cls(ramp, seed=0)
-  history = model.fit(x, y, batch_size=8, epochs=3, verbose=0,
+  history = model.fit(x, y, batch_size=8, epochs=2, verbose=0,
                       callbacks=[callback])
   bits = [set(e["gradient_bits"].values()) for e in callback.history]
-  assert bits == [{2}, {5}, {8}]
+  assert bits == [{2}, {8}]
   assert set(optimizer.gradient_bits().values()) == {8}
   assert np.all(np.isfinite(history.history["loss"]))
-  assert optimizer.dp_event_steps() == 3
+  assert optimizer.dp_event_steps() == 2
