@@ -66,7 +66,10 @@ def _sawb_scale(x, bits, axes):
   alpha = (tf.gather(c1, idx) * tf.sqrt(tf.reduce_mean(x * x, axis=axes, keepdims=True))
            - tf.gather(c2, idx) * tf.reduce_mean(ax, axis=axes, keepdims=True))
   amax = tf.reduce_max(ax, axis=axes, keepdims=True)
-  return tf.where(alpha > 0, tf.minimum(alpha, amax), amax)
+  # = where(alpha > 0, min(alpha, amax), amax), written without a select:
+  # a select here trips TF's graph type inference inside tf.switch_case.
+  alpha = tf.maximum(alpha, 0.0)
+  return tf.minimum(alpha, amax) + amax * tf.cast(alpha <= 0, _F32)
 
 
 def _dynamic_params(x, fmt_id, bits, axes):
@@ -98,7 +101,7 @@ def _dynamic_params(x, fmt_id, bits, axes):
       scale, fmax, m, emin, emax, uni = fn()
       return (scale, tf.cast(fmax, _F32), tf.constant(m, tf.int32) + 0,
               tf.cast(emin, tf.int32), tf.cast(emax, tf.int32),
-              tf.constant(uni))
+              tf.constant(1 if uni else 0, tf.int32) + 0)
     return branch
 
   branches = {
@@ -135,8 +138,8 @@ def _round_to_grid(x, scale, fmax, m, emin, emax, uniform, noise):
   else:
     e = tf.clip_by_value(_floor_log2(a), emin, emax)
     step = _pow2(e - m)
-    if not isinstance(uniform, bool):
-      step = tf.where(uniform, tf.ones_like(a), step)
+    if not isinstance(uniform, bool):  # int32 flag from tf.switch_case
+      step = tf.where(tf.not_equal(uniform, 0), tf.ones_like(a), step)
   r = a / step
   lo = tf.floor(r)
   frac = r - lo
