@@ -368,6 +368,7 @@ def train(config: TrainConfig) -> TrainResult:
     metrics["privacy_statement"] = ledger.statement(cfg.delta)
     print(f"Privacy: epsilon={eps:.3f} at delta={cfg.delta:g} (Poisson "
           f"sampling; analysis share {100 * metrics['analysis_share']:.2f}%)")
+    print(metrics["privacy_statement"])
   if cfg.export_dir:
     from examples import serve_lib  # pylint: disable=g-import-not-at-top
     serve_lib.export_for_serving(model, cfg.export_dir)
