@@ -97,7 +97,7 @@ class DPQuantScheduler(tf.keras.callbacks.Callback):
     self._layers = None
     self._pending: Optional[Dict[str, Any]] = None
     self._kernels_at_begin: Dict[str, np.ndarray] = {}
-    self._steps = 0
+    self._iterations_at_begin = 0
 
   # -- Keras hooks -------------------------------------------------------------
 
@@ -132,11 +132,8 @@ class DPQuantScheduler(tf.keras.callbacks.Callback):
           self.model, dict(decision.gradient_bits)))
     if self.policy.needs_update_norms:
       self._kernels_at_begin = self._kernels()
-      self._steps = 0
+      self._iterations_at_begin = self._iterations()
     self._pending = self._entry(epoch, decision, plan, analysis)
-
-  def on_train_batch_end(self, batch, logs=None):
-    self._steps += 1
 
   def on_epoch_end(self, epoch, logs=None):
     if self._pending is None:
@@ -193,10 +190,14 @@ class DPQuantScheduler(tf.keras.callbacks.Callback):
         out[info.name] = np.array(kernel.numpy(), dtype=np.float64)
     return out
 
+  def _iterations(self) -> int:
+    iterations = getattr(self.model.optimizer, "iterations", None)
+    return 0 if iterations is None else int(iterations.numpy())
+
   def _update_rms(self) -> Dict[str, float]:
     """Per-coordinate RMS of each kernel's update per step (released weights)."""
     now = self._kernels()
-    steps = max(self._steps, 1)
+    steps = max(self._iterations() - self._iterations_at_begin, 1)
     return {name: float(np.sqrt(np.mean((now[name] - before) ** 2))) / steps
             for name, before in self._kernels_at_begin.items() if name in now}
 
