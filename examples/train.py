@@ -9,6 +9,7 @@ selection, 75% of the layers in LUQ-FP4 each epoch). Examples:
   python examples/train.py --policy=none --epochs=3            # fp32 DP-SGD
   python examples/train.py --dataset=npz:/path/mine.npz --export_dir=/tmp/m
   python examples/train.py --nodp --policy=static --ratio=0.5  # no DP
+  python examples/train.py --strategy=mirrored --cpu_devices=2  # tf.distribute
 
 The logic lives in examples/train_lib.py.
 """
@@ -69,7 +70,12 @@ flags.DEFINE_integer("max_test", None, "Use at most this many test examples.")
 flags.DEFINE_string("export_dir", None, "Export a serving SavedModel here.")
 flags.DEFINE_string("metrics_json", None, "Write the final metrics to this JSON file.")
 flags.DEFINE_string("tensorboard_dir", None, "Write TensorBoard logs here.")
-flags.DEFINE_string("strategy", None, "Reserved for tf.distribute strategies.")
+flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multiworker"],
+                  "tf.distribute strategy (docs/DISTRIBUTED.md): mirrored = the "
+                  "GPUs of this machine (or --cpu_devices logical CPUs); "
+                  "multiworker = the cluster in TF_CONFIG.")
+flags.DEFINE_integer("cpu_devices", None, "With --strategy=mirrored: this many "
+                     "logical CPU devices instead of the GPUs.")
 flags.DEFINE_integer("verbose", 1, "Keras fit verbosity: 0 silent, 1 progress bar, "
                      "2 one line per epoch.")
 
@@ -78,8 +84,6 @@ def config_from_flags() -> "train_lib.TrainConfig":
   target = FLAGS.target_epsilon
   if target is None and FLAGS.noise_multiplier is None and FLAGS.dp:
     target = _D.target_epsilon
-  if FLAGS.strategy:
-    raise app.UsageError("--strategy is not supported by this build yet.")
   return train_lib.TrainConfig(
       dataset=FLAGS.dataset, model=FLAGS.model, epochs=FLAGS.epochs,
       batch_size=FLAGS.batch_size, target_epsilon=target if FLAGS.dp else None,
@@ -98,7 +102,12 @@ def config_from_flags() -> "train_lib.TrainConfig":
 
 def main(argv):
   del argv
-  train_lib.train(config_from_flags())
+  from dpquant_tf import distribute  # pylint: disable=g-import-not-at-top
+  # Before any TensorFlow op: logical devices and collectives are fixed then.
+  strategy = distribute.make_strategy(FLAGS.strategy,
+                                      cpu_devices=FLAGS.cpu_devices)
+  with strategy.scope():
+    train_lib.train(config_from_flags())
 
 
 if __name__ == "__main__":
