@@ -116,19 +116,37 @@ def test_nearest_rounding_is_idempotent(fmt, bits):
     np.testing.assert_allclose(q3.numpy(), q1.numpy(), rtol=1e-6, atol=0)
 
 
+class _Jitted:
+  """One XLA-compiled quantizer shared by all cases: format and bits are
+  variables, so a single compilation serves every format (no retrace)."""
+
+  def __init__(self):
+    self.fmt = tf.Variable(0)
+    self.bits = tf.Variable(4)
+    self.gen = tf.random.Generator.from_seed(11)
+    self.fn = tf.function(self._quantize, jit_compile=True)
+
+  def _quantize(self, x, rounding):
+    return dq.quantize(x, self.fmt, self.bits, rounding=rounding,
+                       generator=self.gen, scale_axes=[1])
+
+  def __call__(self, x, rounding, fmt, bits):
+    self.fmt.assign(fmt.id)
+    self.bits.assign(bits)
+    return self.fn(tf.constant(x), rounding)
+
+
+_JITTED = []
+
+
 @pytest.mark.parametrize("fmt,bits", CASES, ids=IDS)
 def test_jit_and_eager_agree_in_distribution(fmt, bits):
+  if not _JITTED:
+    _JITTED.append(_Jitted())
+  jitted = _JITTED[0]
   x, _ = _batch(fmt, bits)
-  fmt_var = tf.Variable(fmt.id)
-  bits_var = tf.Variable(bits)
-  gen = tf.random.Generator.from_seed(11)
-
-  @tf.function(jit_compile=True)
-  def jitted(x, rounding):
-    return dq.quantize(x, fmt_var, bits_var, rounding=rounding, generator=gen,
-                       scale_axes=[1])
-
-  qj = jitted(tf.constant(x), "stochastic").numpy()
+  gen = tf.random.Generator.from_seed(12)
+  qj = jitted(x, "stochastic", fmt, bits).numpy()
   qe = dq.quantize(x, fmt, bits, generator=gen, scale_axes=[1]).numpy()
   scale = dq.quantization_scale(x[:1], fmt, bits, scale_axes=[1]).numpy()
   lo, hi, _ = _grid(fmt, bits, x[:1], scale)
@@ -139,9 +157,10 @@ def test_jit_and_eager_agree_in_distribution(fmt, bits):
   var = np.maximum(var[ok], (span[ok] ** 2) / N**2)
   stat = ((qj.mean(0) - qe.mean(0))[ok] ** 2 / var).sum()
   assert stat < _threshold(int(ok.sum())), stat
-  nj = jitted(tf.constant(x[:4]), "nearest").numpy()
+  nj = jitted(x, "nearest", fmt, bits).numpy()[:4]
   ne = dq.quantize(x[:4], fmt, bits, rounding="nearest", scale_axes=[1]).numpy()
   np.testing.assert_allclose(nj, ne, rtol=2e-6)
+  assert jitted.fn.experimental_get_tracing_count() <= 2  # one per rounding
 
 
 @pytest.mark.parametrize("fmt,bits", CASES, ids=IDS)
