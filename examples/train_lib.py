@@ -40,6 +40,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import dpquant_tf  # noqa: F401  (Keras 2 switch before TensorFlow)
 from dpquant_tf import _validation
 from dpquant_tf import data as dp_data
+from dpquant_tf import distribute
 from dpquant_tf import models as dp_models
 from tools import throughput_lib
 
@@ -304,8 +305,11 @@ def train(config: TrainConfig) -> TrainResult:
           cfg.target_epsilon, cfg.delta, n, batch, cfg.epochs, analyses=analyses)
     else:
       noise = float(cfg.noise_multiplier)
-    train_data = privacy.poisson_dataset(ds.x_train, ds.y_train, q,
-                                         steps=steps_per_epoch)
+    # Under a multi-worker strategy: disjoint per-worker shards, each
+    # Poisson-sampled at the global q (docs/DISTRIBUTED.md).
+    train_data = distribute.poisson_input(tf.distribute.get_strategy(),
+                                          ds.x_train, ds.y_train, q,
+                                          steps=steps_per_epoch)
     print(f"DP-SGD: noise_multiplier={noise:.4f} clip={cfg.l2_norm_clip} "
           f"Poisson sampling q={q:.4g} (expected batch {batch}), "
           f"{steps_per_epoch} steps/epoch, {cfg.epochs} epochs")
@@ -329,6 +333,7 @@ def train(config: TrainConfig) -> TrainResult:
     scheduler = schedule.DPQuantScheduler(
         policy, ledger=ledger, estimator=estimator,
         delta=cfg.delta if cfg.dp else None, base_config=base_cfg, seed=cfg.seed)
+    distribute.check_scheduler(scheduler)  # same plan on every worker
     callbacks.append(scheduler)
   if cfg.dp:
     from dpquant_tf import privacy  # pylint: disable=g-import-not-at-top
@@ -336,7 +341,7 @@ def train(config: TrainConfig) -> TrainResult:
   if cfg.tensorboard_dir:
     callbacks.append(tf.keras.callbacks.TensorBoard(cfg.tensorboard_dir))
   model.fit(train_data, epochs=cfg.epochs, callbacks=callbacks,
-            verbose=cfg.verbose)
+            verbose=cfg.verbose, steps_per_epoch=steps_per_epoch)
   train_seconds = time.time() - start
 
   # Evaluate the trained weights in full precision.
