@@ -53,3 +53,20 @@ def test_load_json_and_jsonl_and_plot(tmp_path):
 def test_plot_needs_dp_runs(tmp_path):
   with pytest.raises(ValueError, match="at least one"):
     pl.plot_pareto([_run("none", 0.9, 1.0, dp=False)], str(tmp_path / "x.png"))
+
+
+def test_pareto_binary(tmp_path):
+  import os  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  log = tmp_path / "study.jsonl"
+  log.write_text("\n".join(json.dumps(r) for r in RUNS) + "\n")
+  out = tmp_path / "pareto.png"
+  proc = subprocess.run(
+      [sys.executable, os.path.join(repo, "tools", "pareto.py"), f"--results={log}",
+       f"--out={out}", "--target_epsilon=8"],
+      capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert out.read_bytes()[:4] == b"\x89PNG"
+  assert "static    ratio=0.75 dp=True eps=8.0 n=3 acc=65.00+-5.00" in proc.stdout

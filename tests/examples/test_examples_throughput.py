@@ -102,3 +102,23 @@ def test_estimate_layer_costs_tutorial_cnn():
   assert fwd["conv2"] == 5 * 5 * 4 * 4 * 16 * 32
   assert fwd["dense1"] == 512 * 32 and fwd["logits"] == 320
   assert all(math.isclose(c.bwd_macs, 2 * c.fwd_macs) for c in costs)
+
+
+def test_throughput_binary(tmp_path):
+  import json as json_lib  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  metrics = tmp_path / "m.json"
+  metrics.write_text(json_lib.dumps({
+      "layers": [{"name": c.name, "fwd_macs": c.fwd_macs, "bwd_macs": c.bwd_macs}
+                 for c in LAYERS],
+      "plan_per_epoch": [{"epoch": 0, "plan": {"a": "fp4", "b": "fp4", "c": "fp4"}}]}))
+  proc = subprocess.run(
+      [sys.executable, os.path.join(repo, "tools", "throughput.py"),
+       f"--metrics_json={metrics}", "--speedups=fp4=2"],
+      capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "epoch 0: p=1.000 speedup=2.000x" in proc.stdout
+  assert "run speedup (theoretical): 2.000x" in proc.stdout
