@@ -37,22 +37,23 @@ DEFAULT_CLIP = 0.1
 DEFAULT_REPEATS = 2
 DEFAULT_MAX_BATCH_SIZE = 512
 
-# model -> {loss and input key: traced per-example loss}. The loss object is
-# kept alive by the estimator that created the entry; ids are only compared
-# while the model lives.
+# model -> {(loss, input specs): traced per-example loss}, so that estimators
+# over the same model and loss share one trace. The key holds the loss object
+# itself (hashed by identity), never its id.
 _TRACED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def clip_per_example(r: tf.Tensor, clip: float) -> tf.Tensor:
-  """Scales each row r_j of `r` ([B, n]) to L2 norm at most `clip`.
+  """Scales each row r_j of `r` ([B, n]) to L2 norm at most `clip` (float64).
 
-  Formal guarantee: every returned row has L2 norm <= clip (up to float
-  rounding, which the scale factor's min(1, .) keeps on the safe side).
+  Formal guarantee: every returned row has L2 norm <= clip. Rows are scaled
+  to clip * (1 - 1e-12), which absorbs float64 rounding of the scaling.
   """
-  r = tf.convert_to_tensor(r)
+  r = tf.cast(tf.convert_to_tensor(r), tf.float64)
   norms = tf.norm(r, axis=1, keepdims=True)
+  target = tf.constant(clip * (1.0 - 1e-12), tf.float64)
   scale = tf.minimum(tf.ones_like(norms),
-                     clip / tf.maximum(norms, tf.keras.backend.epsilon()))
+                     target / tf.maximum(norms, tf.constant(1e-300, tf.float64)))
   return r * scale
 
 
@@ -155,7 +156,7 @@ class LossSensitivityEstimator:
   def _loss_fn(self, model):
     """One traced per-example loss per (model, loss); shared by estimators."""
     per_model = _TRACED.setdefault(model, {})
-    key = (id(self.loss), tuple(self._x.shape[1:]), self._x.dtype.name,
+    key = (self.loss, tuple(self._x.shape[1:]), self._x.dtype.name,
            tuple(self._y.shape[1:]), self._y.dtype.name)
     if key not in per_model:
       per_example = _per_example_loss_fn(model, self.loss)
