@@ -28,7 +28,8 @@ import numpy as np
 
 from dpquant_tf import _validation
 
-__all__ = ["Phase", "RunSpec", "completed_ids", "load_log", "markdown_report", "num_quantized",
+__all__ = ["Phase", "RunSpec", "claim_checks", "completed_ids", "load_log",
+           "pareto_gaps", "markdown_report", "num_quantized",
            "run_study", "static_subsets", "study_runs", "summarize"]
 
 
@@ -287,6 +288,35 @@ def _fmt_stats(s) -> str:
   return f"{s['acc_mean']:.2f} ± {s['acc_std']:.2f} (n={s['n']})"
 
 
+def pareto_gaps(records: Iterable[Mapping[str, Any]]) -> Dict[tuple, float]:
+  """Gap (accuracy points) of each DPQuant group to the Pareto front of its setting.
+
+  For every (eps_tag, format, ratio) DPQuant group: the best accuracy of any
+  single run of the same setting (any policy) that is at most as expensive
+  (relative compute = 1 / speed-up), minus the DPQuant group's mean accuracy;
+  0 or less means DPQuant is on the front.
+  """
+  records = list(records)
+  by_tag: Dict[str, List[Mapping[str, Any]]] = {}
+  for rec in records:
+    cfg = rec["config"]
+    tag = _eps_tag(cfg.get("target_epsilon") if cfg.get("dp", True) else None)
+    by_tag.setdefault(tag, []).append(rec)
+  out = {}
+  summary = summarize(records)
+  for tag, recs in by_tag.items():
+    for key, kinds in summary.get(tag, {}).items():
+      if key == "fp32" or "dpquant" not in kinds:
+        continue
+      dq = [r for r in recs if _kind(r) == "dpquant" and
+            (r["config"].get("format"), float(r["config"].get("ratio"))) == key]
+      compute = statistics.fmean(1.0 / r["theoretical_speedup"] for r in dq)
+      best = max(100 * r["test_accuracy"] for r in recs
+                 if 1.0 / r["theoretical_speedup"] <= compute + 1e-9)
+      out[(tag,) + tuple(key)] = best - kinds["dpquant"]["acc_mean"]
+  return out
+
+
 def claim_checks(summary: Mapping[str, Any]) -> List[Dict[str, Any]]:
   """The paper's claims, checked per (epsilon, format, ratio).
 
@@ -320,6 +350,7 @@ def _yes_no(value) -> str:
 def markdown_report(records: Sequence[Mapping[str, Any]]) -> str:
   """The study's tables in Markdown (accuracy in percent)."""
   summary = summarize(records)
+  gaps = pareto_gaps(records)
   lines = []
   for tag in sorted(summary, key=lambda t: (t == "nodp", t)):
     slot = summary[tag]
@@ -332,16 +363,19 @@ def markdown_report(records: Sequence[Mapping[str, Any]]) -> str:
                    f"wall {fp32['wall_seconds']:.0f} s per run\n")
     lines.append("| format | ratio | static mean ± std (subsets) | rotation | DPQuant | "
                  "DPQuant speed-up | DPQuant eps (analysis share) | DPQuant > static+std | "
-                 "within 2 pts of fp32 |")
-    lines.append("|---|---|---|---|---|---|---|---|---|")
+                 "within 2 pts of fp32 | gap to Pareto front |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
     for row in claim_checks({tag: slot}):
       dq = row["dpquant"]
       speed = f"{dq['speedup']:.2f}x" if dq else "n/a"
       eps = ("n/a" if not dq or dq["epsilon"] is None else
              f"{dq['epsilon']:.3f} ({100 * (dq['analysis_share_max'] or 0):.3f}%)")
+      gap = gaps.get((tag, row["format"], row["ratio"]))
+      gap_text = "n/a" if gap is None else f"{max(gap, 0.0):.2f}"
       lines.append(f"| {row['format']} | {row['ratio']:g} | {_fmt_stats(row['static'])} | "
                    f"{_fmt_stats(row['rotation'])} | {_fmt_stats(dq)} | {speed} | {eps} | "
-                   f"{_yes_no(row['above_static'])} | {_yes_no(row['within_2'])} |")
+                   f"{_yes_no(row['above_static'])} | {_yes_no(row['within_2'])} | "
+                   f"{gap_text} |")
     lines.append("")
   amp = dp_amplification(summary)
   if amp:
