@@ -249,3 +249,32 @@ def test_batchnorm_model_rejected():
     model.fit(x, y, batch_size=8, verbose=0)
   for a, b in zip(before, model.weights):
     np.testing.assert_array_equal(a, b.numpy())
+
+
+def test_update_bits_quantize_the_noised_update():
+  x, y = _data()
+  model = _model()
+  opt = DPQuantOptimizer(1.0, 0.7, update_bits=3, seed=0,
+                         sampling_probability=0.1)
+  for g in _grads(opt, model, x, y):
+    scale = np.abs(g).max()
+    k = g / scale * 3
+    np.testing.assert_allclose(k, np.round(k), atol=1e-5)
+  assert opt.dp_events()[0][0].event.noise_multiplier == 0.7
+
+
+def test_custom_training_loop_minimize_in_tf_function():
+  x, y = _data(16)
+  model = _model()
+  opt = DPQuantOptimizer(1.0, 0.5, dataset_size=16, learning_rate=0.1)
+  model(x)
+
+  @tf.function
+  def step(xb, yb):
+    opt.minimize(lambda: _loss()(yb, model(xb)), model.trainable_variables)
+
+  before = [w.numpy() for w in model.trainable_variables]
+  step(x[:8], y[:8])
+  step(x[8:], y[8:])
+  assert opt.dp_event_steps() == 2
+  assert not np.allclose(before[0], model.trainable_variables[0].numpy())
