@@ -295,7 +295,8 @@ class _DPQuantMixin(_state.DPStateMixin):
         "expected_batch_size": self._expected_batch_size,
         "sampling_probability": self._initial_sampling_probability,
         "dataset_size": self._dataset_size,
-        "seed": self._seed,
+        # Never serialize a seed: a restored optimizer must not replay noise.
+        "seed": None,
         "per_example_method": self._per_example_method.value,
         "event_table_size": self._event_table_size,
     })

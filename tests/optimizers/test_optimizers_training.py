@@ -148,3 +148,11 @@ def test_adam_variant_trains_and_records_events():
   assert hist.history["loss"][-1] < hist.history["loss"][0]
   assert opt.dp_event_steps() == 32
   assert np.isfinite(ledger.epsilon(1e-5))
+
+
+def test_config_never_replays_a_seed():
+  opt = DPQuantOptimizer(1.0, 1.0, seed=5)
+  again = DPQuantOptimizer.from_config(opt.get_config())
+  assert opt.get_config()["seed"] is None
+  seeded = DPQuantOptimizer(1.0, 1.0, seed=5).generator.state.numpy()
+  assert not np.array_equal(again.generator.state.numpy(), seeded)
