@@ -54,10 +54,12 @@ class _Recorder(tf.keras.callbacks.Callback):
       self.bits.append(self.model.optimizer.gradient_bits())
 
 
-def test_plan_changes_each_epoch_in_the_compiled_step_without_retrace():
+@pytest.mark.parametrize("jit", [False, True])
+def test_plan_changes_each_epoch_in_the_compiled_step_without_retrace(jit):
   x, y = _digits(32)
   model = _model()
-  model.compile(optimizer=tf.keras.optimizers.SGD(0.0), loss=_loss("auto"))
+  model.compile(optimizer=tf.keras.optimizers.SGD(0.0), loss=_loss("auto"),
+                jit_compile=jit)
   scheduler = schedule.DPQuantScheduler(schedule.RotationPolicy(ratio=1 / 3),
                                         base_config=_INT2, seed=4)
   recorder = _Recorder()
@@ -140,25 +142,26 @@ def test_depth_bits_on_layers_and_norm_adaptive_from_released_weights():
 
 
 def test_loss_aware_runs_estimator_when_due_and_logs_privacy():
+  """Analyses at epochs 0 and 2, recorded in the ledger and logged (the DP
+  optimizer's share is covered by test_schedule_e2e.py; plain SGD keeps this fast,
+  so every recorded event here is an analysis)."""
   x, y = _digits(96)
   model = _model("stochastic")
   ledger = privacy.PrivacyLedger(dataset_size=96)
-  opt = optimizers.DPQuantOptimizer(1.0, 1.0, learning_rate=0.2, ledger=ledger,
-                                    dataset_size=96, seed=0)
-  model.compile(optimizer=opt, loss=_loss())
+  model.compile(optimizer=tf.keras.optimizers.SGD(0.1), loss=_loss("auto"))
   estimator = schedule.LossSensitivityEstimator(x, y, sampling_rate=0.05, seed=0)
   policy = schedule.LossAwarePolicy(ratio=0.5, period=2)
   scheduler = schedule.DPQuantScheduler(policy, ledger=ledger, estimator=estimator,
                                         delta=1e-5, seed=0)
-  hist = model.fit(x, y, batch_size=16, epochs=3, verbose=0, callbacks=[scheduler])
+  hist = model.fit(x, y, batch_size=32, epochs=3, verbose=0, callbacks=[scheduler])
   assert [e["analysis"] is not None for e in scheduler.history] == [True, False, True]
   assert [r.epoch for r in scheduler.releases.sensitivities] == [0, 2]
+  assert set(scheduler.history[2]["analysis"]) == {"dense", "dense_1", "dense_2"}
   assert ledger.events("analysis") == [(estimator.dp_event(), 2)]
   assert all(len(e["quantized"]) == 2 for e in scheduler.history)  # round(1.5) = 2
   eps = hist.history["epsilon"]
-  assert eps == sorted(eps) and eps[-1] == pytest.approx(ledger.epsilon(1e-5))
-  share = hist.history["analysis_epsilon_share"][-1]
-  assert 0 < share < 0.02
+  assert eps[0] == eps[1] < eps[2] and eps[2] == pytest.approx(ledger.epsilon(1e-5))
+  assert hist.history["analysis_epsilon_share"] == [1.0, 1.0, 1.0]
 
 
 def test_validation():
