@@ -112,3 +112,24 @@ def test_learns_real_digits_with_quantization_and_exact_ledger():
           sigma)), 100))
   assert ledger.epsilon(1e-5) == pytest.approx(ref.get_epsilon(1e-5),
                                                rel=1e-9)
+
+
+def test_callback_projects_whole_executions_with_steps_per_execution():
+  x, y = _data(64)
+  model = _model()
+  ledger = privacy.PrivacyLedger()
+  opt = DPQuantOptimizer(1.0, 0.8, ledger=ledger, dataset_size=64)
+  model.compile(optimizer=opt, loss=_loss(), steps_per_execution=2)
+  event = dp_accounting.PoissonSampledDpEvent(
+      0.125, dp_accounting.GaussianDpEvent(0.8))
+
+  def eps(steps):
+    acc = dp_accounting.rdp.RdpAccountant()
+    acc.compose(dp_accounting.SelfComposedDpEvent(event, steps))
+    return acc.get_epsilon(1e-5)
+
+  budget = (eps(11) + eps(12)) / 2  # 12 steps (6 executions) would exceed.
+  cb = privacy.PrivacyCallback(ledger, 1e-5, budget_epsilon=budget)
+  model.fit(x, y, batch_size=8, epochs=5, verbose=0, callbacks=[cb])
+  assert opt.dp_event_steps() == 10
+  assert ledger.epsilon(1e-5) <= budget
