@@ -106,6 +106,12 @@ class _DPQuantMixin(_state.DPStateMixin):
                           sampling_probability)
     if ledger is not None:
       ledger.attach(self)
+      if sampling_probability is None and dataset_size is None:
+        _log.warning(
+            "%s attached to a ledger without sampling_probability= or "
+            "dataset_size=: steps taken before set_sampling_probability() "
+            "cannot be accounted and ledger queries will raise "
+            "UnknownSamplingProbabilityError.", self._name)
 
   # ------------------------------------------------------------- checks
   @staticmethod
