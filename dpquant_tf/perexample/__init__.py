@@ -6,8 +6,10 @@ per-example (per-microbatch) gradients. See docs/PERFORMANCE.md and
 docs/PEREXAMPLE.md.
 """
 
+from dpquant_tf.perexample._gradients import collect
 from dpquant_tf.perexample._gradients import jacobian_gradients
 from dpquant_tf.perexample._gradients import per_example_gradients
+from dpquant_tf.perexample._gradients import PerExampleTaps
 from dpquant_tf.perexample._registry import LayerKind
 from dpquant_tf.perexample._registry import register_tapped_layer
 from dpquant_tf.perexample._registry import registered_slots
@@ -18,8 +20,10 @@ from dpquant_tf.perexample._taps import tap_model
 
 __all__ = [
     "LayerKind",
+    "PerExampleTaps",
     "TappedLayer",
     "UnsupportedLayerError",
+    "collect",
     "jacobian_gradients",
     "per_example_gradients",
     "register_tapped_layer",

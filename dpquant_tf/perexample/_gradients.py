@@ -22,7 +22,8 @@ from dpquant_tf import _validation
 from dpquant_tf.perexample import _registry
 from dpquant_tf.perexample import _rules
 
-__all__ = ["jacobian_gradients", "per_example_gradients"]
+__all__ = ["PerExampleTaps", "collect", "jacobian_gradients",
+           "per_example_gradients"]
 
 _RULES = {
     _registry.LayerKind.DENSE: _rules.dense_grads,
@@ -108,6 +109,20 @@ def per_example_gradients(loss, var_list: Sequence[tf.Variable], tape,
   Returns:
     One ``[M, *var.shape]`` tensor per variable, in ``var_list`` order.
   """
+  return collect(loss, var_list, tape, num_microbatches, fallback,
+                 chunk_size=chunk_size).per_example_gradients()
+
+
+def collect(loss, var_list: Sequence[tf.Variable], tape, num_microbatches=None,
+            fallback: Optional[Fallback] = None, *,
+            chunk_size: Optional[int] = None) -> "PerExampleTaps":
+  """Runs the one backward pass; returns taps to materialize or clip-sum.
+
+  Same arguments as :func:`per_example_gradients`. The returned object's
+  methods only use tensors computed here, so they can be called inside
+  ``tf.cond`` branches (for example: materialized per-example gradients when
+  gradient quantization is on, :meth:`PerExampleTaps.clipped_sum` when off).
+  """
   fallback = fallback or jacobian_gradients
   var_list = tf.nest.flatten(var_list)
   if chunk_size is not None:
@@ -141,29 +156,158 @@ def per_example_gradients(loss, var_list: Sequence[tf.Variable], tape,
         "path (wrap these layers to stay on the fast path)" if everything else
         "")
     if not groups or everything:
-      return list(fallback(loss, var_list, tape, num_microbatches))
+      grads = fallback(loss, var_list, tape, num_microbatches)
+      return PerExampleTaps(var_list, [], num_microbatches,
+                            dict(enumerate(grads)), chunk_size)
 
-  grads: List[Optional[tf.Tensor]] = [None] * len(var_list)
   tapped = [slot.layer for slot, _ in groups.values()]
   g_outs = tape.gradient(loss, [t.tap_output for t in tapped],
                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
-  for (slot, entries), layer, g in zip(groups.values(), tapped, g_outs):
-    x = layer.tap_input
-    m = num_microbatches if num_microbatches is not None else _batch(x)
-    per_role = _apply_rule(slot.kind, layer.layer, x, g, m, chunk_size)
-    for i, role in entries:
-      var = var_list[i]
-      t = tf.cast(per_role[role], var.dtype)
-      t = tf.reshape(t, tf.concat([[m], tf.shape(var)], 0))
-      if isinstance(m, int):
-        t.set_shape([m] + var.shape.as_list())
-      grads[i] = t
+  layers = [(slot, entries, layer.tap_input, g)
+            for (slot, entries), layer, g in zip(groups.values(), tapped,
+                                                 g_outs)]
+  fb = {}
   if fallback_idx:
-    fb = fallback(loss, [var_list[i] for i in fallback_idx], tape,
-                  num_microbatches)
-    for i, t in zip(fallback_idx, fb):
+    fb = dict(zip(fallback_idx, fallback(
+        loss, [var_list[i] for i in fallback_idx], tape, num_microbatches)))
+  return PerExampleTaps(var_list, layers, num_microbatches, fb, chunk_size)
+
+
+class PerExampleTaps:
+  """Layer taps and output gradients of one step (see :func:`collect`)."""
+
+  def __init__(self, var_list, layers, num_microbatches, fallback_grads,
+               chunk_size):
+    self._vars = var_list
+    self._layers = layers
+    self._m = num_microbatches
+    if num_microbatches is not None and not isinstance(num_microbatches, int):
+      static = tf.get_static_value(num_microbatches)
+      self._m = int(static) if static is not None else num_microbatches
+    self._fallback = fallback_grads
+    self._chunk = chunk_size
+
+  def _m_for(self, x):
+    return self._m if self._m is not None else _batch(x)
+
+  def _shaped(self, t, var, m):
+    t = tf.cast(t, var.dtype)
+    t = tf.reshape(t, tf.concat([[m], tf.shape(var)], 0))
+    if isinstance(m, int):
+      t.set_shape([m] + var.shape.as_list())
+    return t
+
+  def per_example_gradients(self) -> List[tf.Tensor]:
+    """One ``[M, *var.shape]`` tensor per variable, in ``var_list`` order."""
+    grads: List[Optional[tf.Tensor]] = [None] * len(self._vars)
+    for slot, entries, x, g in self._layers:
+      m = self._m_for(x)
+      per_role = _apply_rule(slot.kind, slot.layer.layer, x, g, m, self._chunk)
+      for i, role in entries:
+        grads[i] = self._shaped(per_role[role], self._vars[i], m)
+    for i, t in self._fallback.items():
       grads[i] = t
-  return grads
+    return grads
+
+  def clipped_sum(self, l2_norm_clip):
+    """Sum over microbatches of the gradients clipped to L2 norm C.
+
+    Each microbatch gradient (all variables together) is scaled by
+    ``C * min(1 / norm, 1 / C)`` (TF-Privacy's ``clip_by_global_norm``; a
+    non-finite norm gives scale 0), then summed. Dense layers with one
+    example per microbatch never materialize per-example gradients: the norm
+    is ``|x_b|^2 |g_b|^2`` (+ ``|g_b|^2`` for the bias) and the clipped sum is
+    one matmul ``x^T (s * g)``. Other layers materialize their per-example
+    gradients once (for the norm) and sum them with a ``tensordot``.
+
+    Formal guarantee: each microbatch contributes at most C in L2 norm (up to
+    float rounding of the scale).
+
+    Args:
+      l2_norm_clip: scalar C > 0 (float or tensor).
+
+    Returns:
+      ``(sums, norms)``: one ``var.shape`` tensor per variable, and the
+      ``[M]`` per-microbatch norms before clipping.
+    """
+    parts = []   # (sq_norm [M], finisher(scale) -> {i: sum})
+    for slot, entries, x, g in self._layers:
+      parts.append(self._layer_part(slot, entries, x, g))
+    for i, t in self._fallback.items():
+      parts.append(_materialized_part({i: t}))
+    sq = tf.add_n([p[0] for p in parts])
+    norm = tf.sqrt(sq)
+    norm = tf.where(tf.math.is_finite(norm), norm,
+                    tf.constant(float("inf"), norm.dtype))
+    clip = tf.cast(l2_norm_clip, norm.dtype)
+    scale = clip * tf.minimum(1.0 / norm, 1.0 / clip)
+    sums: List[Optional[tf.Tensor]] = [None] * len(self._vars)
+    for _, finish in parts:
+      for i, t in finish(scale).items():
+        sums[i] = tf.reshape(tf.cast(t, self._vars[i].dtype),
+                             tf.shape(self._vars[i]))
+    return sums, norm
+
+  def _layer_part(self, slot, entries, x, g):
+    m = self._m_for(x)
+    inner = slot.layer.layer
+    def materialized():
+      per_role = _apply_rule(slot.kind, inner, x, g, m, self._chunk)
+      return _materialized_part({i: per_role[role] for i, role in entries})
+
+    if slot.kind is not _registry.LayerKind.DENSE or x.shape.rank != 2:
+      return materialized()
+    b = _batch(x)
+    if isinstance(m, int) and isinstance(b, int):
+      return (_ghost_dense_part(inner, entries, x, g) if m == b
+              else materialized())
+    # Batch size known only at run time (Keras fit): pick the branch then.
+    same = tf.equal(tf.cast(m, tf.int32), tf.cast(b, tf.int32))
+    order = [i for i, _ in entries]
+    sq = tf.cond(same, lambda: _ghost_dense_part(inner, entries, x, g)[0],
+                 lambda: materialized()[0])
+
+    def finish(scale):
+      out = tf.cond(
+          same,
+          lambda: [_ghost_dense_part(inner, entries, x, g)[1](scale)[i]
+                   for i in order],
+          lambda: [materialized()[1](scale)[i] for i in order])
+      return dict(zip(order, out))
+    return sq, finish
+
+
+def _materialized_part(grads):
+  """Norm and clipped sum of materialized per-microbatch gradients."""
+  sq = tf.add_n([tf.reduce_sum(tf.square(tf.reshape(
+      tf.cast(t, tf.float32), [tf.shape(t)[0], -1])), axis=1)
+                 for t in grads.values()])
+
+  def finish(scale):
+    return {i: tf.tensordot(tf.cast(scale, t.dtype), t, axes=1)
+            for i, t in grads.items()}
+  return sq, finish
+
+
+def _ghost_dense_part(inner, entries, x, g):
+  """Dense, one example per microbatch: norms and sums without materializing."""
+  roles = dict((role, i) for i, role in entries)
+  g2 = tf.reduce_sum(tf.square(tf.cast(g, tf.float32)), axis=1)
+  sq = tf.zeros_like(g2)
+  if "kernel" in roles:
+    sq += tf.reduce_sum(tf.square(tf.cast(x, tf.float32)), axis=1) * g2
+  if "bias" in roles:
+    sq += g2
+
+  def finish(scale):
+    gs = g * tf.cast(scale, g.dtype)[:, None]
+    out = {}
+    if "kernel" in roles:
+      out[roles["kernel"]] = tf.matmul(x, gs, transpose_a=True)
+    if "bias" in roles:
+      out[roles["bias"]] = tf.reduce_sum(gs, axis=0)
+    return out
+  return sq, finish
 
 
 def _batch(x):

@@ -266,3 +266,47 @@ def test_unconnected_tapped_layer_gives_zeros():
 
   grads = f()
   assert float(tf.reduce_max(tf.abs(grads[-1]))) == 0.0
+
+
+def _reference_clipped_sum(grads, clip):
+  sq = tf.add_n([tf.reduce_sum(tf.reshape(g, [tf.shape(g)[0], -1]) ** 2, 1)
+                 for g in grads])
+  norm = tf.sqrt(sq)
+  scale = clip * tf.minimum(1.0 / norm, 1.0 / clip)
+  return [tf.tensordot(scale, g, 1) for g in grads], norm
+
+
+@pytest.mark.parametrize("m", [B, B // 2])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_clipped_sum_equals_clipping_materialized_gradients(m, dynamic):
+  tf.keras.utils.set_random_seed(10)
+  inp = tf.keras.Input((6, 6, 2))
+  h = L.Conv2D(3, 3, strides=2, activation="relu")(inp)
+  h = L.GroupNormalization(3)(h)
+  h = L.Flatten()(h)
+  h = L.Dense(5, activation="tanh")(h)
+  h = _Scale()(h)   # untapped: jacobian fallback (persistent tape)
+  out = L.Dense(3)(h)
+  model = pe.tap_model(tf.keras.Model(inp, out))
+  x, y = _data((6, 6, 2))
+  variables = model.trainable_variables
+  spec = [tf.TensorSpec([None if dynamic else B, 6, 6, 2]),
+          tf.TensorSpec([None if dynamic else B], tf.int32)]
+
+  @tf.function(input_signature=spec)
+  def f(x, y):
+    with tf.GradientTape(persistent=True) as tape:
+      loss = _LOSS(y, model(x, training=True))
+    mm = tf.shape(loss)[0] // (B // m) if dynamic else m
+    taps = pe.collect(loss, variables, tape, mm)
+    clip = tf.constant(0.3)
+    return taps.clipped_sum(clip), _reference_clipped_sum(
+        taps.per_example_gradients(), clip)
+
+  (sums, norms), (ref_sums, ref_norms) = f(x, y)
+  np.testing.assert_allclose(norms.numpy(), ref_norms.numpy(), rtol=1e-5)
+  assert float(tf.reduce_min(ref_norms)) > 0.3   # clipping is active
+  for a, b in zip(sums, ref_sums):
+    np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6, rtol=1e-5)
+  total = tf.sqrt(tf.add_n([tf.reduce_sum(s ** 2) for s in sums]))
+  assert float(total) <= 0.3 * m * (1 + 1e-5)

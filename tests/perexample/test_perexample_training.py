@@ -115,6 +115,7 @@ def test_quantized_stochastic_forward_matches_jacobian_xla():
   _close(*_grads(model, x, y, B // 2, jit=True))
 
 
+@pytest.mark.slow
 def test_quantized_fast_path_runs_under_xla():
   # XLA fuses float ops differently, which can move 4-bit rounding decisions,
   # so XLA and graph results are not compared here (the slow test above
