@@ -43,6 +43,8 @@ flags.DEFINE_integer("max_train", None, "Training subset size.")
 flags.DEFINE_integer("max_runs", None, "Stop after this many new runs.")
 flags.DEFINE_boolean("report", False, "Only print the Markdown tables of --log.")
 flags.DEFINE_boolean("dry_run", False, "Only list the run ids.")
+flags.DEFINE_string("export_compact", None, "With --report: also write the "
+                    "successful runs, compacted, one JSON line each, to this path.")
 
 
 def _phases():
@@ -58,7 +60,13 @@ def _phases():
 def main(argv):
   del argv
   if FLAGS.report:
-    print(run_study_lib.markdown_report(run_study_lib.load_log(FLAGS.log)))
+    records = run_study_lib.load_log(FLAGS.log)
+    print(run_study_lib.markdown_report(records))
+    if FLAGS.export_compact:
+      import json  # pylint: disable=g-import-not-at-top
+      with open(FLAGS.export_compact, "w") as f:
+        for rec in sorted(records, key=lambda r: r.get("finished_utc") or ""):
+          f.write(json.dumps(run_study_lib.compact_record(rec)) + "\n")
     return
   from dpquant_tf import data, models, quantization  # pylint: disable=g-import-not-at-top,g-multiple-import
   ds = data.load_dataset(FLAGS.dataset, max_test=10)

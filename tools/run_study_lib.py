@@ -28,7 +28,8 @@ import numpy as np
 
 from dpquant_tf import _validation
 
-__all__ = ["Phase", "RunSpec", "claim_checks", "completed_ids", "load_log",
+__all__ = ["Phase", "RunSpec", "claim_checks", "compact_record", "completed_ids",
+           "load_log",
            "pareto_gaps", "markdown_report", "num_quantized",
            "run_study", "static_subsets", "study_runs", "summarize"]
 
@@ -410,3 +411,17 @@ def dp_amplification(summary: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
       rows.setdefault(key, {})[tag] = (
           None if not (fp32 and st) else fp32["acc_mean"] - st["acc_mean"])
   return {"dp_tags": dp_tags, "rows": rows}
+
+
+_COMPACT_KEYS = ("run_id", "test_accuracy", "epsilon", "delta", "analysis_share",
+                 "noise_multiplier", "steps", "theoretical_speedup", "wall_seconds",
+                 "train_seconds", "finished_utc")
+
+
+def compact_record(record: Mapping[str, Any]) -> Dict[str, Any]:
+  """The fields of a study record that the report and the plot use."""
+  out = {k: record.get(k) for k in _COMPACT_KEYS}
+  out["config"] = {k: v for k, v in record["config"].items()
+                   if k not in ("metrics_json", "export_dir", "tensorboard_dir", "verbose")}
+  out["quantized_per_epoch"] = [p.get("quantized", []) for p in record.get("plan_per_epoch", [])]
+  return out
