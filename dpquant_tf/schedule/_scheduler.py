@@ -20,7 +20,6 @@ post-processing of released values (weights, the estimator's noised releases).
 """
 
 import json
-import logging
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -31,7 +30,6 @@ from dpquant_tf.schedule import _base
 from dpquant_tf.schedule import _estimator as _est
 from dpquant_tf.schedule import _plan
 
-_log = logging.getLogger(__name__)
 
 
 def _is_dpquant_optimizer(optimizer) -> bool:
