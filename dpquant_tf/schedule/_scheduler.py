@@ -31,7 +31,6 @@ from dpquant_tf.schedule import _estimator as _est
 from dpquant_tf.schedule import _plan
 
 
-
 def _is_dpquant_optimizer(optimizer) -> bool:
   try:
     from dpquant_tf.optimizers import _dp_quant  # pylint: disable=g-import-not-at-top
