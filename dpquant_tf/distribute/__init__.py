@@ -3,7 +3,7 @@
 See docs/DISTRIBUTED.md. Public names:
 
 * strategies: `StrategyKind`, `make_strategy`, `configure_cpu_devices`,
-  `is_multi_worker`, `check_scheduler`;
+  `is_multi_worker`, `check_scheduler`, `local_variable`;
 * replica-context arithmetic used by the DP optimizers: `num_replicas_in_sync`,
   `replica_noise_stddev`, `add_replica_noise`, `check_generator_strategy`,
   `global_example_count`, `global_normalizer`,
@@ -35,6 +35,7 @@ from dpquant_tf.distribute._replica import update_quantization_guard
 from dpquant_tf.distribute._strategy import check_scheduler
 from dpquant_tf.distribute._strategy import configure_cpu_devices
 from dpquant_tf.distribute._strategy import is_multi_worker
+from dpquant_tf.distribute._strategy import local_variable
 from dpquant_tf.distribute._strategy import make_strategy
 from dpquant_tf.distribute._strategy import StrategyKind
 from dpquant_tf.distribute._traffic import code_sum_bits
@@ -60,6 +61,7 @@ __all__ = [
     "install_watchdog",
     "is_multi_worker",
     "local_tf_config",
+    "local_variable",
     "make_strategy",
     "num_replicas_in_sync",
     "poisson_input",

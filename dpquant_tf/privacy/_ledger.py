@@ -19,6 +19,7 @@ from dp_accounting import dp_event as dp_event_lib
 import tensorflow as tf
 
 from dpquant_tf import _validation as V
+from dpquant_tf.distribute import _strategy as _dist_strategy
 from dpquant_tf.privacy import _accounting
 
 __all__ = ["EventKind", "PrivacyLedger", "SamplingMethod"]
@@ -92,8 +93,10 @@ class PrivacyLedger(tf.Module):
                                    _accounting.Accountant)
     self.dataset_size = (None if dataset_size is None else
                          V.check_int("dataset_size", dataset_size, low=1))
-    self._records = tf.Variable("[]", dtype=tf.string, trainable=False,
-                                name="recorded_events")
+    # Host-side state: never mirrored (MultiWorkerMirroredStrategy cannot
+    # broadcast strings), also when the ledger is created in a strategy scope.
+    self._records = _dist_strategy.local_variable(
+        "[]", dtype=tf.string, name="recorded_events")
     self._attached = _Attached()
     self._parsed = ("[]", [])
 
