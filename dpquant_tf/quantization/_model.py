@@ -178,14 +178,12 @@ def quantize_model(model, *, layers: Optional[Iterable[str]] = None,
         _validation.fail("layers", name,
                          f"a {_layers.SUPPORTED} layer; quantizable: {names}")
     chosen = set(layers)
-  counter = [0]
 
   def replace(layer):
     if layer.name not in chosen or isinstance(layer, QuantizedLayer):
       return None
     inner = layer.__class__.from_config(layer.get_config())
     layer_seed = None if seed is None else seed + names.index(layer.name)
-    counter[0] += 1
     return QuantizedLayer(
         inner, enabled=config.enabled, fwd_format=config.fwd_format,
         fwd_bits=config.fwd_bits, bwd_format=config.bwd_format,
