@@ -224,10 +224,41 @@ class _DPQuantMixin(_state.DPStateMixin):
     self.build(var_list)
     with tf.keras.backend.name_scope(self._name + "/gradients"):
       nmb = self._microbatch_count(loss)
-      grads = self._per_example_gradients(loss, var_list, tape, nmb)
-      summed, sens_ratio = self._clip_quantize_sum(grads)
+      taps = self._per_example_taps(loss, var_list, tape, nmb)
+      if taps is None:
+        grads = self._per_example_gradients(loss, var_list, tape, nmb)
+        summed, sens_ratio = self._clip_quantize_sum(grads)
+      else:
+        summed, sens_ratio = self._clip_quantize_sum_taps(taps)
       final = self._noise_and_normalize(summed, loss, nmb, sens_ratio)
     return list(zip(final, var_list))
+
+  def _per_example_taps(self, loss, var_list, tape, num_microbatches):
+    """The fast path's taps (``perexample.collect``), or None (jacobian)."""
+    if self._per_example_method is not PerExampleMethod.AUTO:
+      return None
+    try:
+      from dpquant_tf import perexample  # pylint: disable=g-import-not-at-top
+      collect = perexample.collect
+    except (ImportError, AttributeError):
+      return None
+    return collect(loss, var_list, tape, num_microbatches,
+                   fallback=self._jacobian_per_example_gradients)
+
+  def _clip_quantize_sum_taps(self, taps):
+    """Like `_clip_quantize_sum`; with gradient quantization off, the clipped
+    sum comes from `taps.clipped_sum` (ghost norms, no materialized
+    per-example Dense gradients). Same clip, same sensitivity (C)."""
+    quant_on = tf.reduce_any(self._bits_var > 0)
+
+    def quantized():
+      return self._clip_quantize_sum(taps.per_example_gradients())
+
+    def plain():
+      summed, _ = taps.clipped_sum(self.l2_norm_clip_var)
+      return summed, tf.constant(1.0, tf.float64)
+
+    return tf.cond(quant_on, quantized, plain)
 
   def _clip_quantize_sum(self, grads):
     """Clips (and quantizes) per-example gradients; returns sums and the
