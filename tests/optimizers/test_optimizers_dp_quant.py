@@ -278,3 +278,29 @@ def test_custom_training_loop_minimize_in_tf_function():
   step(x[8:], y[8:])
   assert opt.dp_event_steps() == 2
   assert not np.allclose(before[0], model.trainable_variables[0].numpy())
+
+
+def test_auto_path_on_quantized_conv_model_equals_jacobian():
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from dpquant_tf import quantization  # pylint: disable=g-import-not-at-top
+  tf.keras.utils.set_random_seed(0)
+  model = quantization.quantize_model(tf.keras.Sequential([
+      tf.keras.layers.Conv2D(4, 3, activation="relu", input_shape=(8, 8, 1)),
+      tf.keras.layers.Flatten(), tf.keras.layers.Dense(10)]))
+  plan = quantization.get_plan(model)
+  quantization.set_plan(model, {k: dataclasses.replace(v, enabled=False)
+                                for k, v in plan.layers.items()})
+  rng = np.random.default_rng(0)
+  x = rng.random((8, 8, 8, 1)).astype("float32")
+  y = rng.integers(0, 10, 8)
+
+  def grads(method):
+    opt = DPQuantOptimizer(0.5, 0.0, per_example_method=method)
+    with tf.GradientTape() as tape:
+      loss = tf.keras.losses.SparseCategoricalCrossentropy(
+          from_logits=True, reduction="none")(y, model(x, training=True))
+    return [g.numpy() for g, _ in opt._compute_gradients(
+        loss, model.trainable_variables, tape=tape)]
+
+  for a, b in zip(grads("auto"), grads("jacobian")):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
