@@ -6,7 +6,8 @@ r"""Privacy of a planned DPQuant run, or the noise for a target epsilon.
       --batch_size=256 --target_epsilon=3 --epochs=60 --analysis_period=2 --json
 
 With --json it prints one JSON object (epsilon, noise_multiplier, steps,
-analysis_epsilon_share, statement, ...). Logic: tools/compute_dpquant_privacy_lib.py.
+analysis_epsilon_share, statement, ...).
+Logic: tools/compute_dpquant_privacy_lib.py.
 """
 
 import json

@@ -1,4 +1,4 @@
-"""DP optimizers with quantized per-example gradients (TF-Privacy subclasses)."""
+"""DP optimizers with quantized per-example gradients (TF-Privacy classes)."""
 
 from dpquant_tf.optimizers._dp_quant import DPQuantAdamOptimizer
 from dpquant_tf.optimizers._dp_quant import DPQuantOptimizer

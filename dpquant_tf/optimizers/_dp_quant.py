@@ -131,7 +131,8 @@ class _DPQuantMixin(_state.DPStateMixin):
     BatchNormalization, range-tracking quantizers) when available.
     """
     try:
-      from dpquant_tf.quantization import validate_model  # pylint: disable=g-import-not-at-top
+      # pylint: disable-next=g-import-not-at-top
+      from dpquant_tf.quantization import validate_model
     except ImportError:
       validate_model = None
     problems = []

@@ -44,7 +44,8 @@ def test_inverse_round_trip():
 
 def test_binary_prints_one_json_object():
   proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "tools", "compute_dpquant_privacy.py"),
+      [sys.executable,
+       os.path.join(ROOT, "tools", "compute_dpquant_privacy.py"),
        "--dataset_size=1000", "--batch_size=50", "--epochs=3",
        "--noise_multiplier=1.2", "--sampling=shuffled", "--json"],
       capture_output=True, text=True, check=True, timeout=120,
