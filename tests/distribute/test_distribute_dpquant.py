@@ -109,3 +109,32 @@ def test_schedule_callback_assigns_bits_under_mirrored_strategy():
   assert set(optimizer.gradient_bits().values()) == {8}
   assert np.all(np.isfinite(history.history["loss"]))
   assert optimizer.dp_event_steps() == 2
+
+
+def test_wrapped_model_under_two_replicas_equals_one_device():
+  """A QuantizedLayer model (taps, quantization off): one device takes the fast
+  per-example path; under 2 local replicas each layer is called once per
+  replica in one trace, so dpquant_tf.perexample falls back to the jacobian.
+  Both give the same update: no tap is mixed across replicas."""
+  x, y = _helpers.data(n=8, d_out=3)
+  deltas = []
+  for r in (1, 2):
+    strategy = _helpers.mirrored(r)
+    with strategy.scope():
+      tf.keras.utils.set_random_seed(0)
+      base = tf.keras.Sequential([
+          tf.keras.layers.Dense(6, activation="tanh", input_shape=(5,)),
+          tf.keras.layers.Dense(3)])
+      model = quantization.quantize_model(base)
+      names = [l.name for l in quantization.quantizable_layers(model)]
+      quantization.set_plan(model, quantization.QuantPlan.select(names, []))
+      optimizer = optimizers.DPQuantOptimizer(
+          l2_norm_clip=0.3, noise_multiplier=0.0, learning_rate=1.0, seed=1)
+      model.compile(optimizer=optimizer, loss=_helpers.per_example_mse())
+    before = [w.numpy().copy() for w in model.trainable_variables]
+    model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+    deltas.append([w.numpy() - b
+                   for w, b in zip(model.trainable_variables, before)])
+  for a, b in zip(*deltas):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+  assert max(np.abs(d).max() for d in deltas[0]) > 1e-3
