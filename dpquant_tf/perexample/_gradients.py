@@ -197,14 +197,27 @@ class PerExampleTaps:
       t.set_shape([m] + var.shape.as_list())
     return t
 
+  def _k(self, x):
+    """Examples per microbatch: an int when static, else a scalar tensor."""
+    m, b = self._m_for(x), _batch(x)
+    if isinstance(m, int) and isinstance(b, int):
+      return b // m
+    return tf.cast(b, tf.int32) // tf.cast(m, tf.int32)
+
   def per_example_gradients(self) -> List[tf.Tensor]:
     """One ``[M, *var.shape]`` tensor per variable, in ``var_list`` order."""
     grads: List[Optional[tf.Tensor]] = [None] * len(self._vars)
     for slot, entries, x, g in self._layers:
-      m = self._m_for(x)
+      m, k = self._m_for(x), self._k(x)
       per_role = _apply_rule(slot.kind, slot.layer.layer, x, g, m, self._chunk)
       for i, role in entries:
-        grads[i] = self._shaped(per_role[role], self._vars[i], m)
+        t = per_role[role]
+        if isinstance(k, int):
+          t = t if k == 1 else t / tf.cast(k, t.dtype)
+        else:   # the mean over each microbatch; skipped at run time if k = 1
+          t = tf.cond(k > 1, lambda t=t: t / tf.cast(k, t.dtype),
+                      lambda t=t: tf.identity(t))
+        grads[i] = self._shaped(t, self._vars[i], m)
     for i, t in self._fallback.items():
       grads[i] = t
     return grads
@@ -234,7 +247,7 @@ class PerExampleTaps:
     for slot, entries, x, g in self._layers:
       parts.append(self._layer_part(slot, entries, x, g))
     for i, t in self._fallback.items():
-      parts.append(_materialized_part({i: t}))
+      parts.append(_materialized_part({i: t}, 1))
     sq = tf.add_n([p[0] for p in parts])
     norm = tf.sqrt(sq)
     norm = tf.where(tf.math.is_finite(norm), norm,
@@ -253,7 +266,8 @@ class PerExampleTaps:
     inner = slot.layer.layer
     def materialized():
       per_role = _apply_rule(slot.kind, inner, x, g, m, self._chunk)
-      return _materialized_part({i: per_role[role] for i, role in entries})
+      return _materialized_part({i: per_role[role] for i, role in entries},
+                                self._k(x))
 
     if slot.kind is not _registry.LayerKind.DENSE or x.shape.rank != 2:
       return materialized()
@@ -277,16 +291,29 @@ class PerExampleTaps:
     return sq, finish
 
 
-def _materialized_part(grads):
-  """Norm and clipped sum of materialized per-microbatch gradients."""
-  sq = tf.add_n([tf.reduce_sum(tf.square(tf.reshape(
-      tf.cast(t, tf.float32), [tf.shape(t)[0], -1])), axis=1)
-                 for t in grads.values()])
+def _materialized_part(sums, k):
+  """Norm and clipped sum of materialized per-microbatch gradient *sums*.
+
+  The microbatch gradient is ``sum / k``: its norm is ``|sum| / k`` and its
+  clipped contribution ``(scale / k) * sum``, so the division by ``k`` costs
+  nothing on the large tensors.
+  """
+  k_f = tf.cast(k, tf.float32)
+  sq = tf.add_n([_row_sq_norms(t) for t in sums.values()])
+  if not (isinstance(k, int) and k == 1):
+    sq = sq / (k_f * k_f)
 
   def finish(scale):
-    return {i: tf.tensordot(tf.cast(scale, t.dtype), t, axes=1)
-            for i, t in grads.items()}
+    w = scale if isinstance(k, int) and k == 1 else scale / k_f
+    return {i: tf.tensordot(tf.cast(w, t.dtype), t, axes=1)
+            for i, t in sums.items()}
   return sq, finish
+
+
+def _row_sq_norms(t):
+  """[M, ...] -> [M] squared L2 norms (one batched dot, no squared copy)."""
+  flat = tf.reshape(tf.cast(t, tf.float32), [tf.shape(t)[0], 1, -1])
+  return tf.reshape(tf.matmul(flat, flat, transpose_b=True), [-1])
 
 
 def _ghost_dense_part(inner, entries, x, g):

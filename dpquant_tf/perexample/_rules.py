@@ -6,12 +6,14 @@ backward pass gives every example's row, because example ``b``'s loss depends
 only on row ``b``), and the number of microbatches ``M`` (``B`` divisible by
 ``M``; microbatch ``j`` holds examples ``j*k .. (j+1)*k - 1`` with ``k = B/M``,
 as in TF-Privacy). It returns ``{role: [M, *var.shape]}``: the gradient of the
-*mean* loss over each microbatch, which is TF-Privacy's per-microbatch gradient.
+*summed* loss over each microbatch; dividing by ``k`` (done by the caller, once,
+or folded into the clip scale) gives TF-Privacy's per-microbatch gradient, that
+of the mean loss.
 
-Math (per microbatch ``m``, ``k`` examples; sums run over the examples of ``m``
+Math (per microbatch ``m`` of ``k`` examples, before the 1/k; sums run over the examples of ``m``
 and over positions ``t`` such as sequence steps or output pixels):
 
-* Dense ``z = x W + b``: ``dW_m = (1/k) sum_{b,t} x_{b,t}^T g_{b,t}``.
+* Dense ``z = x W + b``: ``dW_m = sum_{b,t} x_{b,t}^T g_{b,t}``.
 * Conv: the same with ``x`` replaced by its patches (a one-hot-kernel
   convolution or ``tf.image.extract_patches`` with the layer's strides,
   dilation and padding; Conv1D as a 1xL image). For ``padding="causal"`` the
@@ -52,14 +54,9 @@ def _per_mb(t, m, last_dims: int):
   return tf.reshape(t, [m, -1] + last)
 
 
-def _scale(t, x, m):
-  """Divides a per-microbatch sum by k = B / M (mean over the microbatch)."""
-  b = _batch(x)
-  if isinstance(b, int) and isinstance(m, int):
-    k = b // m
-    return t if k == 1 else t / tf.cast(k, t.dtype)
-  k = tf.cast(b, t.dtype) / tf.cast(m, t.dtype)
-  return t / k
+def _scale(t, x, m):  # pylint: disable=unused-argument
+  """Rules return per-microbatch sums; the caller divides by k = B / M."""
+  return t
 
 
 def _bias_grad(g, m, x):
@@ -218,11 +215,11 @@ def einsum_dense_grads(layer, x, g, m) -> Dict[str, tf.Tensor]:
 
 
 def _mean_mb(t, m):
-  """[B, *s] -> [M, *s], the mean over each microbatch's k examples."""
+  """[B, *s] -> [M, *s], the sum over each microbatch's k examples."""
   shape = t.shape.as_list()[1:]
   if t.shape[0] is not None and isinstance(m, int) and t.shape[0] == m:
     return t
-  return tf.reduce_mean(tf.reshape(t, [m, -1] + shape), axis=1)
+  return tf.reduce_sum(tf.reshape(t, [m, -1] + shape), axis=1)
 
 
 def embedding_grads(layer, x, g, m) -> Dict[str, tf.Tensor]:
