@@ -94,11 +94,11 @@ def kernel_output_axes(layer):
 
 
 @tf.custom_gradient
-def _straight_through(x, q):
-  """Returns q; the gradient flows to x unchanged (straight-through)."""
-  def grad(dy):
-    return dy, None
-  return tf.identity(q), grad
+def _straight_through(x, k, qx, qk):
+  """Returns (qx, qk); gradients flow to x and k unchanged (straight-through)."""
+  def grad(dqx, dqk):
+    return dqx, dqk, None, None
+  return (tf.identity(qx), tf.identity(qk)), grad
 
 
 @tf.keras.utils.register_keras_serializable(package="dpquant_tf")
@@ -179,11 +179,18 @@ class QuantizedLayer(_layers.Wrapper):
     return _quantizers.quantize(x, fmt, bits, rounding=self.rounding,
                                 generator=self.generator, scale_axes=axes)
 
-  def _fake_quant(self, x, on, axes):
-    """Forward quantization with a straight-through gradient."""
-    q = tf.cond(on, lambda: self._quantize(x, self.fwd_format, self.fwd_bits, axes),
-                lambda: tf.identity(x))
-    return _straight_through(x, tf.stop_gradient(q))
+  def _fake_quant(self, x, kernel, on, weight_axes):
+    """Forward quantization of input and kernel, straight-through gradients.
+
+    One `tf.cond` for both tensors keeps the cost of a disabled layer low.
+    """
+    def quantized():
+      return (self._quantize(x, self.fwd_format, self.fwd_bits,
+                             _quantizers.example_axes(x)),
+              self._quantize(kernel, self.fwd_format, self.fwd_bits, weight_axes))
+
+    qx, qk = tf.cond(on, quantized, lambda: (x, kernel))
+    return _straight_through(x, kernel, tf.stop_gradient(qx), tf.stop_gradient(qk))
 
   def _backward_quantizer(self, z, on):
     """Identity whose gradient is quantized per example."""
@@ -194,7 +201,7 @@ class QuantizedLayer(_layers.Wrapper):
         return tf.cond(
             on, lambda: self._quantize(dy, self.bwd_format, self.bwd_bits,
                                        _quantizers.example_axes(dy)),
-            lambda: tf.identity(dy))
+            lambda: dy)
       return tf.identity(z), grad
 
     return identity(z)
@@ -254,10 +261,9 @@ class QuantizedLayer(_layers.Wrapper):
     enabled = tf.convert_to_tensor(self.enabled)
     fwd_on = tf.logical_and(enabled, self.fwd_bits > 0)
     bwd_on = tf.logical_and(enabled, self.bwd_bits > 0)
-    qx = self._fake_quant(x, fwd_on, _quantizers.example_axes(x))
     kernel = kernel_of(layer)
-    qk = self._fake_quant(tf.convert_to_tensor(kernel), fwd_on,
-                          self._weight_axes(kernel))
+    qx, qk = self._fake_quant(x, tf.convert_to_tensor(kernel), fwd_on,
+                              self._weight_axes(kernel))
     z = self._op(qx, qk)
     if not tf.executing_eagerly() and self.kind in (LayerKind.CONV1D,
                                                      LayerKind.CONV2D):
