@@ -84,8 +84,9 @@ def markdown(report: dict) -> str:
          f"{report['schedule_bits']}. Payload bytes one replica sends per "
          "step (ratio to float32).", "",
          "| R | epoch | bits | float32 sum (runs) | b-bit codes per example "
-         "+ scale | integer code sum (b-bit transport) |",
-         "|---|---|---|---|---|---|"]
+         "+ scale | integer code sum (b-bit transport) | packed int64 code "
+         "sum (TF all-reduce) |",
+         "|---|---|---|---|---|---|---|"]
   for block in report["by_replicas"]:
     r = block["replicas"]
     for row in block["per_epoch"]:
@@ -94,12 +95,14 @@ def markdown(report: dict) -> str:
           f"| {r} | {row['epoch']} | {row['bits']} | "
           f"{p['float32_sum']:,} | {p['codes_per_example']:,} "
           f"({q['codes_per_example']:.2f}x) | {p['code_sum']:,} "
-          f"({q['code_sum']:.3f}x) |")
+          f"({q['code_sum']:.3f}x) | {p['packed_code_sum']:,} "
+          f"({q['packed_code_sum']:.3f}x) |")
     a, q = block["schedule_average_bytes"], block["schedule_average_ratio"]
     out.append(
         f"| {r} | average | - | {a['float32_sum']:,.0f} | "
         f"{a['codes_per_example']:,.0f} ({q['codes_per_example']:.2f}x) | "
-        f"{a['code_sum']:,.0f} ({q['code_sum']:.3f}x) |")
+        f"{a['code_sum']:,.0f} ({q['code_sum']:.3f}x) | "
+        f"{a['packed_code_sum']:,.0f} ({q['packed_code_sum']:.3f}x) |")
   return "\n".join(out)
 
 

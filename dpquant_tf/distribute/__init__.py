@@ -13,7 +13,8 @@ See docs/DISTRIBUTED.md. Public names:
 * a loopback cluster for `MultiWorkerMirroredStrategy`: `run_local_cluster`,
   `free_ports`, `local_tf_config`, `install_watchdog`, `WorkerResult`;
 * bytes per step on the wire: `Transport`, `step_traffic`, `TrafficRow`,
-  `code_sum_bits`, `ring_factor`;
+  `code_sum_bits`, `ring_factor`; exact all-reduce of b-bit code sums packed
+  into int64 words: `pack_layout`, `PackLayout`, `all_reduce_code_sums`;
 * the design's reference optimizer `PrototypeDPSGDOptimizer`.
 """
 
@@ -24,6 +25,9 @@ from dpquant_tf.distribute._cluster import run_local_cluster
 from dpquant_tf.distribute._cluster import WorkerResult
 from dpquant_tf.distribute._data import poisson_input
 from dpquant_tf.distribute._data import sharded_poisson_dataset_fn
+from dpquant_tf.distribute._packing import all_reduce_code_sums
+from dpquant_tf.distribute._packing import pack_layout
+from dpquant_tf.distribute._packing import PackLayout
 from dpquant_tf.distribute._prototype import PrototypeDPSGDOptimizer
 from dpquant_tf.distribute._replica import add_replica_noise
 from dpquant_tf.distribute._replica import check_generator_strategy
@@ -45,12 +49,14 @@ from dpquant_tf.distribute._traffic import TrafficRow
 from dpquant_tf.distribute._traffic import Transport
 
 __all__ = [
+    "PackLayout",
     "PrototypeDPSGDOptimizer",
     "StrategyKind",
     "TrafficRow",
     "Transport",
     "WorkerResult",
     "add_replica_noise",
+    "all_reduce_code_sums",
     "check_generator_strategy",
     "check_scheduler",
     "code_sum_bits",
@@ -64,6 +70,7 @@ __all__ = [
     "local_variable",
     "make_strategy",
     "num_replicas_in_sync",
+    "pack_layout",
     "poisson_input",
     "replica_noise_stddev",
     "ring_factor",

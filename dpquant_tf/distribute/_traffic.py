@@ -20,6 +20,11 @@ clipped per-example coordinate on the public grid (C / L_l) * {-L_l..L_l}):
   reduction, identically on every replica; dpquant_tf does not implement
   that transport (TF's collectives all-reduce int32/int64, not w-bit
   integers), so this column is what a b-bit transport would move.
+* `Transport.PACKED_CODE_SUM`: the same integer sums packed floor(63 / w_l)
+  fields per int64 word, which TF's collectives *do* all-reduce exactly
+  (`dpquant_tf.distribute.all_reduce_code_sums`, tested under
+  MirroredStrategy): sum_l 8 * ceil(d_l / floor(63 / w_l)) bytes. Same
+  caveat on the noise.
 
 Bytes are the payload per replica per step; a ring all-reduce moves
 2 (R - 1) / R times the payload per replica (`ring_factor`), a gather of
@@ -50,6 +55,7 @@ class Transport(enum.Enum):
   FLOAT32_SUM = "float32_sum"
   CODES_PER_EXAMPLE = "codes_per_example"
   CODE_SUM = "code_sum"
+  PACKED_CODE_SUM = "packed_code_sum"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,19 +108,24 @@ def step_traffic(var_sizes: Sequence[int], bits: Sequence[int], *,
   fp32 = FLOAT32_BYTES * sum(sizes)
   per_example = 0
   code_sum = 0
+  packed = 0
   for d, b in zip(sizes, bits):
     if b == 0:
       per_example += FLOAT32_BYTES * d
       code_sum += FLOAT32_BYTES * d
+      packed += FLOAT32_BYTES * d
     else:
+      width = code_sum_bits(b, global_batch)
       per_example += int(math.ceil(d * b / 8))
-      code_sum += int(math.ceil(d * code_sum_bits(b, global_batch) / 8))
+      code_sum += int(math.ceil(d * width / 8))
+      packed += 8 * int(math.ceil(d / (63 // width)))
   quantized = any(b > 0 for b in bits)
   payload = {
       Transport.FLOAT32_SUM.value: fp32,
       Transport.CODES_PER_EXAMPLE.value: n_local * (
           per_example + (SCALE_BYTES if quantized else 0)),
       Transport.CODE_SUM.value: code_sum,
+      Transport.PACKED_CODE_SUM.value: packed,
   }
   distinct = set(bits)
   return TrafficRow(

@@ -80,3 +80,12 @@ def test_benchmark_traffic_tool_on_the_tutorial_cnn():
   assert ratios == sorted(ratios) and ratios[-1] < 1.0
   text = benchmark_traffic_lib.markdown(report)
   assert "| 2 | average |" in text
+
+
+def test_packed_column_matches_the_packing_layout():
+  row = distribute.step_traffic([26010], [4], global_batch=256,
+                                num_replicas=4)
+  layout = distribute.pack_layout(4, 256)
+  assert row.payload_bytes["packed_code_sum"] == layout.payload_bytes(26010)
+  assert row.ratio_vs_float32["code_sum"] < row.ratio_vs_float32[
+      "packed_code_sum"] < 1.0
