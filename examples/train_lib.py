@@ -245,6 +245,109 @@ def _write_json(path: str, obj) -> None:
     json.dump(obj, f, indent=2, default=str)
 
 
+def _quantized_model(cfg: TrainConfig, ds):
+  """Builds the model with every quantizable layer wrapped and switched off.
+
+  Every run (fp32 included) wraps the quantizable layers, so that all runs
+  share one per-example gradient path; fp32 keeps every layer switched off
+  (the wrapper is then the plain layer).
+
+  Returns:
+    (model, layer infos, the all-off plan).
+  """
+  from dpquant_tf import quantization  # pylint: disable=g-import-not-at-top
+  model = quantization.quantize_model(
+      dp_models.build_model(cfg.model, ds.input_shape, ds.num_classes))
+  layers = quantization.quantizable_layers(model)
+  all_off = quantization.QuantPlan.select(
+      [l.name for l in layers], [], config=base_layer_config(cfg.format))
+  quantization.set_plan(model, all_off)
+  return model, layers, all_off
+
+
+def _make_estimator(cfg: TrainConfig, ds, policy, loss):
+  if policy is None or not policy.needs_sensitivities:
+    return None
+  from dpquant_tf import schedule  # pylint: disable=g-import-not-at-top
+  return schedule.LossSensitivityEstimator(
+      ds.x_train, ds.y_train, sampling_rate=cfg.analysis_sampling_rate,
+      noise_multiplier=cfg.analysis_noise_multiplier, clip=cfg.analysis_clip,
+      loss=loss)
+
+
+def _input_pipeline(cfg: TrainConfig, ds, *, batch: int, q: float, estimator,
+                    policy):
+  """Returns (train_data, steps_per_epoch, ledger, noise multiplier).
+
+  DP: Poisson batches at rate q, a Poisson ledger, the noise calibrated to
+  the target epsilon with the planned analyses. Non-DP: shuffled batches, and
+  a ledger only to account the estimator (if any).
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from dpquant_tf import privacy  # pylint: disable=g-import-not-at-top
+  n = len(ds.x_train)
+  if not cfg.dp:
+    data = (tf.data.Dataset.from_tensor_slices((ds.x_train, ds.y_train))
+            .shuffle(n, seed=cfg.seed).batch(batch))
+    ledger = privacy.PrivacyLedger() if estimator is not None else None
+    return data, int(math.ceil(n / batch)), ledger, 0.0
+  steps_per_epoch = max(1, int(round(1.0 / q)))
+  ledger = privacy.PrivacyLedger(sampling_method=privacy.SamplingMethod.POISSON,
+                                 dataset_size=n)
+  analyses = ([(estimator.dp_event(), _num_analyses(cfg, policy))]
+              if estimator is not None else [])
+  if cfg.target_epsilon is not None:
+    noise = privacy.calibrate_noise_multiplier(
+        cfg.target_epsilon, cfg.delta, n, batch, cfg.epochs, analyses=analyses)
+  else:
+    noise = float(cfg.noise_multiplier)
+  # Under a multi-worker strategy: disjoint per-worker shards, each
+  # Poisson-sampled at the global q (docs/DISTRIBUTED.md).
+  data = distribute.poisson_input(tf.distribute.get_strategy(), ds.x_train,
+                                  ds.y_train, q, steps=steps_per_epoch)
+  print(f"DP-SGD: noise_multiplier={noise:.4f} clip={cfg.l2_norm_clip} "
+        f"Poisson sampling q={q:.4g} (expected batch {batch}), "
+        f"{steps_per_epoch} steps/epoch, {cfg.epochs} epochs")
+  return data, steps_per_epoch, ledger, noise
+
+
+def _callbacks(cfg: TrainConfig, policy, ledger, estimator) -> Tuple[list, Any]:
+  """Returns (callbacks, scheduler or None)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  callbacks: List[Any] = []
+  scheduler = None
+  if policy is not None:
+    from dpquant_tf import schedule  # pylint: disable=g-import-not-at-top
+    scheduler = schedule.DPQuantScheduler(
+        policy, ledger=ledger, estimator=estimator,
+        delta=cfg.delta if cfg.dp else None,
+        base_config=base_layer_config(cfg.format), seed=cfg.seed)
+    distribute.check_scheduler(scheduler)  # same plan on every worker
+    callbacks.append(scheduler)
+  if cfg.dp:
+    from dpquant_tf import privacy  # pylint: disable=g-import-not-at-top
+    callbacks.append(privacy.PrivacyCallback(ledger, cfg.delta))
+  if cfg.tensorboard_dir:
+    callbacks.append(tf.keras.callbacks.TensorBoard(cfg.tensorboard_dir))
+  return callbacks, scheduler
+
+
+def _report(cfg: TrainConfig, metrics: Dict[str, Any], ledger) -> None:
+  """Prints the results; adds epsilon, analysis share and statement (DP)."""
+  print(f"Test accuracy: {metrics['test_accuracy']:.4f}")
+  print(f"Theoretical speed-up (cost model, {cfg.format}): "
+        f"{metrics['theoretical_speedup']:.3f}x")
+  if not cfg.dp:
+    return
+  eps = ledger.epsilon(cfg.delta)
+  metrics["epsilon"] = float(eps) if math.isfinite(eps) else None
+  metrics["analysis_share"] = float(ledger.analysis_share(cfg.delta))
+  metrics["privacy_statement"] = ledger.statement(cfg.delta)
+  print(f"Privacy: epsilon={eps:.3f} at delta={cfg.delta:g} (Poisson "
+        f"sampling; analysis share {100 * metrics['analysis_share']:.2f}%)")
+  print(metrics["privacy_statement"])
+
+
 def train(config: TrainConfig) -> TrainResult:
   """Trains one model, evaluates it, optionally exports it and writes metrics.
 
@@ -256,8 +359,8 @@ def train(config: TrainConfig) -> TrainResult:
   """
   cfg = config.validate()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from dpquant_tf import quantization  # pylint: disable=g-import-not-at-top
   start = time.time()
-  policy_name = _validation.check_enum("policy", cfg.policy, PolicyName)
   if cfg.seed is not None:
     tf.keras.utils.set_random_seed(cfg.seed)
   ds = dp_data.load_dataset(cfg.dataset, max_train=cfg.max_train,
@@ -266,92 +369,30 @@ def train(config: TrainConfig) -> TrainResult:
   n = len(ds.x_train)
   batch = min(cfg.batch_size, n)
   q = batch / n
-  steps_per_epoch = max(1, int(round(1.0 / q)))
-  model = dp_models.build_model(cfg.model, ds.input_shape, ds.num_classes)
-  policy = _make_policy(cfg, policy_name)
-  base_cfg = base_layer_config(cfg.format)
-  # Every run (fp32 included) wraps the quantizable layers, so that all runs
-  # share one per-example gradient path; fp32 keeps every layer switched off
-  # (the wrapper is then the plain layer).
-  from dpquant_tf import quantization  # pylint: disable=g-import-not-at-top
-  model = quantization.quantize_model(model)
-  layers = quantization.quantizable_layers(model)
-  all_off = quantization.QuantPlan.select([l.name for l in layers], [],
-                                          config=base_cfg)
-  quantization.set_plan(model, all_off)
+  model, layers, all_off = _quantized_model(cfg, ds)
+  policy = _make_policy(cfg, _validation.check_enum("policy", cfg.policy, PolicyName))
   # DP optimizers need per-example losses (Reduction.NONE); plain SGD gets the
   # batch mean (a NONE loss would make Keras differentiate the batch sum).
   loss = tf.keras.losses.SparseCategoricalCrossentropy(
       from_logits=True, reduction=(tf.keras.losses.Reduction.NONE if cfg.dp
                                    else tf.keras.losses.Reduction.AUTO))
-
-  ledger = estimator = None
-  noise = 0.0
-  callbacks: List[Any] = []
-  if cfg.dp:
-    from dpquant_tf import privacy  # pylint: disable=g-import-not-at-top
-    from dpquant_tf import schedule  # pylint: disable=g-import-not-at-top
-    ledger = privacy.PrivacyLedger(sampling_method=privacy.SamplingMethod.POISSON,
-                                   dataset_size=n)
-    if policy is not None and policy.needs_sensitivities:
-      estimator = schedule.LossSensitivityEstimator(
-          ds.x_train, ds.y_train, sampling_rate=cfg.analysis_sampling_rate,
-          noise_multiplier=cfg.analysis_noise_multiplier,
-          clip=cfg.analysis_clip, loss=loss)
-    analyses = ([(estimator.dp_event(), _num_analyses(cfg, policy))]
-                if estimator is not None else [])
-    if cfg.target_epsilon is not None:
-      noise = privacy.calibrate_noise_multiplier(
-          cfg.target_epsilon, cfg.delta, n, batch, cfg.epochs, analyses=analyses)
-    else:
-      noise = float(cfg.noise_multiplier)
-    # Under a multi-worker strategy: disjoint per-worker shards, each
-    # Poisson-sampled at the global q (docs/DISTRIBUTED.md).
-    train_data = distribute.poisson_input(tf.distribute.get_strategy(),
-                                          ds.x_train, ds.y_train, q,
-                                          steps=steps_per_epoch)
-    print(f"DP-SGD: noise_multiplier={noise:.4f} clip={cfg.l2_norm_clip} "
-          f"Poisson sampling q={q:.4g} (expected batch {batch}), "
-          f"{steps_per_epoch} steps/epoch, {cfg.epochs} epochs")
-  else:
-    train_data = (tf.data.Dataset.from_tensor_slices((ds.x_train, ds.y_train))
-                  .shuffle(n, seed=cfg.seed).batch(batch))
-    steps_per_epoch = int(math.ceil(n / batch))
-    if policy is not None and policy.needs_sensitivities:
-      from dpquant_tf import privacy, schedule  # pylint: disable=g-import-not-at-top,g-multiple-import
-      ledger = privacy.PrivacyLedger()  # accounts the estimator only
-      estimator = schedule.LossSensitivityEstimator(
-          ds.x_train, ds.y_train, sampling_rate=cfg.analysis_sampling_rate,
-          noise_multiplier=cfg.analysis_noise_multiplier,
-          clip=cfg.analysis_clip, loss=loss)
-  optimizer = _make_optimizer(cfg, noise=noise, ledger=ledger if cfg.dp else None,
-                              n=n, q=q)
-  model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
-  scheduler = None
-  if policy is not None:
-    from dpquant_tf import schedule  # pylint: disable=g-import-not-at-top
-    scheduler = schedule.DPQuantScheduler(
-        policy, ledger=ledger, estimator=estimator,
-        delta=cfg.delta if cfg.dp else None, base_config=base_cfg, seed=cfg.seed)
-    distribute.check_scheduler(scheduler)  # same plan on every worker
-    callbacks.append(scheduler)
-  if cfg.dp:
-    from dpquant_tf import privacy  # pylint: disable=g-import-not-at-top
-    callbacks.append(privacy.PrivacyCallback(ledger, cfg.delta))
-  if cfg.tensorboard_dir:
-    callbacks.append(tf.keras.callbacks.TensorBoard(cfg.tensorboard_dir))
+  estimator = _make_estimator(cfg, ds, policy, loss)
+  train_data, steps_per_epoch, ledger, noise = _input_pipeline(
+      cfg, ds, batch=batch, q=q, estimator=estimator, policy=policy)
+  model.compile(optimizer=_make_optimizer(
+      cfg, noise=noise, ledger=ledger if cfg.dp else None, n=n, q=q),
+                loss=loss, metrics=["accuracy"])
+  callbacks, scheduler = _callbacks(cfg, policy, ledger, estimator)
   model.fit(train_data, epochs=cfg.epochs, callbacks=callbacks,
             verbose=cfg.verbose, steps_per_epoch=steps_per_epoch)
   train_seconds = time.time() - start
 
-  # Evaluate the trained weights in full precision.
-  quantization.set_plan(model, all_off)
+  quantization.set_plan(model, all_off)  # evaluate in full precision
   _, acc = model.evaluate(ds.x_test, ds.y_test, batch_size=256, verbose=0)
   history = scheduler.history if scheduler is not None else [
       {"epoch": e, "quantized": [], "analysis": None} for e in range(cfg.epochs)]
-  plans, speedup = _cost_report(
-      cfg, layers, history, base_cfg,
-      _analysis_fraction(cfg, layers, estimator))
+  plans, speedup = _cost_report(cfg, layers, history, base_layer_config(cfg.format),
+                                _analysis_fraction(cfg, layers, estimator))
   metrics: Dict[str, Any] = {
       "test_accuracy": float(acc),
       "epsilon": None, "delta": cfg.delta if cfg.dp else None,
@@ -364,16 +405,7 @@ def train(config: TrainConfig) -> TrainResult:
       "plan_per_epoch": plans,
       "config": dataclasses.asdict(cfg),
   }
-  print(f"Test accuracy: {acc:.4f}")
-  print(f"Theoretical speed-up (cost model, {cfg.format}): {speedup:.3f}x")
-  if cfg.dp:
-    eps = ledger.epsilon(cfg.delta)
-    metrics["epsilon"] = float(eps) if math.isfinite(eps) else None
-    metrics["analysis_share"] = float(ledger.analysis_share(cfg.delta))
-    metrics["privacy_statement"] = ledger.statement(cfg.delta)
-    print(f"Privacy: epsilon={eps:.3f} at delta={cfg.delta:g} (Poisson "
-          f"sampling; analysis share {100 * metrics['analysis_share']:.2f}%)")
-    print(metrics["privacy_statement"])
+  _report(cfg, metrics, ledger)
   if cfg.export_dir:
     from examples import serve_lib  # pylint: disable=g-import-not-at-top
     serve_lib.export_for_serving(model, cfg.export_dir)
