@@ -243,7 +243,9 @@ class _DPQuantMixin(_state.DPStateMixin):
       collect = perexample.collect
     except (ImportError, AttributeError):
       return None
-    return collect(loss, var_list, tape, num_microbatches,
+    # None: one example per microbatch, known statically (ghost clipping).
+    per_example = None if self._num_microbatches is None else num_microbatches
+    return collect(loss, var_list, tape, per_example,
                    fallback=self._jacobian_per_example_gradients)
 
   def _clip_quantize_sum_taps(self, taps):

@@ -19,6 +19,7 @@ from absl import logging
 import tensorflow as tf
 
 from dpquant_tf import _validation
+from dpquant_tf.perexample import _ghost
 from dpquant_tf.perexample import _registry
 from dpquant_tf.perexample import _rules
 
@@ -123,7 +124,12 @@ def collect(loss, var_list: Sequence[tf.Variable], tape, num_microbatches=None,
   ``tf.cond`` branches (for example: materialized per-example gradients when
   gradient quantization is on, :meth:`PerExampleTaps.clipped_sum` when off).
   """
-  fallback = fallback or jacobian_gradients
+  user_fallback = fallback or jacobian_gradients
+
+  def fallback(loss, variables, tape, m):
+    m = tf.shape(loss)[0] if m is None else m
+    return user_fallback(loss, variables, tape, m)
+
   var_list = tf.nest.flatten(var_list)
   if chunk_size is not None:
     chunk_size = _validation.check_int("chunk_size", chunk_size, low=1)
@@ -199,6 +205,8 @@ class PerExampleTaps:
 
   def _k(self, x):
     """Examples per microbatch: an int when static, else a scalar tensor."""
+    if self._m is None:
+      return 1
     m, b = self._m_for(x), _batch(x)
     if isinstance(m, int) and isinstance(b, int):
       return b // m
@@ -227,10 +235,11 @@ class PerExampleTaps:
 
     Each microbatch gradient (all variables together) is scaled by
     ``C * min(1 / norm, 1 / C)`` (TF-Privacy's ``clip_by_global_norm``; a
-    non-finite norm gives scale 0), then summed. Dense layers with one
-    example per microbatch never materialize per-example gradients: the norm
-    is ``|x_b|^2 |g_b|^2`` (+ ``|g_b|^2`` for the bias) and the clipped sum is
-    one matmul ``x^T (s * g)``. Other layers materialize their per-example
+    non-finite norm gives scale 0), then summed. With one example per
+    microbatch, Dense and Conv layers whose per-example gradient is larger
+    than ``T^2`` (T positions) never materialize it (ghost clipping, see
+    ``_ghost``): the norm comes from Gram matrices and the clipped sum is one
+    matmul ``a^T (s * g)``. Other layers materialize their per-example
     gradients once (for the norm) and sum them with a ``tensordot``.
 
     Formal guarantee: each microbatch contributes at most C in L2 norm (up to
@@ -262,29 +271,28 @@ class PerExampleTaps:
     return sums, norm
 
   def _layer_part(self, slot, entries, x, g):
-    m = self._m_for(x)
+    m, k = self._m_for(x), self._k(x)
     inner = slot.layer.layer
+
     def materialized():
       per_role = _apply_rule(slot.kind, inner, x, g, m, self._chunk)
-      return _materialized_part({i: per_role[role] for i, role in entries},
-                                self._k(x))
+      return _materialized_part({i: per_role[role] for i, role in entries}, k)
 
-    if slot.kind is not _registry.LayerKind.DENSE or x.shape.rank != 2:
+    operands = _ghost.ghost_operands(slot.kind, inner, x, g)
+    if operands is None:
       return materialized()
-    b = _batch(x)
-    if isinstance(m, int) and isinstance(b, int):
-      return (_ghost_dense_part(inner, entries, x, g) if m == b
-              else materialized())
-    # Batch size known only at run time (Keras fit): pick the branch then.
-    same = tf.equal(tf.cast(m, tf.int32), tf.cast(b, tf.int32))
+    if isinstance(k, int):
+      return _ghost.ghost_part(operands, entries) if k == 1 else materialized()
+    # Microbatch size known only at run time: pick the branch then.
     order = [i for i, _ in entries]
-    sq = tf.cond(same, lambda: _ghost_dense_part(inner, entries, x, g)[0],
+    one = tf.equal(k, 1)
+    sq = tf.cond(one, lambda: _ghost.ghost_part(operands, entries)[0],
                  lambda: materialized()[0])
 
     def finish(scale):
       out = tf.cond(
-          same,
-          lambda: [_ghost_dense_part(inner, entries, x, g)[1](scale)[i]
+          one,
+          lambda: [_ghost.ghost_part(operands, entries)[1](scale)[i]
                    for i in order],
           lambda: [materialized()[1](scale)[i] for i in order])
       return dict(zip(order, out))
@@ -311,30 +319,9 @@ def _materialized_part(sums, k):
 
 
 def _row_sq_norms(t):
-  """[M, ...] -> [M] squared L2 norms (one batched dot, no squared copy)."""
-  flat = tf.reshape(tf.cast(t, tf.float32), [tf.shape(t)[0], 1, -1])
-  return tf.reshape(tf.matmul(flat, flat, transpose_b=True), [-1])
-
-
-def _ghost_dense_part(inner, entries, x, g):
-  """Dense, one example per microbatch: norms and sums without materializing."""
-  roles = dict((role, i) for i, role in entries)
-  g2 = tf.reduce_sum(tf.square(tf.cast(g, tf.float32)), axis=1)
-  sq = tf.zeros_like(g2)
-  if "kernel" in roles:
-    sq += tf.reduce_sum(tf.square(tf.cast(x, tf.float32)), axis=1) * g2
-  if "bias" in roles:
-    sq += g2
-
-  def finish(scale):
-    gs = g * tf.cast(scale, g.dtype)[:, None]
-    out = {}
-    if "kernel" in roles:
-      out[roles["kernel"]] = tf.matmul(x, gs, transpose_a=True)
-    if "bias" in roles:
-      out[roles["bias"]] = tf.reduce_sum(gs, axis=0)
-    return out
-  return sq, finish
+  """[M, ...] -> [M] squared L2 norms."""
+  flat = tf.reshape(tf.cast(t, tf.float32), [tf.shape(t)[0], -1])
+  return tf.reduce_sum(tf.square(flat), axis=1)
 
 
 def _batch(x):
