@@ -111,3 +111,17 @@ def test_replica_noise_stddev_and_global_count():
   for c in strategy.experimental_local_results(count):
     assert float(c) == 12.0
   assert distribute.replica_noise_stddev(2.0) == 2.0  # no strategy: R = 1
+
+
+@pytest.mark.parametrize("wrong", ["full_noise_per_replica",
+                                   "noise_split_twice"])
+def test_noise_test_rejects_wrong_placements(wrong, monkeypatch):
+  """Power: the std test above fails for both wrong placements."""
+  from dpquant_tf.distribute import _replica  # pylint: disable=g-import-not-at-top
+  if wrong == "full_noise_per_replica":
+    monkeypatch.setattr(_replica, "replica_noise_stddev", lambda s: s)
+  else:
+    monkeypatch.setattr(_replica, "replica_noise_stddev",
+                        lambda s: s / _replica.num_replicas_in_sync())
+  with pytest.raises(AssertionError):
+    test_total_noise_std_is_sigma_clip(2, "prototype")
