@@ -378,6 +378,7 @@ def markdown_report(records: Sequence[Mapping[str, Any]]) -> str:
                    f"{_yes_no(row['above_static'])} | {_yes_no(row['within_2'])} | "
                    f"{gap_text} |")
     lines.append("")
+  lines.extend(_static_detail(records))
   amp = dp_amplification(summary)
   if amp:
     lines.append("### Does DP amplify the quantization loss?\n")
@@ -393,6 +394,31 @@ def markdown_report(records: Sequence[Mapping[str, Any]]) -> str:
       lines.append(f"| {fmt} | {ratio:g} | {nodp} | {cells} |")
     lines.append("")
   return "\n".join(lines)
+
+
+def _static_detail(records: Sequence[Mapping[str, Any]]) -> List[str]:
+  """One table row per static subset: its accuracy in every setting."""
+  cells: Dict[tuple, Dict[str, float]] = {}
+  tags = set()
+  for rec in records:
+    cfg = rec["config"]
+    if cfg.get("policy") != "static" or not cfg.get("static_layers"):
+      continue
+    tag = _eps_tag(cfg.get("target_epsilon") if cfg.get("dp", True) else None)
+    tags.add(tag)
+    key = (cfg.get("format"), float(cfg["ratio"]), "+".join(cfg["static_layers"]))
+    cells.setdefault(key, {})[tag] = 100 * rec["test_accuracy"]
+  if not cells:
+    return []
+  order = sorted(tags, key=lambda t: (t == "nodp", t))
+  lines = ["### Static subsets one by one (accuracy, %)\n",
+           "| format | ratio | quantized layers | " + " | ".join(order) + " |",
+           "|---|---|---|" + "---|" * len(order)]
+  for (fmt, ratio, subset), by_tag in sorted(cells.items(), key=lambda kv: (str(kv[0][0]), kv[0][1], kv[0][2])):
+    vals = " | ".join("" if t not in by_tag else f"{by_tag[t]:.1f}" for t in order)
+    lines.append(f"| {fmt} | {ratio:g} | {subset} | {vals} |")
+  lines.append("")
+  return lines
 
 
 def dp_amplification(summary: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
