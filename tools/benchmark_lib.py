@@ -175,6 +175,10 @@ def run_case(model_name: str, batch_size: int, s: Settings,
   for kind in s.contenders:
     if kind != "plain" and "plain" in s.contenders:
       case[f"{kind}_vs_plain"] = round(case[f"{kind}_ms"] / case["plain_ms"], 3)
+    if kind != "plain" and "plain" in s.contenders:
+      # Median of per-round ratios: each round's contenders ran back to back.
+      case[f"{kind}_vs_plain_round_median"] = round(statistics.median(
+          a / b for a, b in zip(per_round[kind], per_round["plain"])), 3)
     if kind != "tfprivacy" and "tfprivacy" in s.contenders:
       case[f"tfprivacy_vs_{kind}"] = round(
           case["tfprivacy_ms"] / case[f"{kind}_ms"], 2)
