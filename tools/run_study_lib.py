@@ -447,6 +447,7 @@ _COMPACT_KEYS = ("run_id", "test_accuracy", "epsilon", "delta", "analysis_share"
 def compact_record(record: Mapping[str, Any]) -> Dict[str, Any]:
   """The fields of a study record that the report and the plot use."""
   out = {k: record.get(k) for k in _COMPACT_KEYS}
+  out["status"] = record.get("status", "ok")
   out["config"] = {k: v for k, v in record["config"].items()
                    if k not in ("metrics_json", "export_dir", "tensorboard_dir", "verbose")}
   out["quantized_per_epoch"] = [p.get("quantized", []) for p in record.get("plan_per_epoch", [])]
