@@ -8,25 +8,9 @@ import tensorflow as tf
 
 from dpquant_tf import privacy
 from dpquant_tf.optimizers import DPQuantOptimizer
-
-
-def _data(n=8, seed=0):
-  rng = np.random.default_rng(seed)
-  x = rng.normal(size=(n, 6)).astype("float32")
-  y = rng.integers(0, 3, size=n)
-  return x, y
-
-
-def _model(seed=0):
-  tf.keras.utils.set_random_seed(seed)
-  return tf.keras.Sequential([
-      tf.keras.layers.Dense(5, activation="tanh", input_shape=(6,)),
-      tf.keras.layers.Dense(3)])
-
-
-def _loss(reduction="none"):
-  return tf.keras.losses.SparseCategoricalCrossentropy(
-      from_logits=True, reduction=reduction)
+from tests.optimizers._helpers import make_data as _data
+from tests.optimizers._helpers import make_loss as _loss
+from tests.optimizers._helpers import make_model as _model
 
 
 def test_poisson_pipeline_shapes_rate_and_masked_rows_contribute_nothing():
