@@ -16,6 +16,8 @@ import tensorflow as tf
 
 __all__ = [
     "EventTableOverflowError",
+    "gaussian_event",
+    "sampled_gaussian_event",
     "UnknownSamplingProbabilityError",
     "events_from_table",
     "update_event_table",
@@ -30,6 +32,19 @@ class EventTableOverflowError(RuntimeError):
 
 class UnknownSamplingProbabilityError(ValueError):
   """Steps were taken without a known sampling probability."""
+
+
+def gaussian_event(noise_multiplier) -> dp_accounting.DpEvent:
+  """The one builder of ``GaussianDpEvent`` (Python float, never numpy/int)."""
+  return dp_accounting.GaussianDpEvent(float(noise_multiplier))
+
+
+def sampled_gaussian_event(sampling_probability,
+                           noise_multiplier) -> dp_accounting.DpEvent:
+  """The one builder of the sampled Gaussian mechanism's event:
+  ``PoissonSampledDpEvent(q, GaussianDpEvent(z))`` with Python floats."""
+  return dp_accounting.PoissonSampledDpEvent(
+      float(sampling_probability), gaussian_event(noise_multiplier))
 
 
 def update_event_table(q_table: tf.Tensor, z_table: tf.Tensor,
@@ -97,6 +112,5 @@ def events_from_table(q_table, z_table, counts, used, overflow,
           f"{c} training steps were taken without a known sampling "
           "probability: construct the optimizer with sampling_probability= "
           "or dataset_size=, or call optimizer.set_sampling_probability().")
-    out.append((dp_accounting.PoissonSampledDpEvent(
-        q, dp_accounting.GaussianDpEvent(z)), c))
+    out.append((sampled_gaussian_event(q, z), c))
   return out
