@@ -20,8 +20,10 @@ What a DP run does (``dp=True``):
    ``PrivacyCallback`` logs epsilon each epoch;
 5. evaluates the test accuracy with the trained weights in full precision
    (quantization is a training-time compute saving);
-6. reports the cost model's theoretical speed-up (``tools/throughput_lib``)
+6. reports the cost model's theoretical speed-up (:mod:`dpquant_tf.costmodel`)
    from the per-layer MACs of the plans actually run.
+
+Formats and policies by name come from :mod:`dpquant_tf.presets`.
 
 ``seed`` fixes the weight initialisation, the schedule's random layer draws
 and (non-DP runs) the data order. DP noise and Poisson sampling always come
@@ -39,36 +41,20 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import dpquant_tf  # noqa: F401  (Keras 2 switch before TensorFlow)
 from dpquant_tf import _validation
+from dpquant_tf import costmodel
 from dpquant_tf import data as dp_data
 from dpquant_tf import distribute
 from dpquant_tf import models as dp_models
-from tools import throughput_lib
+from dpquant_tf import presets
 
 __all__ = ["FormatName", "OptimizerName", "PolicyName", "TrainConfig",
            "TrainResult", "base_layer_config", "train"]
 
 
-class PolicyName(enum.Enum):
-  """Quantization schedules (``--policy``)."""
-  NONE = "none"            # no quantization (fp32 baseline)
-  STATIC = "static"        # one random subset for the whole run
-  ROTATION = "rotation"    # PLS: a new uniform subset each epoch
-  LOSS_AWARE = "loss_aware"  # DPQuant: PLS + LLP with the DP estimator
-  BIT_RAMP = "bit_ramp"    # per-layer gradient bits ramped 2 -> 8
-
-
-class FormatName(enum.Enum):
-  """Quantization formats of the quantized layers (``--format``).
-
-  int4: uniform INT4 forward and backward. fp4: FP4 E2M1 both ways.
-  luq_fp4: the paper's LUQ-FP4 (INT4 with SAWB forward, radix-2 FP4 backward).
-  fp8: FP8 E4M3 forward, E5M2 backward. int8: uniform INT8 both ways.
-  """
-  INT4 = "int4"
-  FP4 = "fp4"
-  LUQ_FP4 = "luq_fp4"
-  FP8 = "fp8"
-  INT8 = "int8"
+# The names a user passes (--policy, --format) are library presets.
+PolicyName = presets.PolicyName
+FormatName = presets.FormatPreset
+base_layer_config = presets.layer_config
 
 
 class OptimizerName(enum.Enum):
@@ -155,34 +141,10 @@ class TrainResult:
   model: Any
 
 
-def base_layer_config(fmt):
-  """The ``LayerQuantConfig`` of a quantized layer for a :class:`FormatName`."""
-  from dpquant_tf.quantization import LayerQuantConfig, QuantFormat  # pylint: disable=g-import-not-at-top,g-multiple-import
-  fmt = _validation.check_enum("format", fmt, FormatName)
-  f, b = {
-      FormatName.INT4: ((QuantFormat.INT, 4), (QuantFormat.INT, 4)),
-      FormatName.FP4: ((QuantFormat.FP4_E2M1, 4), (QuantFormat.FP4_E2M1, 4)),
-      FormatName.LUQ_FP4: ((QuantFormat.INT4_SAWB, 4), (QuantFormat.LUQ_FP4, 4)),
-      FormatName.FP8: ((QuantFormat.FP8_E4M3, 8), (QuantFormat.FP8_E5M2, 8)),
-      FormatName.INT8: ((QuantFormat.INT, 8), (QuantFormat.INT, 8)),
-  }[fmt]
-  return LayerQuantConfig(enabled=True, fwd_format=f[0], fwd_bits=f[1],
-                          bwd_format=b[0], bwd_bits=b[1])
-
-
 def _make_policy(cfg: TrainConfig, policy: PolicyName):
-  from dpquant_tf import schedule  # pylint: disable=g-import-not-at-top
-  if policy is PolicyName.STATIC:
-    layers = None if cfg.static_layers is None else list(cfg.static_layers)
-    return schedule.StaticPolicy(ratio=cfg.ratio, layers=layers)
-  if policy is PolicyName.ROTATION:
-    return schedule.RotationPolicy(ratio=cfg.ratio)
-  if policy is PolicyName.LOSS_AWARE:
-    return schedule.LossAwarePolicy(ratio=cfg.ratio, beta=cfg.beta,
-                                    period=cfg.analysis_period)
-  if policy is PolicyName.BIT_RAMP:
-    return schedule.BitRampPolicy(epochs=cfg.epochs)
-  return None
+  return presets.make_policy(policy, ratio=cfg.ratio, beta=cfg.beta,
+                             period=cfg.analysis_period, epochs=cfg.epochs,
+                             static_layers=cfg.static_layers)
 
 
 def _num_analyses(cfg: TrainConfig, policy) -> int:
@@ -214,7 +176,7 @@ def _analysis_fraction(cfg: TrainConfig, layers, estimator) -> float:
   """
   if estimator is None:
     return 0.0
-  costs = throughput_lib.layer_costs(layers)
+  costs = costmodel.layer_costs(layers)
   fwd = sum(c.fwd_macs for c in costs)
   total = sum(c.total for c in costs)
   passes = 1 + len(costs) * estimator.repeats
@@ -227,7 +189,7 @@ def _cost_report(cfg, layers, history, base_cfg, analysis_fraction):
   for entry in history:
     plan = {name: base_cfg.to_dict() for name in entry["quantized"]}
     frac = analysis_fraction if entry.get("analysis") is not None else 0.0
-    cost = throughput_lib.epoch_cost(layers, plan, analysis_fraction=frac)
+    cost = costmodel.epoch_cost(layers, plan, analysis_fraction=frac)
     costs.append(cost)
     plans.append({"epoch": entry["epoch"], "plan": plan,
                   "quantized": list(entry["quantized"]),
@@ -235,7 +197,7 @@ def _cost_report(cfg, layers, history, base_cfg, analysis_fraction):
                   "analysis": entry.get("analysis"),
                   "quantized_fraction": cost.quantized_fraction,
                   "speedup": cost.speedup})
-  speedup = throughput_lib.run_speedup(costs) if costs else 1.0
+  speedup = costmodel.run_speedup(costs) if costs else 1.0
   return plans, speedup
 
 
@@ -401,7 +363,7 @@ def train(config: TrainConfig) -> TrainResult:
       "dataset": ds.description, "train_size": n, "test_size": len(ds.x_test),
       "theoretical_speedup": speedup,
       "wall_seconds": time.time() - start, "train_seconds": train_seconds,
-      "layers": [dataclasses.asdict(c) for c in throughput_lib.layer_costs(layers)],
+      "layers": [dataclasses.asdict(c) for c in costmodel.layer_costs(layers)],
       "plan_per_epoch": plans,
       "config": dataclasses.asdict(cfg),
   }

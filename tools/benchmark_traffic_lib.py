@@ -3,9 +3,9 @@
 Logic of tools/benchmark_traffic.py. For a model of dpquant_tf.models and a
 bit-ramp schedule (dpquant_tf.schedule.BitRampPolicy), computes for every
 epoch the payload one replica sends per step under each
-`dpquant_tf.distribute.Transport`, and the schedule's average. Byte counts
+`tools.traffic_lib.Transport`, and the schedule's average. Byte counts
 are exact functions of the variable sizes, the bits and the batch; see
-dpquant_tf/distribute/_traffic.py for the formulas and which transport
+tools/traffic_lib.py for the formulas and which transport
 dpquant_tf actually runs (float32).
 """
 
@@ -14,9 +14,9 @@ import json
 from typing import Dict, List, Sequence
 
 from dpquant_tf import _validation
-from dpquant_tf import distribute
+from tools import traffic_lib
 
-TRANSPORTS = [t.value for t in distribute.Transport]
+TRANSPORTS = [t.value for t in traffic_lib.Transport]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +61,7 @@ def run(s: Settings) -> dict:
   for r in s.replicas:
     rows = []
     for epoch, b in enumerate(bits):
-      row = distribute.step_traffic(d, [b] * len(d),
+      row = traffic_lib.step_traffic(d, [b] * len(d),
                                     global_batch=s.global_batch,
                                     num_replicas=r)
       rows.append({"epoch": epoch, "bits": b,
@@ -70,7 +70,7 @@ def run(s: Settings) -> dict:
     avg = {t: sum(row["payload_bytes"][t] for row in rows) / len(rows)
            for t in TRANSPORTS}
     report["by_replicas"].append({
-        "replicas": r, "ring_factor": distribute.ring_factor(r),
+        "replicas": r, "ring_factor": traffic_lib.ring_factor(r),
         "per_epoch": rows, "schedule_average_bytes": avg,
         "schedule_average_ratio": {
             t: avg[t] / avg["float32_sum"] for t in TRANSPORTS}})

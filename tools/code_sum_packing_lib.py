@@ -14,7 +14,9 @@ word) instead of 32: the "packed int64 code sum" of the traffic table.
 `all_reduce_code_sums` is exact (integers). It carries no noise: DP noise
 must then be added once, after the reduction, identically on every replica
 (placement (a) of docs/DISTRIBUTED.md). The DPQuant optimizers do not use it
-yet; it demonstrates and measures the transport.
+yet; it demonstrates and measures the transport (research code: it lives in
+tools/, not in the library; tests/distribute/test_distribute_packing.py tests
+it).
 """
 
 import dataclasses
@@ -23,7 +25,7 @@ import math
 import tensorflow as tf
 
 from dpquant_tf import _validation
-from dpquant_tf.distribute import _traffic
+from tools import traffic_lib
 
 __all__ = [
     "PackLayout",
@@ -51,7 +53,7 @@ class PackLayout:
 
 def pack_layout(bits: int, max_global_rows: int) -> PackLayout:
   """The int64 packing of sums of at most `max_global_rows` b-bit codes."""
-  width = _traffic.code_sum_bits(bits, max_global_rows)
+  width = traffic_lib.code_sum_bits(bits, max_global_rows)
   if width > _USABLE_BITS:
     _validation.fail("max_global_rows", max_global_rows,
                      f"small enough for sums of {bits}-bit codes to fit in "

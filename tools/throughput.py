@@ -10,7 +10,8 @@ For a model and a plan (layer=format pairs, other layers full precision):
 
 Options: --speedups=fp4=4,fp8=2 (s per format against FP16),
 --overhead_fraction (T_overhead / T_train), --analysis_fraction.
-The logic lives in tools/throughput_lib.py.
+The cost model lives in dpquant_tf.costmodel; tools/throughput_lib.py holds
+the flag parsing and the metrics report.
 """
 
 import json
@@ -24,6 +25,7 @@ import dpquant_tf  # noqa: E402,F401
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
+from dpquant_tf import costmodel  # noqa: E402
 from tools import throughput_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -33,7 +35,7 @@ flags.DEFINE_list("input_shape", ["28", "28", "1"], "Input shape H,W,C (with --m
 flags.DEFINE_integer("num_classes", 10, "Classes (with --model).")
 flags.DEFINE_list("plan", [], "layer=format pairs quantized in both passes (with --model).")
 flags.DEFINE_string("speedups", "", "format=s pairs overriding the defaults "
-                    f"{throughput_lib.DEFAULT_SPEEDUPS}.")
+                    f"{costmodel.DEFAULT_SPEEDUPS}.")
 flags.DEFINE_float("overhead_fraction", 0.0, "T_overhead / T_train.")
 flags.DEFINE_float("analysis_fraction", 0.0, "T_analysis / T_train (with --model).")
 
@@ -50,9 +52,9 @@ def main(argv):
     from dpquant_tf import models  # pylint: disable=g-import-not-at-top
     model = models.build_model(FLAGS.model, tuple(int(d) for d in FLAGS.input_shape),
                                FLAGS.num_classes)
-    layers = throughput_lib.estimate_layer_costs(model)
+    layers = costmodel.model_layer_costs(model)
     plan = dict(item.split("=", 1) for item in FLAGS.plan)
-    cost = throughput_lib.epoch_cost(
+    cost = costmodel.epoch_cost(
         layers, plan, speedups=speedups, analysis_fraction=FLAGS.analysis_fraction,
         overhead_fraction=FLAGS.overhead_fraction)
     report = {"per_epoch": [{"epoch": 0, "quantized_fraction": cost.quantized_fraction,

@@ -1,278 +1,17 @@
-"""DPQuant's theoretical cost model (Gao et al., arXiv:2509.03472, section 5).
+"""Logic of tools/throughput.py: the cost model applied to a run's metrics.
 
-The paper estimates the time of a training run with quantized layers as
-
-    T = T_analysis + (1 - p + p / s) (T_train - T_overhead) + T_overhead,
-
-with ``p`` the quantized fraction of the matrix-multiply compute, ``s`` the
-speed-up of the low-precision format over FP16 (4 for FP4/INT4, 2 for
-FP8/INT8) and ``T_overhead`` the time that quantization does not touch. The
-theoretical speed-up is ``T_train / T``.
-
-Here ``p`` is computed from the per-layer multiply-accumulates (MACs, forward
-and backward, per example) of the plan that was actually run, not from the
-layer count: quantizing the largest conv counts for more than quantizing the
-classifier. When layers of one plan use different formats (or the forward and
-backward passes of a layer do), ``(1 - p + p / s)`` generalises to the
-MAC-weighted mean of ``1 / s_l`` (with ``s = 1`` for full-precision work).
-All times are relative to ``T_train = 1`` for an epoch.
+The cost model itself (the paper's formula, MAC-weighted p, format
+speed-ups) is library code: :mod:`dpquant_tf.costmodel`. This module holds
+what only the tool needs: parsing the ``--speedups`` flag and recomputing the
+model from a metrics JSON written by examples/train.py.
 """
 
-import dataclasses
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional
 
 from dpquant_tf import _validation
+from dpquant_tf import costmodel
 
-__all__ = ["DEFAULT_SPEEDUPS", "EpochCost", "LayerCost", "cost_model_time",
-           "epoch_cost", "estimate_layer_costs", "format_key", "layer_costs",
-           "parse_speedups", "plan_to_dict", "report_from_metrics", "run_speedup",
-           "speedup_for"]
-
-# Speed-up of each format over FP16 (the paper: s = 4 for FP4, 2 for FP8).
-DEFAULT_SPEEDUPS: Dict[str, float] = {
-    "fp4": 4.0, "int4": 4.0, "luq_fp4": 4.0, "fp8": 2.0, "int8": 2.0,
-}
-
-# Names of dpquant_tf.quantization.QuantFormat members -> speed-up keys.
-_FORMAT_KEYS = {
-    "fp4_e2m1": "fp4", "fp4": "fp4", "luq_fp4": "luq_fp4", "int4_sawb": "int4",
-    "fp8_e4m3": "fp8", "fp8_e5m2": "fp8", "fp8": "fp8", "int4": "int4",
-    "int8": "int8",
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerCost:
-  """Per-example MACs of one quantizable layer."""
-  name: str
-  fwd_macs: float
-  bwd_macs: float
-
-  @property
-  def total(self) -> float:
-    return self.fwd_macs + self.bwd_macs
-
-
-@dataclasses.dataclass(frozen=True)
-class EpochCost:
-  """The cost model evaluated for one epoch's plan.
-
-  Attributes:
-    quantized_fraction: p, the MAC-weighted fraction of compute that runs in
-      low precision (forward and backward counted separately).
-    compute_factor: (1 - p + p / s) generalised to mixed formats.
-    relative_time: T / T_train.
-    speedup: T_train / T.
-    quantized_layers: names of the layers quantized in this epoch.
-  """
-  quantized_fraction: float
-  compute_factor: float
-  relative_time: float
-  speedup: float
-  quantized_layers: List[str]
-
-
-def cost_model_time(*, t_analysis: float, t_train: float, t_overhead: float,
-                    p: float, s: float) -> float:
-  """The paper's formula, literally: T_analysis + (1-p+p/s)(T_train-T_overhead) + T_overhead."""
-  _validation.check_non_negative("t_analysis", t_analysis)
-  _validation.check_positive("t_train", t_train)
-  _validation.check_non_negative("t_overhead", t_overhead)
-  if t_overhead > t_train:
-    _validation.fail("t_overhead", t_overhead, f"<= t_train={t_train}")
-  _validation.check_probability("p", p, allow_zero=True)
-  _validation.check_positive("s", s)
-  return t_analysis + (1 - p + p / s) * (t_train - t_overhead) + t_overhead
-
-
-def format_key(fmt: Any, bits: Optional[int] = None) -> Optional[str]:
-  """Maps a format (QuantFormat member, its name, or a flag name) to a speed-up key.
-
-  ``INT`` with ``bits`` maps to ``int<bits>``. Returns None for "no format".
-  """
-  if fmt is None:
-    return None
-  name = getattr(fmt, "name", fmt)
-  name = str(name).lower()
-  if name in ("none", "fp32", "fp16", "float"):
-    return None
-  if name == "int":
-    if bits is None:
-      _validation.fail("bits", bits, "an integer for the INT format")
-    return f"int{int(bits)}"
-  return _FORMAT_KEYS.get(name, name)
-
-
-def speedup_for(fmt: Any, bits: Optional[int] = None,
-                speedups: Optional[Mapping[str, float]] = None) -> float:
-  """Speed-up s of a format over FP16 (1.0 for no format).
-
-  Unknown INT widths fall back to 16 / bits (e.g. int2 -> 8).
-  """
-  table = dict(DEFAULT_SPEEDUPS)
-  table.update(speedups or {})
-  key = format_key(fmt, bits)
-  if key is None:
-    return 1.0
-  if key in table:
-    return _validation.check_positive(f"speedups[{key!r}]", table[key])
-  if key.startswith("int") and key[3:].isdigit():
-    return 16.0 / int(key[3:])
-  _validation.fail("format", fmt, f"one of {sorted(table)} (or add it to speedups)")
-
-
-def layer_costs(layers: Iterable[Any]) -> List[LayerCost]:
-  """LayerCost list from ``quantizable_layers(model)`` infos or dicts."""
-  out = []
-  for info in layers:
-    if isinstance(info, LayerCost):
-      out.append(info)
-    elif isinstance(info, Mapping):
-      out.append(LayerCost(str(info["name"]), float(info["fwd_macs"]),
-                           float(info["bwd_macs"])))
-    else:
-      out.append(LayerCost(str(info.name), float(info.fwd_macs),
-                           float(info.bwd_macs)))
-  return out
-
-
-def estimate_layer_costs(model) -> List[LayerCost]:
-  """Per-example MACs of the Dense/Conv1D/Conv2D layers of a built Keras model.
-
-  Forward: Dense in*out (times the positions it is applied at); Conv
-  out_positions*kh*kw*C_in/groups*C_out. Backward: twice the forward (the
-  gradients with respect to the input and to the kernel). Layers wrapped by a
-  ``QuantizedLayer`` are seen through ``layer.layer``. Used when the
-  quantization package's ``quantizable_layers`` is not at hand.
-  """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  costs = []
-  for layer in model.layers:
-    inner = getattr(layer, "layer", layer)
-    if not isinstance(inner, (tf.keras.layers.Dense, tf.keras.layers.Conv1D,
-                              tf.keras.layers.Conv2D)):
-      continue
-    positions = _prod(layer.output.shape[1:-1])
-    fwd = positions * _prod(inner.kernel.shape)
-    costs.append(LayerCost(layer.name, float(fwd), float(2 * fwd)))
-  return costs
-
-
-def _prod(values) -> int:
-  out = 1
-  for x in values:
-    out *= int(x)
-  return out
-
-
-def plan_to_dict(plan: Any) -> Dict[str, Dict[str, Any]]:
-  """Normalises a plan to {layer: {enabled, fwd_format, fwd_bits, bwd_format, bwd_bits}}.
-
-  Accepts a ``dpquant_tf.quantization.QuantPlan`` (a mapping of layer name ->
-  ``LayerQuantConfig``, or an object with such a mapping), a mapping of layer
-  name -> dict with those keys, or a mapping of layer name -> format name
-  (both passes in that format; None/False = full precision).
-  """
-  items = None
-  if isinstance(plan, Mapping):
-    items = plan.items()
-  else:
-    for attr in ("layers", "configs", "items"):
-      candidate = getattr(plan, attr, None)
-      if callable(candidate):
-        candidate = candidate()
-      if candidate is not None:
-        items = candidate.items() if isinstance(candidate, Mapping) else candidate
-        break
-  if items is None:
-    _validation.fail("plan", plan, "a QuantPlan or a mapping of layer name -> config")
-  out = {}
-  for name, cfg in items:
-    if cfg is None or cfg is False:
-      out[name] = {"enabled": False}
-    elif isinstance(cfg, str):
-      out[name] = {"enabled": True, "fwd_format": cfg, "fwd_bits": None,
-                   "bwd_format": cfg, "bwd_bits": None}
-    else:
-      get = (cfg.get if isinstance(cfg, Mapping)
-             else lambda k, d=None, c=cfg: getattr(c, k, d))
-      def _fmt(value):
-        if value is None:
-          return None
-        return str(getattr(value, "name", value)).lower()
-      out[name] = {"enabled": bool(get("enabled", True)),
-                   "fwd_format": _fmt(get("fwd_format")),
-                   "fwd_bits": get("fwd_bits"),
-                   "bwd_format": _fmt(get("bwd_format")),
-                   "bwd_bits": get("bwd_bits")}
-  return out
-
-
-def epoch_cost(layers: Sequence[Any], plan: Any, *,
-               speedups: Optional[Mapping[str, float]] = None,
-               analysis_fraction: float = 0.0,
-               overhead_fraction: float = 0.0) -> EpochCost:
-  """Evaluates the cost model for one epoch's plan.
-
-  Args:
-    layers: the model's quantizable layers with per-example MACs
-      (``quantizable_layers(model)``, ``LayerCost``s or dicts).
-    plan: the plan run in the epoch (see :func:`plan_to_dict`). Layers not in
-      the plan run in full precision.
-    speedups: format key -> s, overriding :data:`DEFAULT_SPEEDUPS`.
-    analysis_fraction: T_analysis / T_train for this epoch.
-    overhead_fraction: T_overhead / T_train (work quantization does not touch).
-
-  Returns:
-    An :class:`EpochCost`.
-  """
-  costs = layer_costs(layers)
-  a = _validation.check_non_negative("analysis_fraction", analysis_fraction)
-  o = _validation.check_probability("overhead_fraction", overhead_fraction,
-                                    allow_zero=True)
-  total = sum(c.total for c in costs)
-  if total <= 0:
-    _validation.fail("layers", [c.name for c in costs],
-                     "layers with positive MACs")
-  plan_d = plan_to_dict(plan)
-  unknown = sorted(set(plan_d) - {c.name for c in costs})
-  if unknown:
-    _validation.fail("plan", unknown, "names of the model's quantizable layers")
-  quantized_macs, weighted = 0.0, 0.0
-  quantized_layers = []
-  for c in costs:
-    cfg = plan_d.get(c.name, {"enabled": False})
-    if not cfg.get("enabled"):
-      weighted += c.total
-      continue
-    s_f = speedup_for(cfg.get("fwd_format"), cfg.get("fwd_bits"), speedups)
-    s_b = speedup_for(cfg.get("bwd_format"), cfg.get("bwd_bits"), speedups)
-    quantized_macs += (c.fwd_macs if s_f != 1.0 else 0.0) + (
-        c.bwd_macs if s_b != 1.0 else 0.0)
-    weighted += c.fwd_macs / s_f + c.bwd_macs / s_b
-    if s_f != 1.0 or s_b != 1.0:
-      quantized_layers.append(c.name)
-  factor = weighted / total
-  rel = a + factor * (1 - o) + o
-  return EpochCost(quantized_fraction=quantized_macs / total,
-                   compute_factor=factor, relative_time=rel,
-                   speedup=1.0 / rel, quantized_layers=quantized_layers)
-
-
-def run_speedup(epochs: Sequence[EpochCost],
-                weights: Optional[Sequence[float]] = None) -> float:
-  """Whole-run speed-up: sum of baseline epoch times over sum of modelled times.
-
-  Args:
-    epochs: the per-epoch costs.
-    weights: relative baseline length of each epoch (e.g. steps); equal by default.
-  """
-  if not epochs:
-    _validation.fail("epochs", epochs, "a non-empty sequence of EpochCost")
-  weights = [1.0] * len(epochs) if weights is None else [float(w) for w in weights]
-  if len(weights) != len(epochs):
-    _validation.fail("weights", weights, f"of length {len(epochs)}")
-  return sum(weights) / sum(w * e.relative_time for w, e in zip(weights, epochs))
+__all__ = ["parse_speedups", "report_from_metrics"]
 
 
 def parse_speedups(text: str) -> Dict[str, float]:
@@ -303,10 +42,10 @@ def report_from_metrics(metrics: Mapping[str, Any], *,
     ``{"per_epoch": [{epoch, quantized_fraction, speedup, quantized_layers}],
     "run_speedup": float}``.
   """
-  layers = layer_costs(metrics["layers"])
+  layers = costmodel.layer_costs(metrics["layers"])
   per_epoch, costs = [], []
   for entry in metrics.get("plan_per_epoch", []):
-    cost = epoch_cost(layers, entry.get("plan", {}), speedups=speedups,
+    cost = costmodel.epoch_cost(layers, entry.get("plan", {}), speedups=speedups,
                       analysis_fraction=float(entry.get("analysis_fraction", 0.0)),
                       overhead_fraction=overhead_fraction)
     costs.append(cost)
@@ -315,4 +54,4 @@ def report_from_metrics(metrics: Mapping[str, Any], *,
                       "speedup": cost.speedup,
                       "quantized_layers": cost.quantized_layers})
   return {"per_epoch": per_epoch,
-          "run_speedup": run_speedup(costs) if costs else 1.0}
+          "run_speedup": costmodel.run_speedup(costs) if costs else 1.0}

@@ -1,5 +1,7 @@
 """Bytes replicas exchange per DP step: float32 vs b-bit gradient codes.
 
+A research model used by tools/benchmark_traffic.py (not part of the library).
+
 What one replica sends per step to aggregate the gradient, for a model with
 variables of d_l coordinates and per-variable gradient bits b_l
 (L_l = 2^(b_l - 1) - 1 levels per side; DPQuant's Q(g; b, C) puts every
@@ -22,7 +24,7 @@ clipped per-example coordinate on the public grid (C / L_l) * {-L_l..L_l}):
   integers), so this column is what a b-bit transport would move.
 * `Transport.PACKED_CODE_SUM`: the same integer sums packed floor(63 / w_l)
   fields per int64 word, which TF's collectives *do* all-reduce exactly
-  (`dpquant_tf.distribute.all_reduce_code_sums`, tested under
+  (`tools/code_sum_packing_lib.all_reduce_code_sums`, tested under
   MirroredStrategy): sum_l 8 * ceil(d_l / floor(63 / w_l)) bytes. Same
   caveat on the noise.
 

@@ -1,4 +1,4 @@
-"""A local multi-worker cluster on 127.0.0.1, for tests and demonstrations.
+"""A local multi-worker cluster on 127.0.0.1, for the tests (not in the library).
 
 `run_local_cluster` starts `num_workers` Python processes, each with its own
 `TF_CONFIG` naming the same loopback cluster (ports chosen free at run time),

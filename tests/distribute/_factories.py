@@ -1,6 +1,6 @@
 """The DP optimizers the distribute tests run, by kind."""
 
-from dpquant_tf import distribute
+from tests.distribute import _prototype
 
 CLIP = 0.5
 SIGMA = 1.3
@@ -10,7 +10,7 @@ KINDS = ("prototype", "dpquant", "dpquant_adam")
 def optimizer(kind, *, noise_multiplier, seed=7, clip=CLIP, **kwargs):
   """Returns a factory (to call inside strategy.scope()) for `kind`."""
   if kind == "prototype":
-    return lambda: distribute.PrototypeDPSGDOptimizer(
+    return lambda: _prototype.PrototypeDPSGDOptimizer(
         l2_norm_clip=clip, noise_multiplier=noise_multiplier,
         learning_rate=1.0, seed=seed, **kwargs)
   # Imported here: the optimizers package may not exist in older checkouts.

@@ -1,7 +1,7 @@
 """One worker of the loopback MultiWorkerMirroredStrategy test.
 
 Run by `test_distribute_multiworker.py` through
-`dpquant_tf.distribute.run_local_cluster` (TF_CONFIG set per process), with a
+`tests.distribute._cluster.run_local_cluster` (TF_CONFIG set per process), with a
 comma-separated list of optimizer kinds. Prints one line `RESULT <json>` with,
 per kind, the weight deltas of a noise-free fit, its privacy events and the
 noise measured in a noise-only step.
@@ -13,9 +13,11 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from dpquant_tf import distribute  # noqa: E402  (Keras 2 before TF)
+import dpquant_tf  # noqa: E402,F401  (Keras 2 before TF)
+from dpquant_tf import distribute  # noqa: E402
+from tests.distribute import _cluster  # noqa: E402
 
-distribute.install_watchdog()
+_cluster.install_watchdog()
 
 import numpy as np  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""A minimal distribution-aware DP-SGD optimizer: the design's reference.
+"""A minimal distribution-aware DP-SGD optimizer: the design's reference (tests only).
 
 `PrototypeDPSGDOptimizer` is the smallest optimizer that implements the
 "split" noise placement of `_replica.py` on top of TF-Privacy's
@@ -7,7 +7,9 @@ to C, local sum, this replica's share of one N(0, (sigma*C)^2) draw, division
 by the global normalizer; Keras' SUM all-reduce completes the step. It has no
 quantization and no privacy accounting: dpquant_tf's `DPQuantOptimizer`
 is the product; this class exists to validate the distributed design in
-isolation and as an executable specification in tests.
+isolation and as an executable specification in tests. It lives under tests/
+(not in the library): it draws its noise through the library's one noise path
+(`distribute.add_replica_noise`) and its generator from the one factory.
 """
 
 from typing import Optional
@@ -17,7 +19,8 @@ from tensorflow_privacy.privacy.dp_query import gaussian_query
 from tensorflow_privacy.privacy.optimizers import dp_optimizer_keras
 
 from dpquant_tf import _validation
-from dpquant_tf.distribute import _replica
+from dpquant_tf import distribute
+from dpquant_tf.privacy import _random
 
 
 class PrototypeDPSGDOptimizer(dp_optimizer_keras.GenericDPSGDOptimizer):
@@ -39,8 +42,7 @@ class PrototypeDPSGDOptimizer(dp_optimizer_keras.GenericDPSGDOptimizer):
     query = gaussian_query.GaussianSumQuery(self._clip, 0.0)
     super().__init__(dp_sum_query=query, num_microbatches=None,
                      learning_rate=learning_rate, name=name)
-    self._generator = (tf.random.Generator.from_non_deterministic_state()
-                       if seed is None else tf.random.Generator.from_seed(seed))
+    self._generator = _random.make_generator(seed=seed)
 
   def _compute_gradients(self, loss, var_list, grad_loss=None, tape=None):
     self._was_dp_gradients_called = True
@@ -62,7 +64,7 @@ class PrototypeDPSGDOptimizer(dp_optimizer_keras.GenericDPSGDOptimizer):
                    for j in jacobians])
     factor = tf.minimum(1.0, self._clip / tf.maximum(tf.sqrt(sq), 1e-12))
     sums = [tf.tensordot(factor, j, axes=1) for j in jacobians]
-    noised = _replica.add_replica_noise(
+    noised = distribute.add_replica_noise(
         sums, stddev=self._sigma * self._clip, generator=self._generator)
-    norm = _replica.global_normalizer(n, self._expected_batch_size)
+    norm = distribute.global_normalizer(n, self._expected_batch_size)
     return [(g / norm, v) for g, v in zip(noised, var_list)]

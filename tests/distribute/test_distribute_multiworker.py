@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from dpquant_tf import distribute
+from tests.distribute import _cluster
 from tests.distribute import _factories
 from tests.distribute import _helpers
 
@@ -18,7 +18,7 @@ TIMEOUT_S = 150.0
 
 
 def _run_cluster(kind):
-  results = distribute.run_local_cluster(
+  results = _cluster.run_local_cluster(
       [sys.executable, "-m", "tests.distribute._multiworker_worker", kind],
       num_workers=2, timeout_s=TIMEOUT_S, cwd=REPO_ROOT,
       env={"PYTHONPATH": REPO_ROOT})
@@ -76,19 +76,19 @@ def test_two_workers_match_single_process_and_noise_is_sigma_clip():
 
 
 def test_local_tf_config_and_free_ports():
-  ports = distribute.free_ports(3)
+  ports = _cluster.free_ports(3)
   assert len(set(ports)) == 3
-  config = json.loads(distribute.local_tf_config(ports, 2))
+  config = json.loads(_cluster.local_tf_config(ports, 2))
   assert config["task"] == {"type": "worker", "index": 2}
   assert config["cluster"]["worker"][1] == f"127.0.0.1:{ports[1]}"
   with pytest.raises(ValueError, match="Expected index=3"):
-    distribute.local_tf_config(ports, 3)
+    _cluster.local_tf_config(ports, 3)
 
 
 def test_cluster_worker_watchdog_stops_a_stuck_worker():
-  results = distribute.run_local_cluster(
+  results = _cluster.run_local_cluster(
       [sys.executable, "-c",
-       "from dpquant_tf.distribute import _cluster; import time; "
+       "from tests.distribute import _cluster; import time; "
        "_cluster.install_watchdog(); time.sleep(60)"],
       num_workers=1, timeout_s=8.0, cwd=REPO_ROOT)
   assert results[0].timed_out

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dpquant_tf import distribute
 from dpquant_tf.privacy import _mechanisms
 from tests.distribute import _helpers
+from tools import code_sum_packing_lib
+from tools import traffic_lib
 
 
 def _levels(bits):
@@ -33,7 +34,7 @@ def _reduce(strategy, codes, layout):
     def fn():
       ctx = tf.distribute.get_replica_context()
       mine = tf.gather(codes_t, ctx.replica_id_in_sync_group)
-      return distribute.all_reduce_code_sums(
+      return code_sum_packing_lib.all_reduce_code_sums(
           tf.reduce_sum(mine, axis=0), local_rows=rows, layout=layout)
     return strategy.run(fn)
 
@@ -46,7 +47,7 @@ def _reduce(strategy, codes, layout):
 def test_packed_all_reduce_is_exact(num_replicas, bits):
   rows, d = 8, 301  # d not a multiple of the fields per word
   codes = _replica_codes(num_replicas, rows, d, bits, seed=bits)
-  layout = distribute.pack_layout(bits, num_replicas * rows)
+  layout = code_sum_packing_lib.pack_layout(bits, num_replicas * rows)
   for total in _reduce(_helpers.mirrored(num_replicas), codes, layout):
     np.testing.assert_array_equal(total, codes.sum(axis=(0, 1)))
 
@@ -56,7 +57,7 @@ def test_extreme_sums_do_not_carry_between_fields(sign):
   bits, rows, d = 4, 16, 50
   codes = np.full((2, rows, d), sign * _levels(bits), np.int64)
   codes[:, :, ::2] *= -1  # neighbours at opposite extremes
-  layout = distribute.pack_layout(bits, 2 * rows)
+  layout = code_sum_packing_lib.pack_layout(bits, 2 * rows)
   (total, _) = _reduce(_helpers.mirrored(2), codes, layout)
   np.testing.assert_array_equal(total, codes.sum(axis=(0, 1)))
 
@@ -64,14 +65,14 @@ def test_extreme_sums_do_not_carry_between_fields(sign):
 def test_payload_bytes_beat_float32():
   d = 26010
   for bits, expected_fields in ((2, 6), (4, 5), (8, 3)):
-    layout = distribute.pack_layout(bits, 256)
+    layout = code_sum_packing_lib.pack_layout(bits, 256)
     assert layout.fields == expected_fields
-    assert layout.width == distribute.code_sum_bits(bits, 256)
+    assert layout.width == traffic_lib.code_sum_bits(bits, 256)
     assert layout.payload_bytes(d) < 4 * d
 
 
 def test_too_many_rows_fails_the_step():
   codes = np.zeros((2, 8, 10), np.int64)
-  layout = distribute.pack_layout(4, 8)  # but 16 rows in all
+  layout = code_sum_packing_lib.pack_layout(4, 8)  # but 16 rows in all
   with pytest.raises(tf.errors.InvalidArgumentError, match="max_global_rows"):
     _reduce(_helpers.mirrored(2), codes, layout)

@@ -1,4 +1,4 @@
-"""Bytes per step on the wire (dpquant_tf.distribute._traffic, the tool)."""
+"""Bytes per step on the wire (tools/traffic_lib.py, the tool)."""
 
 import math
 
@@ -6,32 +6,33 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dpquant_tf import distribute
 from dpquant_tf.privacy import _mechanisms
 from tools import benchmark_traffic_lib
+from tools import code_sum_packing_lib
+from tools import traffic_lib
 
 
 def test_float32_and_per_example_codes():
-  row = distribute.step_traffic([1000, 10], [4, 4], global_batch=6,
+  row = traffic_lib.step_traffic([1000, 10], [4, 4], global_batch=6,
                                 num_replicas=2)
   assert row.bits == 4
   assert row.payload_bytes["float32_sum"] == 4 * 1010
   assert row.payload_bytes["codes_per_example"] == 3 * (500 + 5 + 4)
   # Sum of 6 codes in [-7, 7]: 85 values -> 7 bits per coordinate.
-  assert distribute.code_sum_bits(4, 6) == 7
+  assert traffic_lib.code_sum_bits(4, 6) == 7
   assert row.payload_bytes["code_sum"] == math.ceil(1000 * 7 / 8) + math.ceil(
       10 * 7 / 8)
   assert row.ratio_vs_float32["float32_sum"] == 1.0
 
 
 def test_exact_variables_travel_as_float32():
-  row = distribute.step_traffic([100, 7], [8, 0], global_batch=4,
+  row = traffic_lib.step_traffic([100, 7], [8, 0], global_batch=4,
                                 num_replicas=4)
   assert row.bits is None
   assert row.payload_bytes["codes_per_example"] == 1 * (100 + 28 + 4)
   assert row.payload_bytes["code_sum"] == math.ceil(
-      100 * distribute.code_sum_bits(8, 4) / 8) + 28
-  off = distribute.step_traffic([100, 7], [0, 0], global_batch=4,
+      100 * traffic_lib.code_sum_bits(8, 4) / 8) + 28
+  off = traffic_lib.step_traffic([100, 7], [0, 0], global_batch=4,
                                 num_replicas=4)
   assert off.payload_bytes["codes_per_example"] == 4 * 107
 
@@ -50,22 +51,22 @@ def test_code_sum_width_holds_real_quantized_sums(bits):
   codes = q.numpy() / clip * levels
   np.testing.assert_allclose(codes, np.round(codes), atol=1e-4)
   total = np.round(codes).sum(axis=0)
-  width = distribute.code_sum_bits(bits, batch)
+  width = traffic_lib.code_sum_bits(bits, batch)
   assert np.abs(total).max() <= batch * levels
   assert 2 * batch * levels + 1 <= 2 ** width
   assert 2 * batch * levels + 1 > 2 ** (width - 1)
 
 
 def test_ring_factor():
-  assert distribute.ring_factor(1) == 0.0
-  assert distribute.ring_factor(4) == pytest.approx(1.5)
+  assert traffic_lib.ring_factor(1) == 0.0
+  assert traffic_lib.ring_factor(4) == pytest.approx(1.5)
 
 
 def test_validation_messages():
   with pytest.raises(ValueError, match="Expected bits="):
-    distribute.step_traffic([10], [4, 4], global_batch=2, num_replicas=1)
+    traffic_lib.step_traffic([10], [4, 4], global_batch=2, num_replicas=1)
   with pytest.raises(ValueError, match="Expected num_replicas=0"):
-    distribute.step_traffic([10], [4], global_batch=2, num_replicas=0)
+    traffic_lib.step_traffic([10], [4], global_batch=2, num_replicas=0)
 
 
 def test_benchmark_traffic_tool_on_the_tutorial_cnn():
@@ -83,9 +84,9 @@ def test_benchmark_traffic_tool_on_the_tutorial_cnn():
 
 
 def test_packed_column_matches_the_packing_layout():
-  row = distribute.step_traffic([26010], [4], global_batch=256,
+  row = traffic_lib.step_traffic([26010], [4], global_batch=256,
                                 num_replicas=4)
-  layout = distribute.pack_layout(4, 256)
+  layout = code_sum_packing_lib.pack_layout(4, 256)
   assert row.payload_bytes["packed_code_sum"] == layout.payload_bytes(26010)
   assert row.ratio_vs_float32["code_sum"] < row.ratio_vs_float32[
       "packed_code_sum"] < 1.0

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from dpquant_tf import distribute
+from tests.distribute import _cluster
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
@@ -35,7 +35,7 @@ def test_train_example_mirrored_two_cpu_devices():
 
 @pytest.mark.slow
 def test_train_example_two_workers_agree():
-  results = distribute.run_local_cluster(
+  results = _cluster.run_local_cluster(
       [sys.executable, TRAIN, "--strategy=multiworker", "--policy=rotation",
        "--seed=0"] + SMALL, num_workers=2, timeout_s=500, cwd=REPO_ROOT)
   numbers = []

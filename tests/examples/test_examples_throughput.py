@@ -1,10 +1,12 @@
-"""Tests of tools/throughput_lib: the paper's cost model, MAC weighting, reports."""
+"""The paper's cost model (dpquant_tf.costmodel), MAC weighting, and the
+reports of tools/throughput_lib."""
 
 import math
 
 import pytest
 
-from tools import throughput_lib as tl
+from dpquant_tf import costmodel as tl
+from tools import throughput_lib
 
 LAYERS = [tl.LayerCost("a", 100.0, 200.0), tl.LayerCost("b", 10.0, 20.0),
           tl.LayerCost("c", 1.0, 2.0)]
@@ -85,23 +87,36 @@ def test_report_from_metrics_and_parse_speedups():
              "plan_per_epoch": [{"epoch": 0, "plan": {"a": "fp8"}},
                                 {"epoch": 1, "plan": {"a": "fp8"},
                                  "analysis_fraction": 0.1}]}
-  rep = tl.report_from_metrics(metrics)
+  rep = throughput_lib.report_from_metrics(metrics)
   f = 33 / 333 + 300 / 333 / 2
   assert rep["per_epoch"][0]["speedup"] == pytest.approx(1 / f)
   assert rep["run_speedup"] == pytest.approx(2 / (2 * f + 0.1))
-  assert tl.parse_speedups("fp4=3.5, fp8=2") == {"fp4": 3.5, "fp8": 2.0}
+  assert throughput_lib.parse_speedups("fp4=3.5, fp8=2") == {"fp4": 3.5, "fp8": 2.0}
   with pytest.raises(ValueError, match="Expected speedups="):
-    tl.parse_speedups("fp4")
+    throughput_lib.parse_speedups("fp4")
 
 
-def test_estimate_layer_costs_tutorial_cnn():
+def test_model_layer_costs_tutorial_cnn():
   from dpquant_tf import models
-  costs = tl.estimate_layer_costs(models.tutorial_cnn())
+  costs = tl.model_layer_costs(models.tutorial_cnn())
   fwd = {c.name: c.fwd_macs for c in costs}
   assert fwd["conv1"] == 14 * 14 * 8 * 8 * 1 * 16
   assert fwd["conv2"] == 5 * 5 * 4 * 4 * 16 * 32
   assert fwd["dense1"] == 512 * 32 and fwd["logits"] == 320
   assert all(math.isclose(c.bwd_macs, 2 * c.fwd_macs) for c in costs)
+
+
+def test_cost_model_counts_macs_with_the_library_counter():
+  """One MAC counter: the cost model's MACs are quantizable_layers' MACs."""
+  from dpquant_tf import models, quantization
+  model = models.build_model("small_resnet", (16, 16, 1), 10)
+  infos = quantization.quantizable_layers(model)
+  costs = tl.model_layer_costs(model)
+  assert [(c.name, c.fwd_macs, c.bwd_macs) for c in costs] == [
+      (i.name, float(i.fwd_macs), float(i.bwd_macs)) for i in infos]
+  wrapped = tl.model_layer_costs(quantization.quantize_model(model))
+  assert [c.total for c in wrapped] == [c.total for c in costs]
+  assert not hasattr(throughput_lib, "estimate_layer_costs")
 
 
 def test_throughput_binary(tmp_path):

@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from examples import serve_lib
 from examples import train_lib
-from tools import throughput_lib
+from dpquant_tf import costmodel
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMALL = dict(max_train=64, max_test=32, batch_size=16, epochs=1, verbose=0)
@@ -83,7 +83,7 @@ def test_quantized_policies_report_plans_and_speedup(tmp_path, policy):
   m = result.metrics
   plan = m["plan_per_epoch"][0]
   assert len(plan["quantized"]) == 2  # round(0.5 * 4)
-  compute_only = throughput_lib.epoch_cost(m["layers"], plan["plan"])
+  compute_only = costmodel.epoch_cost(m["layers"], plan["plan"])
   assert compute_only.speedup > 1.0
   if policy == "loss_aware":
     assert plan["analysis"] is not None and 0 < m["analysis_share"] < 1

@@ -1,0 +1,34 @@
+"""DPQuant's theoretical cost model (Gao et al., arXiv:2509.03472, section 5).
+
+The modelled speed-up of a run from the per-layer MACs of the plans it ran.
+MACs come from `dpquant_tf.quantization.quantizable_layers` (the library's one
+MAC counter). Public names: `LayerCost`, `EpochCost`, `DEFAULT_SPEEDUPS`,
+`cost_model_time`, `epoch_cost`, `format_key`, `layer_costs`,
+`model_layer_costs`, `plan_to_dict`, `run_speedup`, `speedup_for`.
+"""
+
+from dpquant_tf.costmodel._costmodel import cost_model_time
+from dpquant_tf.costmodel._costmodel import DEFAULT_SPEEDUPS
+from dpquant_tf.costmodel._costmodel import epoch_cost
+from dpquant_tf.costmodel._costmodel import EpochCost
+from dpquant_tf.costmodel._costmodel import format_key
+from dpquant_tf.costmodel._costmodel import layer_costs
+from dpquant_tf.costmodel._costmodel import LayerCost
+from dpquant_tf.costmodel._costmodel import model_layer_costs
+from dpquant_tf.costmodel._costmodel import plan_to_dict
+from dpquant_tf.costmodel._costmodel import run_speedup
+from dpquant_tf.costmodel._costmodel import speedup_for
+
+__all__ = [
+    "DEFAULT_SPEEDUPS",
+    "EpochCost",
+    "LayerCost",
+    "cost_model_time",
+    "epoch_cost",
+    "format_key",
+    "layer_costs",
+    "model_layer_costs",
+    "plan_to_dict",
+    "run_speedup",
+    "speedup_for",
+]
