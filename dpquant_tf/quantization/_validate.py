@@ -1,79 +1,37 @@
 """Model validation for DP training: report every problem at once, fix BatchNorm.
 
-Two kinds of layers break per-example independence (METHOD.md invariant 1):
-
-* BatchNormalization normalizes each example with statistics of the whole
-  batch (and updates running statistics from private batches without noise).
-  `fix_model` replaces it with GroupNormalization, which normalizes within
-  each example.
-* Range-tracking quantizers of tensorflow-model-optimization
-  (`MovingAverageQuantizer`, `AllValuesQuantizer`) on activations learn
-  min/max ranges from private batches without noise. There is no automatic
-  fix: use `quantize_model` (per-example scales) instead.
+`validate_model` is the one model check of dpquant_tf
+(``dpquant_tf.privacy._model_checks``, also used by ``DPQuantOptimizer`` and
+the callbacks): BatchNormalization by class, any layer whose state a training
+step assigns from the batch, range-tracking tfmot quantizers and tapped layers
+inside ``TimeDistributed`` (METHOD.md invariants 1, 8 and 11). `fix_model`
+replaces BatchNormalization with GroupNormalization, which normalizes within
+each example; the other problems have no automatic fix.
 """
 
 from typing import List, Optional
 
 import tensorflow as tf
 
+from dpquant_tf import _layer_kinds
 from dpquant_tf import _validation
+from dpquant_tf.privacy import _model_checks
 from dpquant_tf.quantization import _model
 
-_RANGE_TRACKING = ("MovingAverageQuantizer", "AllValuesQuantizer")
-_BATCH_NORMS = ("BatchNormalization", "BatchNormalizationBase",
-                "SyncBatchNormalization")
+UnsupportedModelError = _model_checks.UnsupportedModelError
 
 
-class UnsupportedModelError(ValueError):
-  """A model that cannot be trained with DP as is; the message lists why."""
-
-
-def _class_names(obj):
-  return {c.__name__ for c in type(obj).__mro__}
-
-
-def _quantizers_of(module):
-  """(role, quantizer) pairs of a tfmot QuantizeWrapper / QuantizeLayer."""
-  found = []
-  config = getattr(module, "quantize_config", None)
-  inner = getattr(module, "layer", None)
-  if config is not None and inner is not None:
-    for getter, role in (("get_activations_and_quantizers", "activation"),):
-      try:
-        pairs = getattr(config, getter)(inner)
-      except Exception:  # pylint: disable=broad-except
-        pairs = []
-      found += [(role, q) for _, q in pairs]
-    try:
-      found += [("output", q) for q in config.get_output_quantizers(inner)]
-    except Exception:  # pylint: disable=broad-except
-      pass
-  quantizer = getattr(module, "quantizer", None)
-  if quantizer is not None and "QuantizeLayer" in _class_names(module):
-    found.append(("input", quantizer))
-  return found
-
-
-def _all_layers(model):
-  """Every layer (nested ones included) in a stable, depth-first order."""
-  seen, out = set(), []
-  flatten = getattr(model, "_flatten_layers", None)
-  modules = (list(flatten(include_self=True, recursive=True)) if flatten
-             else [model] + list(model.submodules))
-  for module in modules:
-    if isinstance(module, tf.keras.layers.Layer) and id(module) not in seen:
-      seen.add(id(module))
-      out.append(module)
-  return out
-
-
-def validate_model(model, *, strict: bool = True) -> List[str]:
+def validate_model(model, *, strict: bool = True,
+                   input_signature=None) -> List[str]:
   """Lists every DP problem of a Keras model at once.
 
   Args:
-    model: any tf.keras model (subclassed models are inspected too).
+    model: any tf.keras model (subclassed models are inspected too; they must
+      have been called once, or pass `input_signature`).
     strict: raise `UnsupportedModelError` when there is a problem (default);
       False returns the list.
+    input_signature: optional ``tf.TensorSpec`` (or nest) of one input batch,
+      for models whose input shape Keras does not know.
 
   Returns:
     The problems, one line each (empty when the model is fine).
@@ -82,27 +40,11 @@ def validate_model(model, *, strict: bool = True) -> List[str]:
     UnsupportedModelError: `strict` and at least one problem.
   """
   _validation.check_type("model", model, tf.keras.layers.Layer, "a tf.keras model")
-  problems = []
-  for layer in _all_layers(model):
-    names = _class_names(layer)
-    if names & set(_BATCH_NORMS):
-      problems.append(
-          f"layer {layer.name!r} ({type(layer).__name__}): batch statistics "
-          "couple the examples of a batch and are learned without noise; "
-          "replace it with GroupNormalization (dpquant_tf.quantization."
-          "fix_model(model) does this)")
-    for role, quantizer in _quantizers_of(layer):
-      bad = _class_names(quantizer) & set(_RANGE_TRACKING)
-      if bad:
-        problems.append(
-            f"layer {layer.name!r}: tfmot {sorted(bad)[0]} on its {role} learns "
-            "value ranges from private batches without noise; use "
-            "dpquant_tf.quantization.quantize_model (per-example scales) instead")
-  if problems and strict:
-    raise UnsupportedModelError(
-        f"The model has {len(problems)} problem(s) for differentially private "
-        "training:\n  - " + "\n  - ".join(problems))
-  return problems
+  if strict:
+    _model_checks.check_model_privacy(model, input_signature=input_signature)
+    return []
+  return _model_checks.model_privacy_problems(model,
+                                              input_signature=input_signature)
 
 
 def _groups_for(channels: int, groups: Optional[int]) -> int:
@@ -134,15 +76,15 @@ def fix_model(model, *, groups: Optional[int] = None):
     groups = _validation.check_int("groups", groups, low=1)
 
   def replace(layer):
-    if not _class_names(layer) & set(_BATCH_NORMS):
+    if not _layer_kinds.is_batch_norm(layer):
       return None
     axis = layer.axis
     if isinstance(axis, (list, tuple)):
       if len(axis) != 1:
         _validation.fail(f"{layer.name}.axis", axis, "a single channel axis")
       axis = axis[0]
-    channels = int(layer.gamma.shape[0] if layer.gamma is not None
-                   else layer.beta.shape[0])
+    # moving_mean exists also with center=False, scale=False (no gamma/beta).
+    channels = int(layer.moving_mean.shape[0])
     return tf.keras.layers.GroupNormalization(
         groups=_groups_for(channels, groups), axis=axis, epsilon=layer.epsilon,
         center=layer.center, scale=layer.scale,

@@ -1,0 +1,337 @@
+"""Model checks for DP training: every problem of a model at once (Opacus-style).
+
+A model can break the per-example guarantee before any gradient is clipped
+(METHOD.md section 4, invariants 1, 8 and 11). :func:`model_privacy_problems`
+lists, one line each:
+
+* BatchNormalization, by class (any subclass, any name, also with
+  ``center=False, scale=False`` and no trainable variable): it normalizes each
+  example with statistics of the whole batch and updates running statistics
+  from private batches without noise. ``dpquant_tf.fix_model`` replaces it
+  with GroupNormalization.
+* Any layer whose non-trainable state is assigned during a training forward
+  pass. Found from the graph, not from a list of classes: ``model(x,
+  training=True)`` is traced symbolically (no data) and every op that writes a
+  resource variable (``AssignVariableOp``, ``AssignAdd/SubVariableOp``,
+  ``ResourceApply*``, ``ResourceScatter*``, ...; also inside ``tf.cond``,
+  loops and nested functions) is matched against the model's variables
+  (non-trainable ones such as running statistics, and trainable ones written
+  outside the optimizer). Such state (a running batch mean, say) is
+  a noise-free function of the private batch and is released with the model.
+* Range-tracking quantizers of tensorflow-model-optimization
+  (``MovingAverageQuantizer``, ``AllValuesQuantizer``): they learn value
+  ranges from private batches without noise.
+* Tapped or quantized layers inside ``TimeDistributed``: the wrapper folds
+  the time axis into the batch, so the per-example fast path would see one
+  row per time step instead of one per example.
+
+:func:`check_model_privacy` raises :class:`UnsupportedModelError` (a
+``ValueError``) listing them all. ``dpquant_tf.quantization.validate_model``,
+``DPQuantOptimizer.check_model`` and the callbacks use this one check.
+"""
+
+import weakref
+from typing import Dict, List, Optional, Set, Tuple
+
+import tensorflow as tf
+
+from dpquant_tf import _layer_kinds
+
+__all__ = ["UnsupportedModelError", "check_model_privacy",
+           "model_privacy_problems"]
+
+_RANGE_TRACKING = ("MovingAverageQuantizer", "AllValuesQuantizer")
+_ASSIGN_OPS = frozenset({
+    "AssignVariableOp", "AssignAddVariableOp", "AssignSubVariableOp",
+    "ResourceStridedSliceAssign", "AssignVariableXlaConcatND",
+})
+_ASSIGN_PREFIXES = ("ResourceApply", "ResourceSparseApply", "ResourceScatter")
+_CALL_OPS = frozenset({"PartitionedCall", "StatefulPartitionedCall"})
+_IF_OPS = frozenset({"If", "StatelessIf"})
+_WHILE_OPS = frozenset({"While", "StatelessWhile"})
+_CASE_OPS = frozenset({"Case", "StatelessCase"})
+_PASS_THROUGH = frozenset({"Identity", "IdentityN"})
+
+# model -> {key: problems}: a model is traced once per set of variables.
+_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+class UnsupportedModelError(ValueError):
+  """A model that cannot be trained with DP as is; the message lists why."""
+
+
+def _class_names(obj) -> Set[str]:
+  return {c.__name__ for c in type(obj).__mro__}
+
+
+def _all_layers(model) -> List[tf.keras.layers.Layer]:
+  """Every layer (nested ones included) in a stable, depth-first order."""
+  seen, out = set(), []
+  flatten = getattr(model, "_flatten_layers", None)
+  modules = (list(flatten(include_self=True, recursive=True)) if flatten
+             else [model] + list(model.submodules))
+  for module in modules:
+    if isinstance(module, tf.keras.layers.Layer) and id(module) not in seen:
+      seen.add(id(module))
+      out.append(module)
+  return out
+
+
+# -- (c) tfmot range-tracking quantizers -------------------------------------
+
+def _quantizers_of(module):
+  """(role, quantizer) pairs of a tfmot QuantizeWrapper / QuantizeLayer."""
+  found = []
+  config = getattr(module, "quantize_config", None)
+  inner = getattr(module, "layer", None)
+  if config is not None and inner is not None:
+    try:
+      found += [("activation", q)
+                for _, q in config.get_activations_and_quantizers(inner)]
+    except Exception:  # pylint: disable=broad-except
+      pass
+    try:
+      found += [("output", q) for q in config.get_output_quantizers(inner)]
+    except Exception:  # pylint: disable=broad-except
+      pass
+  quantizer = getattr(module, "quantizer", None)
+  if quantizer is not None and "QuantizeLayer" in _class_names(module):
+    found.append(("input", quantizer))
+  return found
+
+
+# -- (b) state assigned during a training step --------------------------------
+
+def _input_signature(model):
+  """TensorSpecs (batch dim None) of the model's inputs, or None if unknown."""
+  inputs = getattr(model, "inputs", None)
+  if inputs:
+    structure = getattr(model, "input", inputs)
+    return tf.nest.map_structure(
+        lambda t: tf.TensorSpec([None] + list(t.shape[1:]), t.dtype), structure)
+  save_spec = getattr(model, "save_spec", None)
+  if save_spec is not None:
+    try:
+      spec = save_spec(dynamic_batch=True)
+    except Exception:  # pylint: disable=broad-except
+      spec = None
+    if spec is not None and spec[0]:
+      args = spec[0]
+      return args[0] if len(args) == 1 else tuple(args)
+  shape = getattr(model, "_build_input_shape", None)
+  if shape is not None and isinstance(shape, (tuple, list, tf.TensorShape)):
+    dims = tf.TensorShape(shape).as_list()
+    if dims:
+      return tf.TensorSpec([None] + dims[1:], tf.float32)
+  return None
+
+
+class _GraphWrites:
+  """Which inputs of a GraphDef body an op writes through (resource dataflow)."""
+
+  def __init__(self, library):
+    self._library = {f.signature.name: f for f in library.function}
+    self._memo: Dict[str, Set[int]] = {}
+
+  def function_args(self, name: str) -> Set[int]:
+    """Indices of the arguments of library function `name` that it assigns."""
+    if name in self._memo:
+      return self._memo[name]
+    self._memo[name] = set()   # recursion guard
+    fdef = self._library.get(name)
+    if fdef is None:
+      return set()
+    args = {a.name: i for i, a in enumerate(fdef.signature.input_arg)}
+    nodes = {n.name: n for n in fdef.node_def}
+    out = set()
+    for source in self._writes(fdef.node_def, nodes, args, in_function=True):
+      if source[0] == "arg":
+        out.add(source[1])
+    self._memo[name] = out
+    return out
+
+  def graph_sources(self, graph_def) -> Set[str]:
+    """Names of the top-level nodes (placeholders) whose resource is written."""
+    nodes = {n.name: n for n in graph_def.node}
+    return {s[1] for s in self._writes(graph_def.node, nodes, {},
+                                       in_function=False) if s[0] == "node"}
+
+  def _resolve(self, ref: str, nodes, args, in_function):
+    """Follows a tensor reference back through identities to its source."""
+    for _ in range(10000):
+      ref = ref.lstrip("^")
+      parts = ref.split(":")
+      if in_function and len(parts) == 1 and ref in args:
+        return ("arg", args[ref])
+      node = nodes.get(parts[0])
+      if node is None:
+        return ("unknown", ref)
+      index = int(parts[-1]) if len(parts) > 1 and parts[-1].isdigit() else 0
+      if node.op in _PASS_THROUGH and node.input:
+        ref = node.input[index if node.op == "IdentityN" else 0]
+        continue
+      if node.op in _WHILE_OPS and index < len(node.input):
+        ref = node.input[index]
+        continue
+      return ("node", node.name)
+    return ("unknown", ref)
+
+  def _writes(self, node_defs, nodes, args, *, in_function):
+    out = set()
+
+    def mark(ref):
+      out.add(self._resolve(ref, nodes, args, in_function))
+
+    for node in node_defs:
+      op = node.op
+      data = [i for i in node.input if not i.startswith("^")]
+      if op in _ASSIGN_OPS or op.startswith(_ASSIGN_PREFIXES):
+        if data:
+          mark(data[0])
+        continue
+      callees: List[Tuple[str, int]] = []   # (function name, input offset)
+      if op in _IF_OPS:
+        callees = [(node.attr[b].func.name, 1)
+                   for b in ("then_branch", "else_branch")]
+      elif op in _CASE_OPS:
+        callees = [(f.name, 1) for f in node.attr["branches"].list.func]
+      elif op in _WHILE_OPS:
+        callees = [(node.attr[b].func.name, 0) for b in ("cond", "body")]
+      elif op in _CALL_OPS:
+        callees = [(node.attr["f"].func.name, 0)]
+      elif op in self._library:
+        callees = [(op, 0)]
+      for name, offset in callees:
+        for j in self.function_args(name):
+          if offset + j < len(data):
+            mark(data[offset + j])
+    return out
+
+
+def _assigned_variables(model, signature) -> List[tf.Variable]:
+  """Variables of `model` that `model(x, training=True)` assigns (any of them)."""
+  variables = {id(v.handle): v for v in model.variables if hasattr(v, "handle")}
+  if not variables:
+    return []
+  with tf.init_scope():
+    fn = tf.function(lambda x: model(x, training=True), autograph=True)
+    concrete = fn.get_concrete_function(signature)
+  graph = concrete.graph
+  by_placeholder = {}
+  for external, internal in graph.captures:
+    var = variables.get(id(external))
+    if var is not None:
+      by_placeholder[internal.op.name] = var
+  graph_def = graph.as_graph_def()
+  written = _GraphWrites(graph_def.library).graph_sources(graph_def)
+  return [by_placeholder[n] for n in sorted(written) if n in by_placeholder]
+
+
+def _owners(model) -> Dict[int, tf.keras.layers.Layer]:
+  """id(variable) -> the innermost layer that holds it."""
+  owners = {}
+  for layer in _all_layers(model):
+    for var in layer.variables:
+      owners[id(var)] = layer
+  return owners
+
+
+def _state_problems(model, skip: Set[int], signature) -> List[str]:
+  """One line per layer whose non-trainable state a training step assigns."""
+  if signature is None:
+    return [f"model {model.name!r}: cannot check which state a training step "
+            "updates because its input shape is unknown; build it (give it "
+            "an Input or call it once on a batch) or pass input_signature="]
+  try:
+    assigned = _assigned_variables(model, signature)
+  except Exception as e:  # pylint: disable=broad-except
+    return [f"model {model.name!r}: could not trace model(x, training=True) "
+            f"to check which state a training step updates ({type(e).__name__}"
+            f": {e})"]
+  owners = _owners(model)
+  per_layer: Dict[int, Tuple[tf.keras.layers.Layer, List[str]]] = {}
+  for var in assigned:
+    layer = owners.get(id(var), model)
+    if id(layer) not in skip:
+      per_layer.setdefault(id(layer), (layer, []))[1].append(var.name)
+  return [
+      f"layer {layer.name!r} ({type(layer).__name__}): its state "
+      f"{sorted(names)} is assigned during a training forward pass, a "
+      "noise-free function of the private batch that would be released with "
+      "the model (like BatchNorm's running statistics); only the DP optimizer "
+      "may change weights: compute such state outside training, from public "
+      "data"
+      for layer, names in per_layer.values()]
+
+
+# -- the check -----------------------------------------------------------------
+
+def _class_problems(model) -> Tuple[List[str], Set[int]]:
+  problems, batch_norms = [], set()
+  for layer in _all_layers(model):
+    if _layer_kinds.is_batch_norm(layer):
+      batch_norms.add(id(layer))
+      problems.append(
+          f"layer {layer.name!r} ({type(layer).__name__}): batch statistics "
+          "couple the examples of a batch and are learned without noise; "
+          "replace it with GroupNormalization (dpquant_tf.fix_model(model) "
+          "does this)")
+    if isinstance(layer, tf.keras.layers.TimeDistributed):
+      tapped = [l.name for l in _all_layers(layer.layer)
+                if hasattr(l, "tap_output")]
+      if tapped:
+        problems.append(
+            f"layer {layer.name!r} (TimeDistributed) wraps the tapped or "
+            f"quantized layer(s) {tapped}: it folds the time axis into the "
+            "batch, so per-example gradients would be clipped per time step, "
+            "not per example; apply the layer without TimeDistributed (Dense "
+            "and EinsumDense act on the last axis) or leave it unwrapped")
+    for role, quantizer in _quantizers_of(layer):
+      bad = _class_names(quantizer) & set(_RANGE_TRACKING)
+      if bad:
+        problems.append(
+            f"layer {layer.name!r}: tfmot {sorted(bad)[0]} on its {role} learns "
+            "value ranges from private batches without noise; use "
+            "dpquant_tf.quantization.quantize_model (per-example scales) instead")
+  return problems, batch_norms
+
+
+def model_privacy_problems(model, *, input_signature=None) -> List[str]:
+  """Lists every DP problem of a Keras model at once (empty when fine).
+
+  Args:
+    model: any tf.keras model (subclassed models are inspected too; they must
+      have been called once, or pass `input_signature`).
+    input_signature: optional ``tf.TensorSpec`` (or nest of them) of one
+      batch of inputs, for models whose input shape Keras does not know.
+
+  Returns:
+    The problems, one line each, in layer order (state updates last).
+  """
+  if not isinstance(model, tf.keras.layers.Layer):
+    raise TypeError(f"Expected model={model!r} to be a tf.keras model.")
+  problems, skip = _class_problems(model)
+  signature = input_signature if input_signature is not None else (
+      _input_signature(model))
+  key = (tuple(id(v) for v in model.variables), repr(signature))
+  per_model = _CACHE.setdefault(model, {})
+  if key not in per_model:
+    per_model[key] = _state_problems(model, skip, signature)
+  return problems + list(per_model[key])
+
+
+def check_model_privacy(model, *, input_signature=None) -> None:
+  """Raises if `model` has any layer that breaks per-example DP.
+
+  Args:
+    model: any tf.keras model.
+    input_signature: see :func:`model_privacy_problems`.
+
+  Raises:
+    UnsupportedModelError: a ``ValueError`` listing every problem.
+  """
+  problems = model_privacy_problems(model, input_signature=input_signature)
+  if problems:
+    raise UnsupportedModelError(
+        f"The model has {len(problems)} problem(s) for differentially private "
+        "training:\n  - " + "\n  - ".join(problems))

@@ -1,0 +1,118 @@
+"""The one model check: BatchNorm by class, state assigned by a training step,
+tapped layers inside TimeDistributed; every problem reported at once."""
+
+import dpquant_tf  # noqa: F401  (Keras 2 before TensorFlow)
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from dpquant_tf import perexample
+from dpquant_tf import quantization as dq
+
+L = tf.keras.layers
+
+
+class RunningMean(L.Layer):
+  """The attack layer: keeps the unnoised batch mean in a non-trainable variable."""
+
+  def build(self, input_shape):
+    self.kernel = self.add_weight("kernel", (input_shape[-1], 2))
+    self.batch_mean = self.add_weight("batch_mean", (input_shape[-1],),
+                                      trainable=False, initializer="zeros")
+
+  def call(self, x, training=None):
+    if training:
+      self.batch_mean.assign(tf.reduce_mean(x, axis=0))
+    return tf.matmul(x, self.kernel)
+
+
+class MyBatchNorm(L.BatchNormalization):
+  pass
+
+
+def _bn_zoo():
+  inp = tf.keras.Input((4,))
+  h = L.Dense(4, name="d0")(inp)
+  h = L.BatchNormalization(name="norm_a")(h)
+  h = L.BatchNormalization(center=False, scale=False, name="plain")(h)
+  h = L.experimental.SyncBatchNormalization(name="sync")(h)
+  h = MyBatchNorm(name="mine")(h)
+  return tf.keras.Model(inp, L.Dense(2, name="head")(h))
+
+
+def test_batchnorm_by_class_all_reported_at_once_and_fixable():
+  model = _bn_zoo()
+  problems = dpquant_tf.validate_model(model, strict=False)
+  assert len(problems) == 4, problems
+  for name, p in zip(["norm_a", "plain", "sync", "mine"], problems):
+    assert f"'{name}'" in p and "fix_model" in p
+  with pytest.raises(ValueError, match=r"norm_a[\s\S]*plain"
+                     r"[\s\S]*sync[\s\S]*mine"):
+    dpquant_tf.DPQuantOptimizer.check_model(model)
+  fixed = dpquant_tf.fix_model(model)   # center=False, scale=False included
+  assert dpquant_tf.validate_model(fixed) == []
+  assert not any(isinstance(l, L.BatchNormalization) for l in fixed.layers)
+
+
+def _running_mean_model():
+  tf.keras.utils.set_random_seed(0)
+  return tf.keras.Sequential([tf.keras.Input((3,)), RunningMean(name="rm"),
+                              L.Dense(2, name="head")])
+
+
+def test_state_assigned_by_a_training_step_is_refused_before_any_step():
+  model = _running_mean_model()
+  problems = dpquant_tf.validate_model(model, strict=False)
+  assert len(problems) == 1
+  assert "'rm'" in problems[0] and "batch_mean" in problems[0]
+  with pytest.raises(ValueError, match="rm.*batch_mean"):
+    dpquant_tf.DPQuantOptimizer.check_model(model)
+  # The check traced symbolically: no step ran, the state is untouched.
+  np.testing.assert_array_equal(model.get_layer("rm").batch_mean.numpy(),
+                                np.zeros(3, np.float32))
+
+
+def test_state_update_inside_cond_of_a_subclassed_model_is_found():
+
+  class Net(tf.keras.Model):
+
+    def __init__(self):
+      super().__init__()
+      self.rm = RunningMean(name="hidden_stats")
+      self.head = L.Dense(1)
+
+    def call(self, x, training=None):
+      h = tf.cond(tf.reduce_sum(x) > 0,
+                  lambda: self.rm(x, training=training),
+                  lambda: self.rm(-x, training=training))
+      return self.head(h)
+
+  net = Net()
+  net(tf.zeros((2, 3)))
+  problems = dpquant_tf.validate_model(net, strict=False)
+  assert len(problems) == 1 and "hidden_stats" in problems[0]
+
+
+def test_frozen_layers_and_quantized_layers_pass():
+  frozen = L.Dense(4, name="frozen")
+  model = tf.keras.Sequential([tf.keras.Input((3,)), frozen, L.Dense(2)])
+  frozen.trainable = False
+  assert model.non_trainable_variables
+  assert dpquant_tf.validate_model(model) == []
+  quantized = dq.quantize_model(model)
+  assert quantized.non_trainable_variables   # bits, formats, flags
+  assert dpquant_tf.validate_model(quantized) == []
+  dpquant_tf.DPQuantOptimizer.check_model(quantized)
+
+
+def test_tapped_layer_inside_time_distributed_is_refused():
+  inp = tf.keras.Input((5, 3))
+  h = L.TimeDistributed(perexample.TappedLayer(L.Dense(4)), name="td")(inp)
+  out = L.Dense(2)(L.GlobalAveragePooling1D()(h))
+  model = tf.keras.Model(inp, out)
+  problems = dpquant_tf.validate_model(model, strict=False)
+  assert len(problems) == 1 and "'td'" in problems[0]
+  assert "TimeDistributed" in problems[0]
+  # A plain Dense inside TimeDistributed takes the jacobian path: fine.
+  plain = tf.keras.Model(inp, L.TimeDistributed(L.Dense(4))(inp))
+  assert dpquant_tf.validate_model(plain) == []
