@@ -1,0 +1,34 @@
+"""Empirical privacy auditing: lower bounds on the epsilon training leaks.
+
+* Statistics (pure functions): ``clopper_pearson``, ``epsilon_from_rates``,
+  ``threshold_epsilon_lower_bound``, ``one_run_p_value``,
+  ``one_run_epsilon_lower_bound``.
+* ``audit_mechanism``: white-box audit of one DP optimizer step on
+  neighbouring batches, many trials (docs/AUDIT.md).
+* ``audit_one_run``: Steinke et al. (2023) audit of a whole training run
+  from canaries included with probability 1/2.
+
+A lower bound above the ledger's epsilon falsifies the privacy claim.
+"""
+
+from dpquant_tf.audit._mechanism import audit_mechanism
+from dpquant_tf.audit._mechanism import linear_probe_model
+from dpquant_tf.audit._mechanism import MechanismAudit
+from dpquant_tf.audit._stats import clopper_pearson
+from dpquant_tf.audit._stats import epsilon_from_rates
+from dpquant_tf.audit._stats import one_run_epsilon_lower_bound
+from dpquant_tf.audit._stats import one_run_p_value
+from dpquant_tf.audit._stats import threshold_epsilon_lower_bound
+from dpquant_tf.audit._stats import ThresholdAudit
+
+__all__ = [
+    "MechanismAudit",
+    "ThresholdAudit",
+    "audit_mechanism",
+    "clopper_pearson",
+    "epsilon_from_rates",
+    "linear_probe_model",
+    "one_run_epsilon_lower_bound",
+    "one_run_p_value",
+    "threshold_epsilon_lower_bound",
+]
