@@ -1,29 +1,42 @@
 """Planning: epsilon of a planned run and the noise multiplier for a target.
 
-A planned run is ``ceil(epochs * N / B)`` Poisson-sampled Gaussian steps with
-q = B / N, plus planned analysis releases (any dp_accounting events).
+A planned run is ``ceil(epochs * steps_per_epoch(N, B / N))`` Poisson-sampled
+Gaussian steps with q = B / N, plus planned analysis releases (any
+dp_accounting events). ``steps_per_epoch`` (ceil(N / B)) is the one definition
+of an epoch's steps, shared with ``poisson_dataset`` and Keras' fixed batches,
+so a run calibrated to a target never runs more steps than were planned.
 """
 
 import math
 from typing import Iterable
 
-import dp_accounting
-
 from dpquant_tf import _validation as V
 from dpquant_tf.privacy import _accounting
+from dpquant_tf.privacy import _events
+from dpquant_tf.privacy import _sampling
 
 __all__ = ["calibrate_noise_multiplier", "planned_epsilon", "planned_steps"]
 
 
 def planned_steps(dataset_size: int, batch_size: float, epochs: float) -> int:
-  """Steps of a run: ceil(epochs * N / B) (TF-Privacy's convention)."""
-  return int(math.ceil(epochs * dataset_size / batch_size))
+  """Steps of a run: ceil(epochs * steps_per_epoch(N, B / N)).
+
+  One epoch is ``steps_per_epoch(N, B / N)`` = ceil(N / B) steps, as
+  ``poisson_dataset`` (default ``steps``) and ``fit(batch_size=B)`` run it
+  (TF-Privacy's ceil(epochs * N / B) plans fewer steps than such a pipeline
+  runs when B does not divide N).
+  """
+  dataset_size = V.check_int("dataset_size", dataset_size, low=1)
+  batch_size = V.check_positive("batch_size", batch_size)
+  epochs = V.check_positive("epochs", epochs)
+  q = min(float(batch_size) / float(dataset_size), 1.0)
+  per_epoch = _sampling.steps_per_epoch(dataset_size, q)
+  return int(math.ceil(epochs * per_epoch - 1e-9))
 
 
 def _train_events(dataset_size, batch_size, epochs, noise_multiplier):
   q = min(float(batch_size) / float(dataset_size), 1.0)
-  event = dp_accounting.PoissonSampledDpEvent(
-      q, dp_accounting.GaussianDpEvent(float(noise_multiplier)))
+  event = _events.sampled_gaussian_event(q, noise_multiplier)
   return [(event, planned_steps(dataset_size, batch_size, epochs))]
 
 
@@ -47,7 +60,7 @@ def planned_epsilon(*, dataset_size: int, batch_size: float,
     dataset_size: N.
     batch_size: expected batch size B (q = B / N).
     noise_multiplier: z of every step.
-    epochs: epochs (steps = ceil(epochs * N / B)).
+    epochs: epochs (steps = ``planned_steps(N, B, epochs)``).
     delta: target delta.
     analyses: DpEvents or (DpEvent, count) pairs released besides training.
     accountant: ``Accountant.RDP`` or ``PLD``.

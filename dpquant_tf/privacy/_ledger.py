@@ -19,8 +19,9 @@ from dp_accounting import dp_event as dp_event_lib
 import tensorflow as tf
 
 from dpquant_tf import _validation as V
-from dpquant_tf.distribute import _strategy as _dist_strategy
+from dpquant_tf import _tf_utils
 from dpquant_tf.privacy import _accounting
+from dpquant_tf.privacy import _events
 
 __all__ = ["EventKind", "PrivacyLedger", "SamplingMethod"]
 
@@ -66,10 +67,19 @@ def _event_from_json(data):
 
 
 class _Attached:
-  """Plain holder so tf.Module does not track attached optimizers."""
+  """Plain holder so tf.Module does not track attached objects.
+
+  optimizers: attached DP optimizers (their events are pulled on queries).
+  guards: budget guards (``PrivacyCallback`` with a budget) of the running
+    ``fit``; a scheduler asks them before it releases anything.
+  planners: callbacks (``DPQuantScheduler``) that release analyses at epoch
+    begin; guards project their planned releases.
+  """
 
   def __init__(self):
     self.optimizers = []
+    self.guards = []
+    self.planners = []
 
 
 class PrivacyLedger(tf.Module):
@@ -95,7 +105,7 @@ class PrivacyLedger(tf.Module):
                          V.check_int("dataset_size", dataset_size, low=1))
     # Host-side state: never mirrored (MultiWorkerMirroredStrategy cannot
     # broadcast strings), also when the ledger is created in a strategy scope.
-    self._records = _dist_strategy.local_variable(
+    self._records = _tf_utils.local_variable(
         "[]", dtype=tf.string, name="recorded_events")
     self._attached = _Attached()
     self._parsed = ("[]", [])
@@ -108,6 +118,40 @@ class PrivacyLedger(tf.Module):
              "DPQuantOptimizer)", TypeError)
     if all(o is not optimizer for o in self._attached.optimizers):
       self._attached.optimizers.append(optimizer)
+
+  def is_attached(self, optimizer) -> bool:
+    """Whether `optimizer`'s steps are pulled into this ledger."""
+    return any(o is optimizer for o in self._attached.optimizers)
+
+  def add_budget_guard(self, guard) -> None:
+    """Registers a budget guard (``PrivacyCallback``) for the running fit."""
+    if all(g is not guard for g in self._attached.guards):
+      self._attached.guards.append(guard)
+
+  def remove_budget_guard(self, guard) -> None:
+    self._attached.guards = [g for g in self._attached.guards
+                             if g is not guard]
+
+  def budget_guards(self) -> list:
+    """The registered budget guards (each has ``check_release``)."""
+    return list(self._attached.guards)
+
+  def add_planner(self, planner) -> None:
+    """Registers a callback with ``planned_releases(epoch)``."""
+    if all(p is not planner for p in self._attached.planners):
+      self._attached.planners.append(planner)
+
+  def remove_planner(self, planner) -> None:
+    self._attached.planners = [p for p in self._attached.planners
+                               if p is not planner]
+
+  def planned_releases(self, epoch: int) -> List[Tuple[dp_accounting.DpEvent,
+                                                      int]]:
+    """(event, count) releases the registered planners make at `epoch`."""
+    out = []
+    for planner in self._attached.planners:
+      out.extend(_accounting.as_event_counts(planner.planned_releases(epoch)))
+    return out
 
   def record(self, event: dp_accounting.DpEvent, *, kind=EventKind.ANALYSIS,
              count: int = 1) -> None:
@@ -177,10 +221,11 @@ class PrivacyLedger(tf.Module):
     return max(0.0, (total - self.epsilon(delta, kind=EventKind.TRAIN))
                / total)
 
-  def _train_summary(self):
+  def _train_summary(self, extra_train=()):
     """(steps, epochs, min z, max z, q values) of the training events."""
     steps, epochs, zs, qs = 0, 0.0, [], set()
-    for event, count in self.events(EventKind.TRAIN):
+    for event, count in (self.events(EventKind.TRAIN) +
+                         _accounting.as_event_counts(extra_train)):
       q = getattr(event, "sampling_probability", 1.0)
       inner = getattr(event, "event", event)
       zs.append(float(getattr(inner, "noise_multiplier", float("nan"))))
@@ -189,20 +234,49 @@ class PrivacyLedger(tf.Module):
       epochs += count * q
     return steps, epochs, zs, qs
 
-  def epsilon_without_amplification(self, delta: float) -> float:
+  def epsilon_without_amplification(self, delta: float, *, extra_train=(),
+                                    extra_analysis=()) -> float:
     """Bound with each example in at most ceil(epochs) steps (any order).
 
     Every training step is taken at the smallest noise multiplier used, so
     this is conservative for runs whose noise changes.
+
+    Args:
+      delta: target delta.
+      extra_train: training (event, count) pairs to project (not recorded).
+      extra_analysis: analysis releases to project (not recorded).
     """
-    steps, epochs, zs, _ = self._train_summary()
+    delta = V.check_open_unit("delta", delta)
+    steps, epochs, zs, _ = self._train_summary(extra_train)
     events = []
     if steps:
       z = min(zs)
-      events.append((dp_accounting.GaussianDpEvent(z),
+      events.append((_events.gaussian_event(z),
                      max(1, math.ceil(epochs - 1e-9))))
     events += self.events(EventKind.ANALYSIS)
+    events += _accounting.as_event_counts(extra_analysis)
     return _accounting.compose_epsilon(events, delta, self.accountant)
+
+  def proven_epsilon(self, delta: float, *, extra_train=(),
+                     extra_analysis=()) -> float:
+    """The epsilon that holds for the sampling actually used (invariant 12).
+
+    POISSON: the (amplified) composition of every event. SHUFFLED: the bound
+    without amplification (``epsilon_without_amplification``). This is the
+    figure ``PrivacyCallback`` logs as ``epsilon`` and checks budgets with.
+
+    Args:
+      delta: target delta.
+      extra_train: training (event, count) pairs to project (not recorded).
+      extra_analysis: analysis releases to project (not recorded).
+    """
+    if self.sampling_method is SamplingMethod.POISSON:
+      delta = V.check_open_unit("delta", delta)
+      events = (self.events() + _accounting.as_event_counts(extra_train) +
+                _accounting.as_event_counts(extra_analysis))
+      return _accounting.compose_epsilon(events, delta, self.accountant)
+    return self.epsilon_without_amplification(
+        delta, extra_train=extra_train, extra_analysis=extra_analysis)
 
   def statement(self, delta: float) -> str:
     """A privacy statement in the wording of TF-Privacy's
@@ -256,4 +330,25 @@ class PrivacyLedger(tf.Module):
               "closer to this value than the conservative assumption of an "
               "arbitrary data order. Only the first value is a proven bound.")
     paras.append(textwrap.fill(note, width=80))
+    paras.append(textwrap.fill(
+        "Not covered by this guarantee (released without DP unless "
+        "suppressed): the training loss and metrics Keras computes on the "
+        "private batches (progress bar, History, logs of callbacks such as "
+        "CSVLogger or TensorBoard) and validation metrics computed on "
+        "private validation data. To release nothing else, train with "
+        "verbose=0, compile without metrics, pass no validation data, and "
+        "drop the 'loss' and metric entries from the logs (or do not keep "
+        "History); only the weights, epsilon and the schedule's logged "
+        "values are covered.", width=80))
+    if any(getattr(o, "noise_is_seeded", False)
+           for o in self._attached.optimizers):
+      paras.append(textwrap.fill(
+          "WARNING: the noise was drawn from an explicitly seeded generator "
+          "(seed=...). The guarantee holds only while the seed stays "
+          "secret; anyone who knows it can regenerate and subtract the "
+          "noise.", width=80))
+    else:
+      paras.append(textwrap.fill(
+          "Noise was drawn from OS entropy (no seed) by every attached "
+          "optimizer.", width=80))
     return "\n\n".join(paras) + "\n"

@@ -9,6 +9,8 @@ shape never changes (no XLA retrace). Train with
 by the expected, data-independent batch size.
 """
 
+import math
+import weakref
 from typing import Optional
 
 import numpy as np
@@ -16,8 +18,44 @@ import tensorflow as tf
 from scipy import stats
 
 from dpquant_tf import _validation as V
+from dpquant_tf.privacy import _random
 
-__all__ = ["poisson_dataset", "poisson_max_batch_size"]
+__all__ = ["poisson_dataset", "poisson_max_batch_size", "sampling_rate_of",
+           "steps_per_epoch"]
+
+# Rate of every dataset poisson_dataset returned, keyed by the dataset object
+# (weak keys: the entry goes away with the dataset). PrivacyCallback reads it
+# to refuse a dataset whose rate differs from the optimizer's.
+_RATES = weakref.WeakKeyDictionary()
+
+
+def steps_per_epoch(dataset_size: int, sampling_rate: float) -> int:
+  """Steps of one epoch at rate q: ceil(1 / q), i.e. ceil(N / B) for B = qN.
+
+  The one definition of an epoch's steps: ``poisson_dataset``'s default
+  ``steps``, ``planned_steps`` and ``calibrate_noise_multiplier`` use it, and
+  so do Keras' fixed batches (``fit(batch_size=B)`` runs ceil(N / B) steps).
+  A float q = B / N that is an exact divisor up to rounding counts exactly.
+
+  Args:
+    dataset_size: N.
+    sampling_rate: q in (0, 1].
+
+  Returns:
+    The number of steps (>= 1).
+  """
+  n = V.check_int("dataset_size", dataset_size, low=1)
+  q = V.check_probability("sampling_rate", sampling_rate)
+  batch = q * n
+  return max(1, int(math.ceil(n / batch - 1e-9)))
+
+
+def sampling_rate_of(dataset) -> Optional[float]:
+  """The rate q of a dataset made by ``poisson_dataset`` (else None)."""
+  try:
+    return _RATES.get(dataset)
+  except TypeError:  # Not weak-referenceable: not one of ours.
+    return None
 
 
 def poisson_max_batch_size(dataset_size: int, sampling_rate: float,
@@ -42,7 +80,8 @@ def poisson_dataset(x, y, sampling_rate: float,
     max_batch_size: rows per padded batch; default: overflow probability
       1e-9 per step (``poisson_max_batch_size``). A sampled batch larger than
       this raises an error at iteration (never silently truncated).
-    steps: batches per pass (default: round(1 / q), one expected epoch).
+    steps: batches per pass (default: ``steps_per_epoch(N, q)`` = ceil(1 / q),
+      one epoch in the definition calibration uses).
     seed: seeds the sampling (tests); None = non-deterministic.
 
   Returns:
@@ -60,10 +99,10 @@ def poisson_dataset(x, y, sampling_rate: float,
   max_batch_size = V.check_int("max_batch_size", max_batch_size, low=1,
                                high=n)
   if steps is None:
-    steps = max(1, int(round(1.0 / q)))
+    steps = steps_per_epoch(n, q)
   steps = V.check_int("steps", steps, low=1)
-  gen = (tf.random.Generator.from_non_deterministic_state() if seed is None
-         else tf.random.Generator.from_seed(V.check_int("seed", seed)))
+  gen = _random.make_generator(
+      seed=None if seed is None else V.check_int("seed", seed))
   x_t = tf.constant(x)
   y_t = tf.constant(y)
 
@@ -87,7 +126,9 @@ def poisson_dataset(x, y, sampling_rate: float,
     mask = tf.ensure_shape(mask, [max_batch_size])
     return xb, yb, mask
 
-  return tf.data.Dataset.range(steps).map(sample)
+  dataset = tf.data.Dataset.range(steps).map(sample)
+  _RATES[dataset] = q
+  return dataset
 
 
 def expected_batch_size(dataset_size: int, sampling_rate: float) -> float:

@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from dpquant_tf import _validation as v
+from dpquant_tf.privacy import _random
 from dpquant_tf.schedule import _base
 from dpquant_tf.schedule import _estimator as _est
 from dpquant_tf.schedule import _plan
@@ -87,8 +88,7 @@ class DPQuantScheduler(tf.keras.callbacks.Callback):
     self.delta = delta
     self.base_config = base_config
     self.seed = None if seed is None else v.check_int("seed", seed)
-    self._generator = (tf.random.Generator.from_non_deterministic_state()
-                       if seed is None else tf.random.Generator.from_seed(seed))
+    self._generator = _random.make_generator(seed=self.seed)
     self.releases = _base.Releases()
     self.history: List[Dict[str, Any]] = []
     self._layers = None
@@ -99,18 +99,45 @@ class DPQuantScheduler(tf.keras.callbacks.Callback):
   # -- Keras hooks -------------------------------------------------------------
 
   def on_train_begin(self, logs=None):
+    # Privacy guards run here, not at the caller's discretion.
+    from dpquant_tf import distribute  # pylint: disable=g-import-not-at-top
+    distribute.check_scheduler(self)
     self._layers = _plan.quantizable_layers(self.model)
     if not self._layers:
       v.fail("model", self.model.name, "a model with quantizable layers "
              "(dpquant_tf.quantization.quantize_model)")
+    if self.ledger is not None:
+      self.ledger.add_planner(self)
+
+  def on_train_end(self, logs=None):
+    if self.ledger is not None:
+      self.ledger.remove_planner(self)
+
+  def planned_releases(self, epoch: int) -> List[Any]:
+    """(DpEvent, count) pairs this scheduler releases at the beginning of
+    `epoch` (the estimator's analysis when one is due), for budget guards."""
+    if (self.estimator is not None and self.policy.needs_sensitivities
+        and self.policy.analysis_due(int(epoch))):
+      return [(self.estimator.dp_event(), 1)]
+    return []
+
+  def _check_budget(self, events) -> None:
+    """Every budget guard of the ledger (``PrivacyCallback``) must accept
+    `events` plus the next execution; a guard raises BudgetExceededError."""
+    if self.ledger is None:
+      return
+    for guard in self.ledger.budget_guards():
+      guard.check_release(events)
 
   def on_epoch_begin(self, epoch, logs=None):
     if self._layers is None:
       self.on_train_begin()
     names = [info.name for info in self._layers]
     analysis = None
-    if (self.estimator is not None and self.policy.needs_sensitivities
-        and self.policy.analysis_due(epoch)):
+    releases = self.planned_releases(epoch)
+    if releases:
+      # Never release an analysis that would take the run past a budget.
+      self._check_budget(releases)
       analysis = self.estimator.estimate(self.model, ledger=self.ledger,
                                          layers=names,
                                          base_config=self.base_config)
@@ -127,6 +154,9 @@ class DPQuantScheduler(tf.keras.callbacks.Callback):
                "per-layer gradient bits")
       optimizer.set_gradient_bits(_plan.gradient_bit_keys(
           self.model, dict(decision.gradient_bits)))
+    # New bit widths change the effective noise multiplier (BOUND mode): the
+    # epoch's first execution is checked with them before it runs.
+    self._check_budget(())
     if self.policy.needs_update_norms:
       self._kernels_at_begin = self._kernels()
       self._iterations_at_begin = self._iterations()

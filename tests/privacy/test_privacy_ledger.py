@@ -142,11 +142,15 @@ def test_noise_zero_is_infinite_epsilon():
 
 
 # ---------------------------------------------------------------- planning
-def test_planned_epsilon_matches_tf_privacy_convention():
+def test_planned_epsilon_counts_the_steps_the_pipeline_runs():
+  # One epoch is steps_per_epoch(N, B / N) = ceil(60000 / 256) = 235 steps
+  # (what fit(batch_size=256) and poisson_dataset run), so 60 epochs are
+  # 14100 steps, not TF-Privacy's ceil(60 * 60000 / 256) = 14063.
   eps = privacy.planned_epsilon(dataset_size=60000, batch_size=256,
                                 noise_multiplier=1.1, epochs=60, delta=DELTA)
   steps = privacy.planned_steps(60000, 256, 60)
-  assert steps == 14063
+  assert privacy.steps_per_epoch(60000, 256 / 60000) == 235
+  assert steps == 60 * 235
   acc = dp_accounting.rdp.RdpAccountant()
   acc.compose(dp_accounting.SelfComposedDpEvent(_step(256 / 60000, 1.1),
                                                 steps))

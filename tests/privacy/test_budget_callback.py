@@ -1,0 +1,181 @@
+"""PrivacyCallback: proven epsilon, checks before the first step, full
+executions (issue 11 items 5-6, issue 15 items 7-9)."""
+
+import dp_accounting
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from dpquant_tf import privacy
+from dpquant_tf.optimizers import DPQuantOptimizer
+
+DELTA = 1e-5
+
+
+def _data(n=64, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, 6)).astype("float32")
+  y = rng.integers(0, 3, size=n)
+  return x, y
+
+
+def _model(opt, steps_per_execution=1):
+  tf.keras.utils.set_random_seed(0)
+  model = tf.keras.Sequential([
+      tf.keras.layers.Dense(5, activation="tanh", input_shape=(6,)),
+      tf.keras.layers.Dense(3)])
+  model.compile(optimizer=opt, steps_per_execution=steps_per_execution,
+                loss=tf.keras.losses.SparseCategoricalCrossentropy(
+                    from_logits=True, reduction="none"))
+  return model
+
+
+def _weights(model):
+  return [w.copy() for w in model.get_weights()]
+
+
+def _same(a, b):
+  return all(np.array_equal(u, v) for u, v in zip(a, b))
+
+
+def _poisson_eps(q, z, steps):
+  acc = dp_accounting.rdp.RdpAccountant()
+  acc.compose(dp_accounting.SelfComposedDpEvent(
+      dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)),
+      steps))
+  return acc.get_epsilon(DELTA)
+
+
+def test_shuffled_batches_log_the_proven_epsilon_and_poisson_beside_it():
+  x, y = _data()
+  ledger = privacy.PrivacyLedger()  # SHUFFLED: plain fit batches
+  opt = DPQuantOptimizer(1.0, 2.0, ledger=ledger, dataset_size=64)
+  model = _model(opt)
+  cb = privacy.PrivacyCallback(ledger, DELTA)
+  hist = model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[cb])
+  eps, poisson = hist.history["epsilon"], hist.history["epsilon_if_poisson"]
+  assert eps[-1] == pytest.approx(ledger.epsilon_without_amplification(DELTA))
+  assert poisson[-1] == pytest.approx(_poisson_eps(0.125, 2.0, 16), rel=1e-9)
+  assert eps[-1] > 2 * poisson[-1]  # The proven bound is much larger.
+  # A Poisson ledger logs the Poisson figure (and nothing beside it).
+  ledger_p = privacy.PrivacyLedger(sampling_method="poisson")
+  opt_p = DPQuantOptimizer(1.0, 2.0, ledger=ledger_p, dataset_size=64,
+                           expected_batch_size=8.0, sampling_probability=0.125)
+  ds = privacy.poisson_dataset(x, y, 0.125, 24, seed=0)
+  hist = _model(opt_p).fit(ds, epochs=1, verbose=0,
+                           callbacks=[privacy.PrivacyCallback(ledger_p, DELTA)])
+  assert "epsilon_if_poisson" not in hist.history
+  assert hist.history["epsilon"][-1] == pytest.approx(
+      _poisson_eps(0.125, 2.0, 8), rel=1e-9)
+
+
+def test_shuffled_budget_uses_the_proven_bound():
+  x, y = _data()
+  ledger = privacy.PrivacyLedger()
+  opt = DPQuantOptimizer(1.0, 2.0, ledger=ledger, dataset_size=64)
+  model = _model(opt)
+  # The Poisson figure of 3 epochs fits; the proven bound of 2 epochs not.
+  proven_one_epoch = privacy.PrivacyLedger()
+  proven_one_epoch.record(dp_accounting.GaussianDpEvent(2.0), kind="train")
+  budget = proven_one_epoch.epsilon(DELTA) * 1.01
+  assert _poisson_eps(0.125, 2.0, 24) < budget
+  cb = privacy.PrivacyCallback(ledger, DELTA, budget_epsilon=budget)
+  model.fit(x, y, batch_size=8, epochs=3, verbose=0, callbacks=[cb])
+  assert cb.stopped_for_budget and opt.dp_event_steps() == 8
+  assert ledger.proven_epsilon(DELTA) <= budget
+
+
+def test_validation_split_is_refused_before_the_first_step():
+  x, y = _data()
+  ledger = privacy.PrivacyLedger()
+  opt = DPQuantOptimizer(1.0, 1.0, ledger=ledger, dataset_size=64)
+  model = _model(opt)
+  before = _weights(model)
+  with pytest.raises(ValueError, match="validation_split"):
+    model.fit(x, y, batch_size=8, epochs=1, validation_split=0.5, verbose=0,
+              callbacks=[privacy.PrivacyCallback(ledger, DELTA)])
+  assert opt.dp_event_steps() == 0 and _same(before, model.get_weights())
+  # Telling the optimizer the training set's size is accepted.
+  ledger2 = privacy.PrivacyLedger()
+  opt2 = DPQuantOptimizer(1.0, 1.0, ledger=ledger2, dataset_size=32)
+  _model(opt2).fit(x, y, batch_size=8, epochs=1, validation_split=0.5,
+                   verbose=0, callbacks=[privacy.PrivacyCallback(ledger2,
+                                                                 DELTA)])
+  assert ledger2.events("train")[0][0].sampling_probability == 0.25
+
+
+def test_poisson_dataset_of_another_rate_is_refused_before_the_first_step():
+  x, y = _data()
+  ledger = privacy.PrivacyLedger(sampling_method="poisson")
+  opt = DPQuantOptimizer(1.0, 1.0, ledger=ledger, dataset_size=64,
+                         expected_batch_size=8.0, sampling_probability=0.125)
+  model = _model(opt)
+  before = _weights(model)
+  ds = privacy.poisson_dataset(x, y, 0.25, 40, steps=2, seed=0)
+  assert privacy.sampling_rate_of(ds) == 0.25
+  with pytest.raises(ValueError, match="poisson_dataset"):
+    model.fit(ds, epochs=1, verbose=0,
+              callbacks=[privacy.PrivacyCallback(ledger, DELTA)])
+  assert opt.dp_event_steps() == 0 and _same(before, model.get_weights())
+
+
+def test_unknown_q_is_refused_before_the_first_step():
+  x, y = _data()
+  ledger = privacy.PrivacyLedger()
+  opt = DPQuantOptimizer(1.0, 1.0, ledger=ledger)  # Neither q nor N.
+  model = _model(opt)
+  ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+  with pytest.raises(privacy.UnknownSamplingProbabilityError):
+    model.fit(ds, epochs=1, verbose=0,
+              callbacks=[privacy.PrivacyCallback(ledger, DELTA)])
+  assert opt.dp_event_steps() == 0
+
+
+def test_unattached_optimizer_is_refused_before_the_first_step():
+  x, y = _data()
+  ledger = privacy.PrivacyLedger()
+  model = _model(DPQuantOptimizer(1.0, 1.0, ledger=ledger, dataset_size=64))
+  cb = privacy.PrivacyCallback(ledger, DELTA, budget_epsilon=50.0)
+  model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[cb])
+  # Recompiled with an optimizer the ledger does not know.
+  fresh = DPQuantOptimizer(1.0, 1.0, dataset_size=64)
+  model.compile(optimizer=fresh, loss=tf.keras.losses.
+                SparseCategoricalCrossentropy(from_logits=True,
+                                              reduction="none"))
+  before = _weights(model)
+  with pytest.raises(ValueError, match="ledger.attach"):
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[cb])
+  assert fresh.dp_event_steps() == 0 and _same(before, model.get_weights())
+  ledger.attach(fresh)
+  model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[cb])
+  assert fresh.dp_event_steps() == 8
+
+
+def test_first_execution_is_checked_before_any_step():
+  x, y = _data()
+  ledger = privacy.PrivacyLedger(sampling_method="poisson")
+  opt = DPQuantOptimizer(1.0, 1.0, ledger=ledger, dataset_size=64)
+  model = _model(opt)
+  before = _weights(model)
+  cb = privacy.PrivacyCallback(ledger, DELTA, budget_epsilon=0.05)
+  with pytest.raises(privacy.BudgetExceededError):
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[cb])
+  assert opt.dp_event_steps() == 0 and _same(before, model.get_weights())
+  assert ledger.epsilon(DELTA) == 0.0
+
+
+def test_steps_per_execution_never_overshoots_at_epoch_ends():
+  x, y = _data()
+  q, z = 0.125, 1.0
+  ledger = privacy.PrivacyLedger(sampling_method="poisson")
+  opt = DPQuantOptimizer(1.0, z, ledger=ledger, dataset_size=64,
+                         expected_batch_size=8.0, sampling_probability=q)
+  model = _model(opt, steps_per_execution=10)
+  # 13 steps per epoch: executions of 10 and 3 steps.
+  ds = privacy.poisson_dataset(x, y, q, 24, steps=13, seed=0)
+  budget = (_poisson_eps(q, z, 22) + _poisson_eps(q, z, 23)) / 2
+  cb = privacy.PrivacyCallback(ledger, DELTA, budget_epsilon=budget)
+  model.fit(ds, epochs=4, verbose=0, callbacks=[cb])
+  assert cb.stopped_for_budget
+  assert opt.dp_event_steps() <= 22
+  assert ledger.epsilon(DELTA) <= budget
