@@ -5,15 +5,20 @@
   ``one_run_epsilon_lower_bound``.
 * ``audit_mechanism``: white-box audit of one DP optimizer step on
   neighbouring batches, many trials (docs/AUDIT.md).
+* ``audit_checkpoint_replay``: an adversary holding two consecutive
+  checkpoints tries to regenerate the step's noise.
 * ``audit_one_run``: Steinke et al. (2023) audit of a whole training run
   from canaries included with probability 1/2.
 
 A lower bound above the ledger's epsilon falsifies the privacy claim.
 """
 
+from dpquant_tf.audit._checkpoint import audit_checkpoint_replay
 from dpquant_tf.audit._mechanism import audit_mechanism
 from dpquant_tf.audit._mechanism import linear_probe_model
 from dpquant_tf.audit._mechanism import MechanismAudit
+from dpquant_tf.audit._one_run import audit_one_run
+from dpquant_tf.audit._one_run import OneRunAudit
 from dpquant_tf.audit._stats import clopper_pearson
 from dpquant_tf.audit._stats import epsilon_from_rates
 from dpquant_tf.audit._stats import one_run_epsilon_lower_bound
@@ -23,8 +28,11 @@ from dpquant_tf.audit._stats import ThresholdAudit
 
 __all__ = [
     "MechanismAudit",
+    "OneRunAudit",
     "ThresholdAudit",
+    "audit_checkpoint_replay",
     "audit_mechanism",
+    "audit_one_run",
     "clopper_pearson",
     "epsilon_from_rates",
     "linear_probe_model",

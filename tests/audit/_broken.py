@@ -39,3 +39,11 @@ class ReplayedNoiseOptimizer(dpquant_tf.DPQuantOptimizer):
     state = tf.stack([pair, tf.constant(7, tf.int64), tf.constant(0, tf.int64)])
     self._generator.reset(state)
     return super()._per_replica_noise_stddev(stddev)
+
+
+class CheckpointedNoiseOptimizer(dpquant_tf.DPQuantOptimizer):
+  """Writes its noise generator into checkpoints (main before issue 15)."""
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self._track_trackable(self.generator, name="dp_generator")
