@@ -4,6 +4,7 @@ from dpquant_tf.privacy._accounting import Accountant
 from dpquant_tf.privacy._calibration import calibrate_noise_multiplier
 from dpquant_tf.privacy._calibration import planned_epsilon
 from dpquant_tf.privacy._calibration import planned_steps
+from dpquant_tf.privacy._callback import budget_guards
 from dpquant_tf.privacy._callback import BudgetExceededError
 from dpquant_tf.privacy._callback import PrivacyCallback
 from dpquant_tf.privacy._events import EventTableOverflowError
@@ -33,6 +34,7 @@ __all__ = [
     "SensitivityMode",
     "UnknownSamplingProbabilityError",
     "add_gaussian_noise",
+    "budget_guards",
     "calibrate_noise_multiplier",
     "clip_per_example",
     "planned_epsilon",

@@ -14,6 +14,7 @@ cooperate in any order of the ``callbacks=[...]`` list.
 
 import inspect
 import math
+import weakref
 from typing import Optional
 
 import tensorflow as tf
@@ -22,7 +23,22 @@ from dpquant_tf import _validation as V
 from dpquant_tf.privacy import _events
 from dpquant_tf.privacy import _sampling
 
-__all__ = ["BudgetExceededError", "PrivacyCallback"]
+__all__ = ["BudgetExceededError", "PrivacyCallback", "budget_guards"]
+
+# model -> the PrivacyCallbacks with a budget in its running fit (weak keys).
+_GUARDS = weakref.WeakKeyDictionary()
+
+
+def budget_guards(model) -> list:
+  """The budget-enforcing ``PrivacyCallback``s of `model`'s running fit.
+
+  ``DPQuantScheduler`` calls ``check_release`` on each before it releases an
+  analysis or changes bit widths, whatever the order of the callbacks.
+  """
+  try:
+    return list(_GUARDS.get(model, ()))
+  except TypeError:
+    return []
 
 
 class BudgetExceededError(RuntimeError):
@@ -211,6 +227,8 @@ class PrivacyCallback(tf.keras.callbacks.Callback):
     next full execution fit the budget. Called by ``DPQuantScheduler``."""
     if not self._fits(events):
       self.stopped_for_budget = True
+      # fit aborts: on_train_end will not run, so unregister here.
+      self.on_train_end()
       raise BudgetExceededError(
           f"Releasing {len(list(events))} analyses and the next execution "
           f"would take epsilon past budget_epsilon={self.budget_epsilon} at "
@@ -233,12 +251,10 @@ class PrivacyCallback(tf.keras.callbacks.Callback):
     self._batch_size = None
     self._first_q = self._check_sampling(opt)
     if self.budget_epsilon is not None:
-      self.ledger.add_budget_guard(self)
-      try:
-        self.check_release(())
-      except BudgetExceededError:
-        self.ledger.remove_budget_guard(self)
-        raise
+      self.check_release(())
+      guards = _GUARDS.setdefault(self.model, [])
+      if all(g is not self for g in guards):
+        guards.append(self)
 
   def on_epoch_begin(self, epoch, logs=None):
     self._epoch = int(epoch)
@@ -261,4 +277,5 @@ class PrivacyCallback(tf.keras.callbacks.Callback):
     self._stop_unless_next_fits(True)
 
   def on_train_end(self, logs=None):
-    self.ledger.remove_budget_guard(self)
+    guards = _GUARDS.get(self.model, [])
+    guards[:] = [g for g in guards if g is not self]

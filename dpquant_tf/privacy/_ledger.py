@@ -70,15 +70,12 @@ class _Attached:
   """Plain holder so tf.Module does not track attached objects.
 
   optimizers: attached DP optimizers (their events are pulled on queries).
-  guards: budget guards (``PrivacyCallback`` with a budget) of the running
-    ``fit``; a scheduler asks them before it releases anything.
   planners: callbacks (``DPQuantScheduler``) that release analyses at epoch
     begin; guards project their planned releases.
   """
 
   def __init__(self):
     self.optimizers = []
-    self.guards = []
     self.planners = []
 
 
@@ -122,19 +119,6 @@ class PrivacyLedger(tf.Module):
   def is_attached(self, optimizer) -> bool:
     """Whether `optimizer`'s steps are pulled into this ledger."""
     return any(o is optimizer for o in self._attached.optimizers)
-
-  def add_budget_guard(self, guard) -> None:
-    """Registers a budget guard (``PrivacyCallback``) for the running fit."""
-    if all(g is not guard for g in self._attached.guards):
-      self._attached.guards.append(guard)
-
-  def remove_budget_guard(self, guard) -> None:
-    self._attached.guards = [g for g in self._attached.guards
-                             if g is not guard]
-
-  def budget_guards(self) -> list:
-    """The registered budget guards (each has ``check_release``)."""
-    return list(self._attached.guards)
 
   def add_planner(self, planner) -> None:
     """Registers a callback with ``planned_releases(epoch)``."""

@@ -101,7 +101,8 @@ class DPQuantScheduler(tf.keras.callbacks.Callback):
   def on_train_begin(self, logs=None):
     # Privacy guards run here, not at the caller's discretion.
     from dpquant_tf import distribute  # pylint: disable=g-import-not-at-top
-    distribute.check_scheduler(self)
+    distribute.check_scheduler(
+        self, getattr(self.model, "distribute_strategy", None))
     self._layers = _plan.quantizable_layers(self.model)
     if not self._layers:
       v.fail("model", self.model.name, "a model with quantizable layers "
@@ -122,11 +123,10 @@ class DPQuantScheduler(tf.keras.callbacks.Callback):
     return []
 
   def _check_budget(self, events) -> None:
-    """Every budget guard of the ledger (``PrivacyCallback``) must accept
+    """Every budget guard of this fit (``PrivacyCallback``) must accept
     `events` plus the next execution; a guard raises BudgetExceededError."""
-    if self.ledger is None:
-      return
-    for guard in self.ledger.budget_guards():
+    from dpquant_tf import privacy  # pylint: disable=g-import-not-at-top
+    for guard in privacy.budget_guards(self.model):
       guard.check_release(events)
 
   def on_epoch_begin(self, epoch, logs=None):
