@@ -1,0 +1,86 @@
+"""The audit statistics against closed forms and simulated mechanisms."""
+
+import math
+
+import dp_accounting
+import numpy as np
+import pytest
+from scipy import special
+from scipy import stats
+
+from dpquant_tf import audit
+
+
+def test_clopper_pearson_closed_forms_and_validation():
+  # k = 0 and k = n: the interval ends have closed forms.
+  lo, hi = audit.clopper_pearson(0, 10, 0.95)
+  assert lo == 0.0 and hi == pytest.approx(1 - 0.025 ** (1 / 10))
+  lo, hi = audit.clopper_pearson(10, 10, 0.95)
+  assert hi == 1.0 and lo == pytest.approx(0.025 ** (1 / 10))
+  lo, hi = audit.clopper_pearson(5, 10, 0.95)
+  assert stats.binom.sf(4, 10, lo) == pytest.approx(0.025)
+  assert stats.binom.cdf(5, 10, hi) == pytest.approx(0.025)
+  with pytest.raises(ValueError, match="Expected successes=11"):
+    audit.clopper_pearson(11, 10)
+
+
+def test_clopper_pearson_coverage():
+  rng = np.random.default_rng(0)
+  p, n = 0.1, 50
+  ks = rng.binomial(n, p, size=2000)
+  cover = np.mean([audit.clopper_pearson(int(k), n, 0.9)[0] <= p
+                   <= audit.clopper_pearson(int(k), n, 0.9)[1] for k in ks])
+  assert cover >= 0.9
+
+
+def test_epsilon_from_rates_is_exact_for_randomized_response():
+  # eps-randomized response: FPR = FNR = 1 / (1 + e^eps) meets the bound.
+  for eps in (0.5, 1.0, 3.0):
+    rate = 1 / (1 + math.exp(eps))
+    assert audit.epsilon_from_rates(rate, rate, 0.0) == pytest.approx(eps)
+  assert audit.epsilon_from_rates(0.5, 0.5, 0.0) == 0.0
+
+
+def _gaussian_scores(n, shift, seed):
+  rng = np.random.default_rng(seed)
+  return rng.normal(size=n), rng.normal(size=n) + shift
+
+
+def test_threshold_bound_is_sound_and_has_power_on_gaussian_scores():
+  # Scores of the Gaussian mechanism with noise multiplier 1: the tight
+  # epsilon is the PLD one; the bound must stay below it at every seed.
+  acc = dp_accounting.pld.PLDAccountant()
+  acc.compose(dp_accounting.GaussianDpEvent(1.0))
+  eps_true = acc.get_epsilon(1e-5)
+  bounds = [audit.threshold_epsilon_lower_bound(
+      *_gaussian_scores(2000, 1.0, s), delta=1e-5, seed=s).epsilon_lower_bound
+            for s in range(10)]
+  assert max(bounds) <= eps_true
+  assert min(bounds) > 1.0  # power: a real leak is seen
+  # A mechanism 10x less noisy is flagged against the claim for z = 1.
+  big = audit.threshold_epsilon_lower_bound(*_gaussian_scores(500, 10.0, 0),
+                                            delta=1e-5)
+  assert big.epsilon_lower_bound > eps_true
+
+
+def test_one_run_bound_closed_form_and_delta():
+  # All r guesses right, delta = 0: p^r = alpha, eps = logit(alpha^(1/r)).
+  for r in (10, 40):
+    want = special.logit(0.05 ** (1 / r))
+    got = audit.one_run_epsilon_lower_bound(100, r, r, delta=0.0)
+    assert got == pytest.approx(want, abs=1e-5)
+    with_delta = audit.one_run_epsilon_lower_bound(100, r, r, delta=1e-3)
+    assert with_delta < got
+  assert audit.one_run_p_value(100, 40, 20, 0.0) == pytest.approx(
+      stats.binom.sf(19, 40, 0.5))
+  assert audit.one_run_epsilon_lower_bound(100, 40, 20, delta=1e-5) == 0.0
+
+
+def test_one_run_bound_is_sound_for_randomized_response():
+  # Guesses from eps-randomized response are right with p = e^eps/(1+e^eps):
+  # the 95% bound may exceed eps in at most about 5% of runs.
+  eps, m, rng = 1.0, 200, np.random.default_rng(1)
+  p = special.expit(eps)
+  over = [audit.one_run_epsilon_lower_bound(
+      m, m, int(rng.binomial(m, p)), delta=0.0) > eps for _ in range(200)]
+  assert np.mean(over) <= 0.08
