@@ -4,6 +4,8 @@ r"""Privacy of a planned DPQuant run, or the noise for a target epsilon.
       --batch_size=256 --noise_multiplier=1.1 --epochs=60 --delta=1e-5
   python tools/compute_dpquant_privacy.py --dataset_size=60000 \
       --batch_size=256 --target_epsilon=3 --epochs=60 --analysis_period=2 --json
+  python tools/compute_dpquant_privacy.py --N=60000 --batch_size=256 \
+      --noise_multiplier=1.1 --epochs=60 --delta=1e-5   # TF-Privacy's flags
 
 With --json it prints one JSON object (epsilon, noise_multiplier, steps,
 analysis_epsilon_share, statement, ...).
@@ -42,6 +44,9 @@ flags.DEFINE_enum("accountant", "rdp", ["rdp", "pld"], "Accountant.")
 flags.DEFINE_enum("sampling", "poisson", ["poisson", "shuffled"],
                   "How batches are formed (changes the statement).")
 flags.DEFINE_bool("json", False, "Print one JSON object.")
+# TF-Privacy's compute_dp_sgd_privacy flag names (--N, --batch_size,
+# --noise_multiplier, --epochs, --delta) work too; only --N differs.
+flags.DEFINE_alias("N", "dataset_size")
 flags.mark_flags_as_required(["dataset_size", "batch_size", "epochs"])
 
 

@@ -9,14 +9,14 @@ Two directions:
   ``dpquant_tf.schedule`` records them);
 * the inverse: the noise multiplier for a target epsilon (bisection).
 
-Training is ceil(epochs * N / B) Poisson-sampled steps at q = B / N.
+Training is ``privacy.planned_steps(N, B, epochs)`` = ceil(epochs *
+ceil(N / B)) Poisson-sampled steps at q = B / N (an epoch is
+``privacy.steps_per_epoch``, as the input pipelines run it).
 """
 
 import dataclasses
 import math
 from typing import Any, Dict, List, Optional, Tuple
-
-import dp_accounting
 
 from dpquant_tf import _validation as V
 from dpquant_tf import privacy
@@ -55,9 +55,8 @@ def analysis_events(plan: PrivacyPlan) -> List[Tuple[Any, int]]:
   if plan.analysis_period == 0:
     return []
   count = math.ceil(plan.epochs / plan.analysis_period)
-  event = dp_accounting.PoissonSampledDpEvent(
-      float(plan.analysis_sampling_rate),
-      dp_accounting.GaussianDpEvent(float(plan.analysis_noise_multiplier)))
+  event = privacy.sampled_gaussian_event(plan.analysis_sampling_rate,
+                                        plan.analysis_noise_multiplier)
   return [(event, count)]
 
 
@@ -81,8 +80,8 @@ def run(plan: PrivacyPlan) -> Dict[str, Any]:
   ledger = privacy.PrivacyLedger(sampling_method=plan.sampling,
                                  accountant=accountant,
                                  dataset_size=plan.dataset_size)
-  ledger.record(dp_accounting.PoissonSampledDpEvent(
-      q, dp_accounting.GaussianDpEvent(float(z))), kind="train", count=steps)
+  ledger.record(privacy.sampled_gaussian_event(q, z), kind="train",
+                count=steps)
   for event, count in analyses:
     ledger.record(event, kind="analysis", count=count)
   share = (eps - eps_train) / eps if eps > 0 and math.isfinite(eps) else 0.0
@@ -97,6 +96,9 @@ def run(plan: PrivacyPlan) -> Dict[str, Any]:
       "delta": plan.delta,
       "target_epsilon": plan.target_epsilon,
       "epsilon": eps,
+      # The figure that holds for --sampling (without amplification when
+      # batches are shuffled, not Poisson sampled).
+      "proven_epsilon": ledger.proven_epsilon(plan.delta),
       "training_epsilon": eps_train,
       "analysis_releases": sum(c for _, c in analyses),
       "analysis_epsilon_share": share,

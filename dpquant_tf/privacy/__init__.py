@@ -8,6 +8,8 @@ from dpquant_tf.privacy._callback import budget_guards
 from dpquant_tf.privacy._callback import BudgetExceededError
 from dpquant_tf.privacy._callback import PrivacyCallback
 from dpquant_tf.privacy._events import EventTableOverflowError
+from dpquant_tf.privacy._events import gaussian_event
+from dpquant_tf.privacy._events import sampled_gaussian_event
 from dpquant_tf.privacy._events import UnknownSamplingProbabilityError
 from dpquant_tf.privacy._ledger import EventKind
 from dpquant_tf.privacy._ledger import PrivacyLedger
@@ -37,6 +39,7 @@ __all__ = [
     "budget_guards",
     "calibrate_noise_multiplier",
     "clip_per_example",
+    "gaussian_event",
     "planned_epsilon",
     "planned_steps",
     "poisson_dataset",
@@ -44,6 +47,7 @@ __all__ = [
     "quantization_error_bound",
     "quantize_per_example",
     "quantize_update",
+    "sampled_gaussian_event",
     "sampling_rate_of",
     "steps_per_epoch",
 ]

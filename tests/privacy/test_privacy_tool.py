@@ -53,3 +53,29 @@ def test_binary_prints_one_json_object():
   data = json.loads(proc.stdout)
   assert data["steps"] == 60 and data["noise_multiplier"] == 1.2
   assert "NOT Poisson sampled" in data["statement"]
+
+
+def test_binary_accepts_tf_privacy_flag_names():
+  # TF-Privacy's compute_dp_sgd_privacy: --N --batch_size --noise_multiplier
+  # --epochs --delta.
+  proc = subprocess.run(
+      [sys.executable,
+       os.path.join(ROOT, "tools", "compute_dpquant_privacy.py"),
+       "--N=1000", "--batch_size=50", "--noise_multiplier=1.2",
+       "--epochs=3", "--delta=1e-6", "--json"],
+      capture_output=True, text=True, check=True, timeout=120,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+  data = json.loads(proc.stdout)
+  same = lib.run(lib.PrivacyPlan(dataset_size=1000, batch_size=50, epochs=3,
+                                 delta=1e-6, noise_multiplier=1.2))
+  assert data["dataset_size"] == 1000 and data["delta"] == 1e-6
+  assert data["epsilon"] == pytest.approx(same["epsilon"], rel=1e-12)
+
+
+def test_shuffled_plan_reports_the_proven_epsilon():
+  kw = dict(dataset_size=1000, batch_size=50, epochs=3, delta=1e-5,
+            noise_multiplier=1.2)
+  shuffled = lib.run(lib.PrivacyPlan(sampling="shuffled", **kw))
+  poisson = lib.run(lib.PrivacyPlan(**kw))
+  assert poisson["proven_epsilon"] == pytest.approx(poisson["epsilon"])
+  assert shuffled["proven_epsilon"] > 2 * shuffled["epsilon"]
