@@ -37,6 +37,7 @@ from typing import List, Optional, Sequence
 import tensorflow as tf
 
 from dpquant_tf import _validation
+from dpquant_tf.privacy import _mechanisms
 
 __all__ = [
     "add_replica_noise",
@@ -117,6 +118,9 @@ def add_replica_noise(tensors: Sequence[tf.Tensor], *, stddev,
                       generator: tf.random.Generator) -> List[tf.Tensor]:
   """Adds this replica's share of one global Gaussian noise draw.
 
+  The draw itself is ``privacy._mechanisms.add_gaussian_noise`` (the one
+  noise function of dpquant_tf) at the replica's share of the std.
+
   With R replicas in sync, each replica adds N(0, stddev^2 / R) per
   coordinate from its own stream of `generator`; after the SUM all-reduce the
   total noise is exactly N(0, stddev^2). With one replica this is plain
@@ -135,12 +139,8 @@ def add_replica_noise(tensors: Sequence[tf.Tensor], *, stddev,
     RuntimeError: see `check_generator_strategy`.
   """
   check_generator_strategy(generator)
-  share = replica_noise_stddev(stddev)
-  out = []
-  for t in tensors:
-    noise = generator.normal(tf.shape(t), dtype=t.dtype)
-    out.append(t + tf.cast(share, t.dtype) * noise)
-  return out
+  return _mechanisms.add_gaussian_noise(tensors, replica_noise_stddev(stddev),
+                                        generator)
 
 
 def global_example_count(local_count) -> tf.Tensor:

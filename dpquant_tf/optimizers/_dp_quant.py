@@ -8,6 +8,7 @@ of ``dpquant_tf.privacy`` in order. See docs/PRIVACY.md.
 
 import enum
 import logging
+import weakref
 from typing import Dict, List, Mapping, Optional
 
 import tensorflow as tf
@@ -16,6 +17,7 @@ from tensorflow_privacy.privacy.optimizers import dp_optimizer_keras
 
 from dpquant_tf import _validation as V
 from dpquant_tf.distribute import _replica as _dist
+from dpquant_tf.optimizers import _guards
 from dpquant_tf.optimizers import _state
 from dpquant_tf.privacy import _events
 from dpquant_tf.privacy import _mechanisms as M
@@ -53,6 +55,7 @@ class _DPQuantMixin(_state.DPStateMixin):
                sampling_probability: Optional[float] = None,
                dataset_size: Optional[int] = None,
                seed: Optional[int] = None,
+               noise_seed: Optional[int] = None,
                per_example_method=PerExampleMethod.AUTO,
                event_table_size: int = _events.DEFAULT_TABLE_SIZE,
                **kwargs):
@@ -78,7 +81,12 @@ class _DPQuantMixin(_state.DPStateMixin):
                                                  sampling_probability)
     if dataset_size is not None:
       dataset_size = V.check_int("dataset_size", dataset_size, low=1)
-    if seed is not None:
+    if seed is not None and noise_seed is not None:
+      V.fail("noise_seed", noise_seed, "None when seed= is given (they are "
+             "the same setting)")
+    if noise_seed is not None:
+      seed = V.check_int("noise_seed", noise_seed)
+    elif seed is not None:
       seed = V.check_int("seed", seed)
     per_example_method = V.check_enum("per_example_method",
                                       per_example_method, PerExampleMethod)
@@ -93,7 +101,9 @@ class _DPQuantMixin(_state.DPStateMixin):
     self._expected_batch_size = expected_batch_size
     self._dataset_size = dataset_size
     self._initial_sampling_probability = sampling_probability
-    self._seed = seed
+    self._seed = seed  # never serialized, never logged
+    self._issued = _guards.IssuedGradients()
+    self._checked_models = weakref.WeakSet()
     self._per_example_method = per_example_method
     self._event_table_size = event_table_size
     self._pending_bits: Dict[str, int] = {}
@@ -104,6 +114,12 @@ class _DPQuantMixin(_state.DPStateMixin):
     self._var_sizes: Optional[List[int]] = None
     self._create_dp_state(l2_norm_clip, noise_multiplier, update_bits,
                           sampling_probability)
+    if seed is not None:
+      _log.warning(
+          "%s draws seeded DP noise: the guarantee holds only while the seed "
+          "stays secret, and a run restarted with the same seed replays the "
+          "same noise. Use a seed for tests and paired studies only.",
+          self._name)
     if ledger is not None:
       ledger.attach(self)
       if sampling_probability is None and dataset_size is None:
@@ -147,10 +163,12 @@ class _DPQuantMixin(_state.DPStateMixin):
              "(BatchNormalization couples the examples of a batch); "
              "problems: " + "; ".join(problems))
 
-  def _check_loss(self, loss) -> None:
+  def _check_loss(self, loss, x=None) -> List[tf.Operation]:
+    """Trace-time loss checks; returns runtime checks for the update."""
     if loss.shape.rank == 0:
       V.fail("loss", loss, "a per-example loss vector (shape [batch]); build "
              "the Keras loss with reduction=tf.keras.losses.Reduction.NONE")
+    checks = _guards.check_loss_rows(loss, x)
     batch = loss.shape[0]
     nmb = self._num_microbatches
     if batch is not None and nmb is not None and batch % nmb:
@@ -159,6 +177,28 @@ class _DPQuantMixin(_state.DPStateMixin):
         batch is not None and batch != nmb):
       V.fail("num_microbatches", nmb, "None or the batch size when "
              "expected_batch_size is set (one example per microbatch)")
+    return checks
+
+  def _check_calling_model(self, model) -> None:
+    """Model checks once per model (``privacy.check_model_privacy``)."""
+    if model is None or model in self._checked_models:
+      return
+    try:
+      # pylint: disable-next=g-import-not-at-top
+      from dpquant_tf.privacy import _model_checks
+    except ImportError:
+      _model_checks = None
+    if _model_checks is not None:
+      try:
+        with tf.init_scope():
+          _model_checks.check_model_privacy(model)
+      except ValueError as e:
+        # A plain ValueError: autograph re-raises only exact builtin types
+        # from a trace (a subclass would surface as StagingError).
+        raise ValueError(str(e)) from e
+    else:
+      self.check_model(model)
+    self._checked_models.add(model)
 
   # --------------------------------------------------- per-example grads
   def _jacobian_per_example_gradients(self, loss, var_list, tape,
@@ -221,8 +261,10 @@ class _DPQuantMixin(_state.DPStateMixin):
         var_list = var_list()
     var_list = tf.nest.flatten(var_list)
     loss = tf.convert_to_tensor(loss)
-    self._check_loss(loss)
-    self.build(var_list)
+    model, x = _guards.calling_model(self)
+    self._check_calling_model(model)
+    runtime_checks = self._check_loss(loss, x)
+    self.build(var_list, check_names=model is None)
     with tf.keras.backend.name_scope(self._name + "/gradients"):
       nmb = self._microbatch_count(loss)
       taps = self._per_example_taps(loss, var_list, tape, nmb)
@@ -231,8 +273,22 @@ class _DPQuantMixin(_state.DPStateMixin):
         summed, sens_ratio = self._clip_quantize_sum(grads)
       else:
         summed, sens_ratio = self._clip_quantize_sum_taps(taps)
-      final = self._noise_and_normalize(summed, loss, nmb, sens_ratio)
+      final = self._noise_and_normalize(summed, loss, nmb, sens_ratio,
+                                        runtime_checks)
+    self._issued.issue(final)
     return list(zip(final, var_list))
+
+  def apply_gradients(self, grads_and_vars, *args, **kwargs):
+    """Applies the DP gradients of this optimizer's own step, nothing else.
+
+    Raises:
+      UnrecordedUpdateError: `grads_and_vars` holds gradients that this
+        optimizer's ``_compute_gradients`` did not return in this step (raw
+        gradients, modified ones, or ones already applied), also on a fresh
+        optimizer and under ``python -O`` (METHOD.md section 4, inv. 10).
+    """
+    pairs = self._issued.redeem(grads_and_vars)
+    return super().apply_gradients(pairs, *args, **kwargs)
 
   def _per_example_taps(self, loss, var_list, tape, num_microbatches):
     """The fast path's taps (``perexample.collect``), or None (jacobian)."""
@@ -278,29 +334,25 @@ class _DPQuantMixin(_state.DPStateMixin):
 
     processed = tf.cond(quant_on, quantized, lambda: list(clipped))
     summed = [tf.reduce_sum(g, axis=0) for g in tf.nest.flatten(processed)]
-    if reclip:
-      ratio = tf.constant(1.0, tf.float64)
-    else:
-      extra = M.quantization_error_bound(self._var_sizes, bits, clip)
-      ratio = 1.0 + tf.where(quant_on, extra, tf.zeros_like(extra)) / tf.cast(
-          clip, tf.float64)
-    return summed, ratio
+    return summed, M.sensitivity_ratio(self._sensitivity_mode,
+                                       self._var_sizes, bits, clip)
 
-  def _noise_and_normalize(self, summed, loss, nmb, sens_ratio):
+  def _noise_and_normalize(self, summed, loss, nmb, sens_ratio,
+                           runtime_checks=()):
     sigma = self.noise_multiplier_var
     stddev = tf.cast(sigma, tf.float32) * self.l2_norm_clip_var
     stddev = self._per_replica_noise_stddev(stddev)
     noised = M.add_gaussian_noise(summed, stddev, self._generator)
-    z = sigma / sens_ratio
+    rows = None
     if self._num_microbatches is not None:
       rows = tf.shape(loss)[0] // self._num_microbatches
-      # Microbatches of >1 example double the add/remove sensitivity.
-      z = tf.where(rows > 1, z / 2.0, z)
-    record = self._record_privacy_event(
-        self._step_sampling_probability(loss), z, tf.shape(loss)[0])
+    z = M.effective_noise_multiplier(sigma, sens_ratio, rows)
+    with tf.control_dependencies(list(runtime_checks)):
+      record = self._record_privacy_event(
+          self._step_sampling_probability(loss), z, tf.shape(loss)[0])
     # Global expected batch size, or the global number of microbatches.
     normalizer = _dist.global_normalizer(nmb, self._expected_batch_size)
-    with tf.control_dependencies([record] +
+    with tf.control_dependencies([record] + list(runtime_checks) +
                                  _dist.update_quantization_guard(
                                      self.update_bits_var)):
       final = [g / tf.cast(normalizer, g.dtype) for g in noised]
@@ -308,6 +360,10 @@ class _DPQuantMixin(_state.DPStateMixin):
     return tf.cond(ubits > 0,
                    lambda: M.quantize_update(final, ubits, self._generator),
                    lambda: list(final))
+
+  def _current_sampling_probability(self) -> Optional[float]:
+    q = float(self.sampling_probability_var.numpy())
+    return None if q < 0 else q
 
   def get_gradients(self, loss, params):
     raise NotImplementedError(
@@ -333,9 +389,11 @@ class _DPQuantMixin(_state.DPStateMixin):
         "sensitivity_mode": self._sensitivity_mode.value,
         "update_bits": int(self.update_bits_var.numpy()) or None,
         "expected_batch_size": self._expected_batch_size,
-        "sampling_probability": self._initial_sampling_probability,
+        # The current q (set_sampling_probability), None while unknown.
+        "sampling_probability": self._current_sampling_probability(),
         "dataset_size": self._dataset_size,
-        # Never serialize a seed: a restored optimizer must not replay noise.
+        # Never serialize a seed (seed= or noise_seed=): a restored
+        # optimizer must draw fresh noise.
         "seed": None,
         "per_example_method": self._per_example_method.value,
         "event_table_size": self._event_table_size,

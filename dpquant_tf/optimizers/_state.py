@@ -13,6 +13,7 @@ from dpquant_tf import _validation as V
 from dpquant_tf.distribute import _replica as _dist
 from dpquant_tf.privacy import _events
 from dpquant_tf.privacy import _mechanisms as M
+from dpquant_tf.privacy import _random
 
 BitsSpec = Union[None, int, Mapping[str, int]]
 
@@ -38,6 +39,14 @@ def name_matches(key: str, var_name: str) -> bool:
   if key in ("*", var_name, var_name.split(":")[0]):
     return True
   return key in var_name.split(":")[0].split("/")[:-1]
+
+
+class _Unsaved:
+  """Plain holder so that Trackable/Checkpoint/SavedModel never see the
+  generator (the ledger's ``_Attached`` does the same for optimizers)."""
+
+  def __init__(self, generator: tf.random.Generator):
+    self.generator = generator
 
 
 class DPStateMixin:
@@ -71,17 +80,32 @@ class DPStateMixin:
                                            0)
     self._last_q = self._dp_weight("dp_last_q", [], tf.float64, -1.0)
     self._last_rows = self._dp_weight("dp_last_rows", [], tf.int32, 0)
-    if self._seed is None:
-      gen = tf.random.Generator.from_non_deterministic_state()
-    else:
-      gen = tf.random.Generator.from_seed(self._seed)
-    self._generator = gen
-    self._track_trackable(gen, name="dp_generator")
+    # Created here, so under the tf.distribute strategy's scope when the
+    # optimizer is (see distribute/_replica.check_generator_strategy), and
+    # held outside the trackable graph: no checkpoint, SavedModel,
+    # get_config or variables()/get_weights() ever holds the noise state
+    # (METHOD.md section 4, invariant 7). A restored optimizer is a new
+    # object and draws from fresh OS entropy.
+    self._noise_holder = _Unsaved(_random.make_generator(seed=self._seed))
+
+  @property
+  def _generator(self) -> tf.random.Generator:
+    return self._noise_holder.generator
 
   @property
   def generator(self) -> tf.random.Generator:
-    """The generator of DP noise and stochastic rounding."""
-    return self._generator
+    """The generator of DP noise and stochastic rounding (never saved)."""
+    return self._noise_holder.generator
+
+  @property
+  def noise_is_seeded(self) -> bool:
+    """True when the noise generator was seeded (``seed=``/``noise_seed=``).
+
+    Seeded noise is a DP guarantee only while the seed stays secret, and a
+    run restarted with the same seed replays the noise stream; the privacy
+    statement should say so.
+    """
+    return self._seed is not None
 
   @property
   def sensitivity_mode(self) -> M.SensitivityMode:
@@ -91,8 +115,13 @@ class DPStateMixin:
   def expected_batch_size(self) -> Optional[float]:
     return self._expected_batch_size
 
-  def build(self, var_list):
-    """Creates the per-variable bit-width variable for `var_list`."""
+  def build(self, var_list, check_names: bool = True):
+    """Creates the per-variable bit-width variable for `var_list`.
+
+    `check_names`: also run the name-based variable check (custom loops,
+    where the model is unknown; under Keras fit the optimizer checks the
+    model itself, by class and by the state a training pass writes).
+    """
     var_list = tf.nest.flatten(var_list)
     names = [v.name for v in var_list]
     if self._bits_var is not None:
@@ -101,7 +130,8 @@ class DPStateMixin:
             f"Expected var_list={names} to be the variables this optimizer "
             f"was built for ({self._var_names}).")
       return
-    self._check_var_list(var_list)
+    if check_names:
+      self._check_var_list(var_list)
     self._var_names = names
     self._var_sizes = [int(v.shape.num_elements()) for v in var_list]
     init = [self._initial_bits_for(n) for n in names]
@@ -222,22 +252,21 @@ class DPStateMixin:
     if q < 0 and self._dataset_size is not None:
       b = self._expected_batch_size or batch_size
       q = -1.0 if b is None else min(float(b) / self._dataset_size, 1.0)
-    z = float(self.noise_multiplier_var.numpy())
+    ratio = 1.0
     if self._sensitivity_mode is M.SensitivityMode.BOUND:
       if self._bits_var is None and var_list is not None:
-        names = [v.name for v in var_list]
-        bits = [self._initial_bits_for(n) for n in names]
+        bits = [self._initial_bits_for(v.name) for v in var_list]
         sizes = [int(v.shape.num_elements()) for v in var_list]
       elif self._bits_var is not None:
-        bits = [int(b) for b in self._bits_var.numpy()]
-        sizes = self._var_sizes
+        bits, sizes = self._bits_var.value(), self._var_sizes
       else:
         bits, sizes = [], []
-      clip = float(self.l2_norm_clip_var.numpy())
-      sens = M.bound_sensitivity_py(clip, sizes, bits)
-      z = z / (sens / clip)
-    if self._num_microbatches is not None and batch_size is not None and (
-        batch_size // self._num_microbatches > 1):
-      z = z / 2.0
-    return q, z
-
+      if sizes:
+        ratio = M.sensitivity_ratio(self._sensitivity_mode, sizes,
+                                    tf.convert_to_tensor(bits, tf.int32),
+                                    self.l2_norm_clip_var)
+    rows = None
+    if self._num_microbatches is not None and batch_size is not None:
+      rows = int(batch_size) // self._num_microbatches
+    z = M.effective_noise_multiplier(self.noise_multiplier_var, ratio, rows)
+    return q, float(z.numpy())

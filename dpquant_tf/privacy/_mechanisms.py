@@ -14,7 +14,6 @@ Reference: Gao et al., "DPQuant", arXiv:2509.03472; METHOD.md sections 3-4.
 """
 
 import enum
-import math
 from typing import List, Sequence
 
 import tensorflow as tf
@@ -23,12 +22,14 @@ __all__ = [
     "SensitivityMode",
     "add_gaussian_noise",
     "clip_per_example",
+    "effective_noise_multiplier",
     "grid_levels",
     "per_example_global_norm",
     "quantization_error_bound",
     "quantize_per_example",
     "quantize_update",
     "sensitivity",
+    "sensitivity_ratio",
 ]
 
 MIN_BITS = 2
@@ -76,10 +77,14 @@ def clip_per_example(grads: Sequence[tf.Tensor],
   """Clips each example's gradient (over all variables) to L2 norm C.
 
   Same scale as TF-Privacy's ``GaussianSumQuery`` (``tf.clip_by_global_norm``):
-  ``C * min(1 / norm, 1 / C)``, per example.
+  ``C * min(1 / norm, 1 / C)``, per example. An example whose norm is not
+  finite (a NaN or inf anywhere in its gradient, or an overflow of the norm
+  of finite values) is replaced by exact zeros: ``0 * NaN`` would be NaN, so
+  the row is selected away with ``tf.where``, never multiplied by 0
+  (METHOD.md section 4, invariant 9).
 
   Formal guarantee: each returned example has L2 norm at most C (up to float
-  rounding of the scale).
+  rounding of the scale), and is exactly 0 when its input was not finite.
 
   Args:
     grads: one ``[num_examples, *var.shape]`` tensor per variable.
@@ -91,11 +96,17 @@ def clip_per_example(grads: Sequence[tf.Tensor],
   grads = list(grads)
   dtype = grads[0].dtype
   norm = per_example_global_norm(grads)
-  norm = tf.where(tf.math.is_finite(norm), norm,
-                  tf.constant(float("inf"), dtype))
+  finite = tf.math.is_finite(norm)
+  safe_norm = tf.where(finite, norm, tf.ones_like(norm))
   clip = tf.cast(l2_norm_clip, dtype)
-  scale = clip * tf.minimum(1.0 / norm, 1.0 / clip)
-  return [g * _broadcast_per_example(scale, g) for g in grads]
+  scale = tf.where(finite, clip * tf.minimum(1.0 / safe_norm, 1.0 / clip),
+                   tf.zeros_like(norm))
+  out = []
+  for g in grads:
+    keep = _broadcast_per_example(finite, g)
+    out.append(tf.where(keep, g * _broadcast_per_example(scale, g),
+                        tf.zeros_like(g)))
+  return out
 
 
 def quantize_per_example(grads: Sequence[tf.Tensor], bits: tf.Tensor,
@@ -192,7 +203,12 @@ def add_gaussian_noise(tensors: Sequence[tf.Tensor], stddev: tf.Tensor,
 
   Args:
     tensors: the clipped sums.
-    stddev: scalar noise standard deviation (z * sensitivity).
+    stddev: scalar noise standard deviation this call adds: z * sensitivity,
+      or under tf.distribute a replica's share of it
+      (``distribute.replica_noise_stddev``: z * sensitivity / sqrt(R), so
+      the SUM all-reduce of R independent shares carries exactly
+      N(0, (z * sensitivity)^2)). The caller computes the share; this
+      function draws.
     generator: a ``tf.random.Generator`` (non-deterministic unless seeded).
 
   Returns:
@@ -211,9 +227,43 @@ def levels_for_bits(bits: int) -> int:
   return int(2 ** (bits - 1) - 1)
 
 
-def bound_sensitivity_py(l2_norm_clip: float, var_sizes: Sequence[int],
-                         bits: Sequence[int]) -> float:
-  """Python (float64) version of the BOUND-mode sensitivity."""
-  extra = sum(d * (l2_norm_clip / levels_for_bits(b)) ** 2
-              for d, b in zip(var_sizes, bits) if b > 0)
-  return float(l2_norm_clip + math.sqrt(extra))
+def sensitivity_ratio(mode: SensitivityMode, var_sizes: Sequence[int],
+                      bits: tf.Tensor, l2_norm_clip: tf.Tensor) -> tf.Tensor:
+  """Sensitivity of one example's contribution in units of C (float64).
+
+  1 in RECLIP mode or with every bit width 0; in BOUND mode
+  ``(C + quantization_error_bound) / C``. Runs in a graph and eagerly: the
+  optimizer's step and ``current_event_parameters`` both call it.
+  """
+  bits = tf.convert_to_tensor(bits)
+  quant_on = tf.reduce_any(bits > 0)
+  sens = sensitivity(mode, var_sizes, bits, l2_norm_clip, quant_on)
+  return sens / tf.cast(l2_norm_clip, tf.float64)
+
+
+def effective_noise_multiplier(noise_multiplier: tf.Tensor,
+                               sensitivity_ratio_: tf.Tensor,
+                               rows_per_microbatch) -> tf.Tensor:
+  """The noise multiplier the accountant is told for one step (float64).
+
+  ``z_eff = z / (sensitivity / C)``, halved when a microbatch holds more than
+  one example (replacing one example of a microbatch mean moves it by up to
+  2C / k while it is clipped to C: add/remove adjacency doubles the
+  sensitivity, as TF-Privacy's statement notes). The one place this is
+  computed: the optimizer's graph step and the callback's projection
+  (``current_event_parameters``, eager) both call it.
+
+  Args:
+    noise_multiplier: z, noise std / C.
+    sensitivity_ratio_: sensitivity / C (``sensitivity_ratio``).
+    rows_per_microbatch: examples per microbatch (int or scalar tensor);
+      None or 1 for one example per microbatch.
+
+  Returns:
+    float64 scalar tensor.
+  """
+  z = (tf.cast(noise_multiplier, tf.float64) /
+       tf.cast(sensitivity_ratio_, tf.float64))
+  if rows_per_microbatch is None:
+    return z
+  return tf.where(tf.convert_to_tensor(rows_per_microbatch) > 1, z / 2.0, z)

@@ -37,8 +37,11 @@ def test_worst_case_contribution_within_sensitivity(bits):
     sens = float(M.sensitivity(mode, var_sizes, bits_t, clip,
                                tf.constant(True)).numpy())
     py = (clip if mode is M.SensitivityMode.RECLIP else
-          M.bound_sensitivity_py(clip, sizes, [bits] * 3))
+          clip + math.sqrt(sum(d * (clip / M.levels_for_bits(bits)) ** 2
+                               for d in sizes)))
     assert sens == pytest.approx(py, rel=1e-12)
+    ratio = float(M.sensitivity_ratio(mode, var_sizes, bits_t, clip).numpy())
+    assert ratio == pytest.approx(py / clip, rel=1e-12)
     assert worst <= sens * (1 + 1e-6), (mode, worst, sens)
     if mode is M.SensitivityMode.BOUND:
       # Quantization does push the norm above C: the bound is needed.
