@@ -99,7 +99,7 @@ def check_loss_rows(loss: tf.Tensor, x=None) -> List[tf.Operation]:
       the static number of input rows.
   """
   if loss.shape.rank != 1:
-    V.fail("loss", loss, "a per-example loss vector of shape [batch] (one "
+    V.fail("loss", loss.shape, "a per-example loss vector of shape [batch] (one "
            "entry per input example): build the Keras loss with "
            "reduction=tf.keras.losses.Reduction.NONE and reduce any other "
            "axes per example")
@@ -109,7 +109,7 @@ def check_loss_rows(loss: tf.Tensor, x=None) -> List[tf.Operation]:
   rows = leaf.shape[0]
   if rows is not None and loss.shape[0] is not None:
     if int(rows) != int(loss.shape[0]):
-      V.fail("loss", loss, f"one entry per input example ({int(rows)} rows): "
+      V.fail("loss", loss.shape, f"one entry per input example ({int(rows)} rows): "
              "a loss that keeps a batch mean or folds examples makes one "
              "example move many entries, and q would be recorded wrongly")
     return []

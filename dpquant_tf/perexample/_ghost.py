@@ -83,10 +83,16 @@ def ghost_part(ops: GhostOperands, entries):
     sq += tf.reduce_sum(tf.square(gsum), axis=1)
 
   def finish(scale):
-    gs = g * tf.cast(scale, g.dtype)[:, None, None]
+    # scale 0 marks an example whose norm was not finite: select its rows
+    # away (0 * NaN is NaN, and the matmul below sums over the batch), so it
+    # contributes exactly zero and cannot poison the others (invariant 9).
+    keep = tf.not_equal(scale, 0)[:, None, None]
+    gs = tf.where(keep, g * tf.cast(scale, g.dtype)[:, None, None],
+                  tf.zeros_like(g))
+    a_safe = tf.where(keep, a, tf.zeros_like(a))
     out = {}
     if "kernel" in roles:
-      k = tf.matmul(tf.reshape(a, [-1, a.shape[-1]]),
+      k = tf.matmul(tf.reshape(a_safe, [-1, a.shape[-1]]),
                     tf.reshape(gs, [-1, g.shape[-1]]), transpose_a=True)
       out[roles["kernel"]] = tf.reshape(k, ops.kernel_shape)
     if "bias" in roles:
