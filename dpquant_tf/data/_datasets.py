@@ -10,8 +10,10 @@ Specs understood by :func:`load_dataset`:
   every model of :mod:`dpquant_tf.models` accepts them; seeded stratified split.
 * ``"tfds:<name>"``: any TensorFlow Datasets image classification set with
   ``train`` and ``test`` splits (``mnist``, ``fashion_mnist``, ``emnist``,
-  ``cifar10``...). Needs the internet the first time (or a populated
-  ``data_dir``).
+  ``cifar10``...). Read from tfds' local ``data_dir`` (default
+  ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``); a set that is not
+  prepared there fails at once with what to do, unless
+  ``tfds_download=True`` asks tfds to download it (needs the internet).
 * ``"npz:<path>"``: a user's own ``.npz`` with ``x_train``, ``y_train``,
   ``x_test``, ``y_test``. Images of shape (N, H, W) get a channel axis;
   integer images are divided by 255; float images are used as they are.
@@ -228,11 +230,38 @@ def _to_numpy(dataset) -> Tuple[np.ndarray, np.ndarray]:
   return np.concatenate(xs), np.concatenate(ys)
 
 
-def _load_tfds(name: str, *, data_dir: Optional[str]) -> Dataset:
+def _tfds_not_prepared(name: str, where: str, data_dir: Optional[str]):
+  _validation.fail(
+      "dataset", f"tfds:{name}",
+      f"prepared in tfds' local data_dir: tfds looked in {where} "
+      f"(data_dir={data_dir or 'default: $TFDS_DATA_DIR or ~/tensorflow_datasets'}) "
+      "and found nothing, and no download was attempted. Prepare it on a "
+      f"machine with internet (`tfds build {name}`), copy that data_dir here "
+      "and pass data_dir (--data_dir), or pass tfds_download=True "
+      "(--tfds_download) to download it now, or use 'npz:<path to .npz with "
+      "x_train, y_train, x_test, y_test>' or the offline 'mnist' / 'digits'")
+
+
+def _load_tfds(name: str, *, data_dir: Optional[str],
+               download: bool = False) -> Dataset:
+  """Loads a prepared tfds set; fails at once when it is not on this machine.
+
+  Only ``download=True`` lets tfds reach the network (without the internet it
+  retries for minutes before failing).
+  """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  (train, test), info = tfds.load(
-      name, split=["train", "test"], as_supervised=True, with_info=True,
-      data_dir=data_dir)
+  try:
+    (train, test), info = tfds.load(
+        name, split=["train", "test"], as_supervised=True, with_info=True,
+        data_dir=data_dir, download=bool(download))
+  except tfds.core.registered.DatasetNotFoundError:
+    _validation.fail("dataset", f"tfds:{name}",
+                     "the name of a TensorFlow Datasets set (tfds.list_builders())")
+  except AssertionError as e:  # tfds' own "could not find data in <dir>"
+    if download or "could not find data" not in str(e):
+      raise
+    _tfds_not_prepared(name, tfds.builder(name, data_dir=data_dir).data_dir,
+                       data_dir)
   x_train, y_train = _to_numpy(train)
   x_test, y_test = _to_numpy(test)
   x_train = _to_images("x_train", x_train)
@@ -271,7 +300,8 @@ def _subset(ds: Dataset, max_train: Optional[int], max_test: Optional[int],
 def load_dataset(spec: str = "mnist", *, test_size: Optional[int] = None,
                  split_seed: int = 0, max_train: Optional[int] = None,
                  max_test: Optional[int] = None, digits_size: int = 28,
-                 data_dir: Optional[str] = None) -> Dataset:
+                 data_dir: Optional[str] = None,
+                 tfds_download: bool = False) -> Dataset:
   """Loads a dataset by spec (see the module docstring for the specs).
 
   Args:
@@ -285,12 +315,16 @@ def load_dataset(spec: str = "mnist", *, test_size: Optional[int] = None,
     digits_size: side of the resized ``digits`` images (8 keeps them as they
       are; 28 matches MNIST and the tutorial CNN).
     data_dir: ``tfds`` data directory (default: tfds' own default).
+    tfds_download: let tfds download a set that is not prepared in
+      ``data_dir`` (needs the internet). Default False: such a set fails at
+      once with what to do.
 
   Returns:
     A :class:`Dataset`.
 
   Raises:
-    ValueError: for an unknown spec, a missing npz file or key, bad shapes.
+    ValueError: for an unknown spec, a missing npz file or key, bad shapes,
+      or a tfds set not prepared locally (without ``tfds_download``).
 
   Example:
     >>> ds = load_dataset("mnist")
@@ -316,5 +350,5 @@ def load_dataset(spec: str = "mnist", *, test_size: Optional[int] = None,
   elif kind is DatasetKind.NPZ:
     ds = _load_npz(arg)
   else:
-    ds = _load_tfds(arg, data_dir=data_dir)
+    ds = _load_tfds(arg, data_dir=data_dir, download=bool(tfds_download))
   return _subset(ds, max_train, max_test, split_seed)
