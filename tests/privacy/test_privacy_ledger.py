@@ -171,3 +171,18 @@ def test_calibration_meets_target_tightly_and_counts_analyses():
   with pytest.raises(ValueError, match="reachable"):
     privacy.calibrate_noise_multiplier(
         0.5, analyses=[(_step(1.0, 0.5), 10)], **kw)
+
+
+def test_statement_names_non_dp_releases_and_seeded_noise():
+  from dpquant_tf.optimizers import DPQuantOptimizer  # pylint: disable=g-import-not-at-top
+  ledger = privacy.PrivacyLedger(dataset_size=1000)
+  DPQuantOptimizer(1.0, 1.0, ledger=ledger, dataset_size=1000)
+  ledger.record(_step(0.05, 1.0), kind="train", count=10)
+  text = " ".join(ledger.statement(DELTA).split())
+  assert "released without DP" in text
+  assert "training loss and metrics" in text and "validation metrics" in text
+  assert "verbose=0" in text  # How to suppress them.
+  assert "OS entropy" in text and "seeded" not in text
+  DPQuantOptimizer(1.0, 1.0, ledger=ledger, dataset_size=1000, seed=3)
+  text = " ".join(ledger.statement(DELTA).split())
+  assert "explicitly seeded generator" in text
