@@ -3,6 +3,7 @@
 from dpquant_tf.optimizers._dp_quant import DPQuantAdamOptimizer
 from dpquant_tf.optimizers._dp_quant import DPQuantOptimizer
 from dpquant_tf.optimizers._dp_quant import PerExampleMethod
+from dpquant_tf.optimizers._guards import UnrecordedUpdateError
 from dpquant_tf.privacy._mechanisms import SensitivityMode
 
 __all__ = [
@@ -10,4 +11,5 @@ __all__ = [
     "DPQuantOptimizer",
     "PerExampleMethod",
     "SensitivityMode",
+    "UnrecordedUpdateError",
 ]

@@ -32,6 +32,10 @@ _MAX_ISSUED = 4096
 class UnrecordedUpdateError(RuntimeError):
   """apply_gradients got gradients the DP step did not produce."""
 
+  # Exception's own constructor: autograph then re-raises this type (with
+  # its trace) from inside a tf.function instead of a generic StagingError.
+  __init__ = Exception.__init__
+
 
 def _optimizer_of(model) -> Any:
   opt = getattr(model, "optimizer", None)
