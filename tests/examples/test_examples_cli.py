@@ -72,7 +72,6 @@ def test_bad_flag_value_is_one_line_and_nonzero_exit(flag, expected):
 
 def test_research_seed_flags_reach_the_config():
   from absl import flags as absl_flags  # pylint: disable=import-outside-toplevel
-  sys.path.insert(0, os.path.join(REPO, "examples"))
   from examples import train as train_bin  # pylint: disable=import-outside-toplevel
   fv = absl_flags.FLAGS
   fv(["train.py", "--research_noise_seed=5", "--research_sampling_seed=6",

@@ -102,3 +102,22 @@ def test_run_study_binary_dry_run():
       capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "eps8-fp32-s0" in proc.stdout and proc.stdout.strip().endswith("8 runs")
+
+
+def test_train_argv_round_trips_through_the_train_binary_flags():
+  """run_study runs examples/train.py: its argv rebuilds the same config."""
+  from absl import flags as absl_flags  # pylint: disable=import-outside-toplevel
+  from examples import train as train_bin  # pylint: disable=import-outside-toplevel
+  from examples import train_lib  # pylint: disable=import-outside-toplevel
+  config = dict(dataset="digits", model="cnn", epochs=2, batch_size=32,
+                target_epsilon=4.0, learning_rate=0.25, policy="static",
+                ratio=0.5, static_layers=("conv1", "logits"), format="int4",
+                seed=3, max_train=100, verbose=0)
+  argv = rs.train_argv(config)
+  absl_flags.FLAGS(["train.py"] + argv)
+  try:
+    rebuilt = train_bin.config_from_flags()
+  finally:
+    absl_flags.FLAGS.unparse_flags()
+  assert rebuilt == train_lib.TrainConfig(**config)
+  assert rs.train_argv({"dp": False, "seed": None}) == ["--nodp"]
