@@ -29,6 +29,7 @@ import weakref
 import tensorflow as tf
 
 from dpquant_tf import _validation
+from dpquant_tf.privacy import _random
 from dpquant_tf.perexample import _registry as _perexample_registry
 from dpquant_tf.quantization import _formats
 from dpquant_tf.quantization import _quantizers
@@ -168,9 +169,7 @@ class QuantizedLayer(_layers.Wrapper):
     self.bwd_format = var("bwd_format", init["bwd_format"].id, tf.int32)
     self.bwd_bits = var("bwd_bits", init["bwd_bits"], tf.int32)
     with tf.init_scope():
-      self.generator = (tf.random.Generator.from_non_deterministic_state()
-                        if self.seed is None else
-                        tf.random.Generator.from_seed(self.seed))
+      self.generator = _random.make_generator(seed=self.seed)
     super().build(input_shape)
 
   # -- quantization helpers -------------------------------------------------
