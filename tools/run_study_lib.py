@@ -483,4 +483,8 @@ def compact_record(record: Mapping[str, Any]) -> Dict[str, Any]:
   out["config"] = {k: v for k, v in record["config"].items()
                    if k not in ("metrics_json", "export_dir", "tensorboard_dir", "verbose")}
   out["quantized_per_epoch"] = [p.get("quantized", []) for p in record.get("plan_per_epoch", [])]
+  # Which runs used seeded (research) noise or sampling; older logs: unseeded.
+  research = record.get("research") or {}
+  out["noise_seeded"] = bool(research.get("noise_seeded", False))
+  out["sampling_seeded"] = bool(research.get("sampling_seeded", False))
   return out

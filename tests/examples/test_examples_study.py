@@ -121,3 +121,12 @@ def test_train_argv_round_trips_through_the_train_binary_flags():
     absl_flags.FLAGS.unparse_flags()
   assert rebuilt == train_lib.TrainConfig(**config)
   assert rs.train_argv({"dp": False, "seed": None}) == ["--nodp"]
+
+
+def test_compact_record_marks_seeded_runs():
+  base = {"run_id": "r", "config": {"policy": "none"}, "plan_per_epoch": []}
+  seeded = rs.compact_record(dict(base, research={
+      "noise_seeded": True, "sampling_seeded": True, "sample_sha256": "ab"}))
+  assert seeded["noise_seeded"] and seeded["sampling_seeded"]
+  old = rs.compact_record(base)  # a log written before the research fields
+  assert not old["noise_seeded"] and not old["sampling_seeded"]
