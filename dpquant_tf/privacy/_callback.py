@@ -245,7 +245,9 @@ class PrivacyCallback(tf.keras.callbacks.Callback):
   # ------------------------------------------------------------ Keras hooks
   def on_train_begin(self, logs=None):
     opt = self._optimizer()
-    opt.check_model(self.model)
+    check_model = getattr(opt, "check_model", None)
+    if check_model is not None:
+      check_model(self.model)
     self._spe = self._read_steps_per_execution()
     self._steps = (self.params or {}).get("steps")
     self._batch_size = None

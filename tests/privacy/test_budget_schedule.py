@@ -32,7 +32,8 @@ def _setup(*, policy, estimator=True, mode="reclip"):
                 SparseCategoricalCrossentropy(from_logits=True,
                                               reduction="none"))
   # A costly analysis (little noise, half the data) makes releases matter.
-  est = (schedule.LossSensitivityEstimator(x, y, sampling_rate=0.5, repeats=1,
+  est = (schedule.LossSensitivityEstimator(x, y, sampling_rate=0.5,
+                                           repeats=1,
                                            noise_multiplier=0.8, seed=0)
          if estimator else None)
   sched = schedule.DPQuantScheduler(policy, ledger=ledger, estimator=est,
@@ -58,7 +59,7 @@ def test_epoch_begin_release_never_takes_the_run_past_its_budget(
   cb = privacy.PrivacyCallback(ledger, DELTA, budget_epsilon=budget)
   callbacks = [sched, cb] if scheduler_first else [cb, sched]
   model.fit(ds, epochs=4, verbose=0, callbacks=callbacks)
-  assert ledger.proven_epsilon(DELTA) <= budget
+  assert ledger.epsilon(DELTA) <= budget  # Poisson ledger
   assert cb.stopped_for_budget
   assert len(sched.releases.sensitivities) == 1
   assert opt.dp_event_steps() == 8
@@ -92,7 +93,7 @@ def test_bit_change_that_lowers_the_noise_is_checked_before_the_epoch():
       b_start=8, b_end=2, epochs=2), seed=0)
   with pytest.raises(privacy.BudgetExceededError):
     model.fit(ds, epochs=2, verbose=0, callbacks=[cb, sched2])
-  assert ledger.proven_epsilon(DELTA) <= budget
+  assert ledger.epsilon(DELTA) <= budget  # Poisson ledger
   zs = [e.event.noise_multiplier for e, _ in opt.dp_events()]
   assert zs == [z8]  # No step was taken at 2 bits.
 
@@ -102,7 +103,8 @@ def test_scheduler_runs_the_multi_worker_guard_itself():
       policy=schedule.LossAwarePolicy(ratio=0.5, period=1))
   # A strategy-shaped stand-in (as in tests/distribute): only
   # `extended._in_multi_worker_mode` is read, through model.distribute_strategy.
-  model._distribution_strategy = types.SimpleNamespace(  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  model._distribution_strategy = types.SimpleNamespace(
       extended=types.SimpleNamespace(_in_multi_worker_mode=lambda: True))
   sched.set_model(model)
   with pytest.raises(ValueError, match="scheduler.estimator"):
