@@ -18,6 +18,7 @@ from typing import Callable, List, Optional, Sequence
 from absl import logging
 import tensorflow as tf
 
+from dpquant_tf import _layer_kinds
 from dpquant_tf import _validation
 from dpquant_tf.perexample import _ghost
 from dpquant_tf.perexample import _registry
@@ -28,7 +29,8 @@ __all__ = ["PerExampleTaps", "collect", "jacobian_gradients",
 
 _RULES = {
     _registry.LayerKind.DENSE: _rules.dense_grads,
-    _registry.LayerKind.CONV: _rules.conv_grads,
+    _registry.LayerKind.CONV1D: _rules.conv_grads,
+    _registry.LayerKind.CONV2D: _rules.conv_grads,
     _registry.LayerKind.DEPTHWISE_CONV2D: _rules.depthwise_conv2d_grads,
     _registry.LayerKind.EINSUM_DENSE: _rules.einsum_dense_grads,
     _registry.LayerKind.EMBEDDING: _rules.embedding_grads,
@@ -68,12 +70,18 @@ def _var_layer_name(var) -> str:
   return name.rsplit("/", 1)[0] if "/" in name else name
 
 
-def _tap_problem(tapped) -> Optional[str]:
+def _tap_problem(tapped, num_examples) -> Optional[str]:
   """Why a tapped layer's taps cannot be used now, or None if they can."""
   x = getattr(tapped, "tap_input", None)
   z = getattr(tapped, "tap_output", None)
   if x is None or z is None:
     return "not called in this step"
+  rows = x.shape[0] if x.shape.rank else None
+  if isinstance(num_examples, int) and rows is not None and rows != num_examples:
+    # TimeDistributed or a reshape folded other axes into its batch: its rows
+    # are not the examples (METHOD.md invariant 8). The jacobian is exact.
+    return (f"its input has {rows} rows for {num_examples} examples (a "
+            "TimeDistributed wrapper or a reshape folds other axes into them)")
   if not tf.executing_eagerly():
     graph = tf.compat.v1.get_default_graph()
     if getattr(z, "graph", graph) is not graph or getattr(x, "graph", graph) is not graph:
@@ -133,6 +141,7 @@ def collect(loss, var_list: Sequence[tf.Variable], tape, num_microbatches=None,
   var_list = tf.nest.flatten(var_list)
   if chunk_size is not None:
     chunk_size = _validation.check_int("chunk_size", chunk_size, low=1)
+  num_examples = _batch(loss)
   slots = _registry.registered_slots()
   groups = {}     # id(tapped) -> (slot, [(var index, role)])
   problems = {}   # id(tapped) -> (name, reason)
@@ -141,7 +150,7 @@ def collect(loss, var_list: Sequence[tf.Variable], tape, num_microbatches=None,
     slot = slots.get(var.ref())
     reason = None if slot is None else (
         problems[id(slot.layer)][1] if id(slot.layer) in problems
-        else _tap_problem(slot.layer))
+        else _tap_problem(slot.layer, num_examples))
     if slot is None or reason is not None:
       if slot is not None:
         problems[id(slot.layer)] = (_layer_name(slot.layer), reason)
@@ -164,26 +173,50 @@ def collect(loss, var_list: Sequence[tf.Variable], tape, num_microbatches=None,
     if not groups or everything:
       grads = fallback(loss, var_list, tape, num_microbatches)
       return PerExampleTaps(var_list, [], num_microbatches,
-                            dict(enumerate(grads)), chunk_size)
+                            dict(enumerate(grads)), chunk_size, num_examples)
 
   tapped = [slot.layer for slot, _ in groups.values()]
   g_outs = tape.gradient(loss, [t.tap_output for t in tapped],
                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
-  layers = [(slot, entries, layer.tap_input, g)
+  layers = [(slot, entries, _rows_checked(layer.tap_input, num_examples,
+                                           _layer_name(layer)), g)
             for (slot, entries), layer, g in zip(groups.values(), tapped,
                                                  g_outs)]
   fb = {}
   if fallback_idx:
     fb = dict(zip(fallback_idx, fallback(
         loss, [var_list[i] for i in fallback_idx], tape, num_microbatches)))
-  return PerExampleTaps(var_list, layers, num_microbatches, fb, chunk_size)
+  return PerExampleTaps(var_list, layers, num_microbatches, fb, chunk_size,
+                        num_examples)
+
+
+def _rows_checked(x, num_examples, name):
+  """``x`` after a run-time check that its rows are the loss's examples.
+
+  Statically known mismatches never get here (they take the jacobian). The
+  check raises in eager and graph mode. Under ``jit_compile`` XLA drops
+  asserts; there the rules still group rows by the loss's example count
+  (``[N, rows / N, ...]``), which is per example for TimeDistributed's
+  contiguous layout, and a row count that is not a multiple of N fails.
+  """
+  if isinstance(num_examples, int) and x.shape[0] == num_examples:
+    return x
+  rows = tf.shape(x)[0]
+  check = tf.debugging.assert_equal(
+      rows, tf.cast(num_examples, rows.dtype), message=(
+          f"dpquant_tf per-example gradients: layer {name!r} sees a batch "
+          "whose rows are not the loss's examples (TimeDistributed or a "
+          "reshape folds other axes into it); unwrap it so that each "
+          "example is clipped as one"))
+  with tf.control_dependencies([check]):
+    return tf.identity(x)
 
 
 class PerExampleTaps:
   """Layer taps and output gradients of one step (see :func:`collect`)."""
 
   def __init__(self, var_list, layers, num_microbatches, fallback_grads,
-               chunk_size):
+               chunk_size, num_examples):
     self._vars = var_list
     self._layers = layers
     self._m = num_microbatches
@@ -192,9 +225,11 @@ class PerExampleTaps:
       self._m = int(static) if static is not None else num_microbatches
     self._fallback = fallback_grads
     self._chunk = chunk_size
+    self._n = num_examples   # the loss's batch: one entry per example
 
-  def _m_for(self, x):
-    return self._m if self._m is not None else _batch(x)
+  def _m_for(self, x):  # pylint: disable=unused-argument
+    """Microbatches: given, else one per example of the loss (not per row)."""
+    return self._m if self._m is not None else self._n
 
   def _shaped(self, t, var, m):
     t = tf.cast(t, var.dtype)
@@ -207,7 +242,7 @@ class PerExampleTaps:
     """Examples per microbatch: an int when static, else a scalar tensor."""
     if self._m is None:
       return 1
-    m, b = self._m_for(x), _batch(x)
+    m, b = self._m_for(x), self._n
     if isinstance(m, int) and isinstance(b, int):
       return b // m
     return tf.cast(b, tf.int32) // tf.cast(m, tf.int32)
@@ -278,9 +313,16 @@ class PerExampleTaps:
       per_role = _apply_rule(slot.kind, inner, x, g, m, self._chunk)
       return _materialized_part({i: per_role[role] for i, role in entries}, k)
 
-    operands = _ghost.ghost_operands(slot.kind, inner, x, g)
+    kind = (_layer_kinds.LayerKind.CONV if slot.kind in _layer_kinds.CONVS
+            else slot.kind)
+    operands = _ghost.ghost_operands(kind, inner, x, g)
     if operands is None:
       return materialized()
+    if not (isinstance(self._n, int) and x.shape[0] == self._n):
+      # Rows grouped by example ([N, rows / N * T, ...]), as the rules do.
+      operands = operands._replace(
+          a=tf.reshape(operands.a, [self._n, -1, operands.a.shape[-1]]),
+          g=tf.reshape(operands.g, [self._n, -1, operands.g.shape[-1]]))
     if isinstance(k, int):
       return _ghost.ghost_part(operands, entries) if k == 1 else materialized()
     # Microbatch size known only at run time: pick the branch then.

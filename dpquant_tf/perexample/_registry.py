@@ -12,10 +12,11 @@ registered layers at each lookup (at trace time, not per step), so it follows
 variables created after registration (layers register when built or wrapped).
 """
 
-import enum
 import threading
 import weakref
 from typing import Dict, NamedTuple, Optional
+
+from dpquant_tf import _layer_kinds
 
 __all__ = ["LayerKind", "VarSlot", "kind_of", "register_tapped_layer",
            "registered_slots", "unregister_tapped_layer"]
@@ -24,15 +25,7 @@ _LOCK = threading.Lock()
 _TAPPED = weakref.WeakSet()
 
 
-class LayerKind(enum.Enum):
-  """Layer kinds with a closed-form per-example gradient rule."""
-  DENSE = "dense"
-  CONV = "conv"                 # Conv1D / Conv2D (channels_last or first)
-  DEPTHWISE_CONV2D = "depthwise_conv2d"
-  EINSUM_DENSE = "einsum_dense"
-  EMBEDDING = "embedding"
-  LAYER_NORM = "layer_norm"
-  GROUP_NORM = "group_norm"
+LayerKind = _layer_kinds.LayerKind
 
 
 class VarSlot(NamedTuple):
@@ -44,31 +37,13 @@ class VarSlot(NamedTuple):
 
 def kind_of(inner) -> Optional[LayerKind]:
   """The kind of a plain Keras layer, or None when there is no rule for it."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  layers = tf.keras.layers
-  # Order matters: DepthwiseConv2D and Conv1D/2D subclass the base Conv.
-  if isinstance(inner, layers.DepthwiseConv2D):
-    return LayerKind.DEPTHWISE_CONV2D
-  if isinstance(inner, (layers.Conv1D, layers.Conv2D)) and not isinstance(
-      inner, (layers.Conv1DTranspose, layers.Conv2DTranspose,
-              layers.SeparableConv1D, layers.SeparableConv2D)):
-    return LayerKind.CONV
-  if isinstance(inner, layers.Dense):
-    return LayerKind.DENSE
-  if isinstance(inner, layers.EinsumDense):
-    return LayerKind.EINSUM_DENSE
-  if isinstance(inner, layers.Embedding):
-    return LayerKind.EMBEDDING
-  if isinstance(inner, layers.LayerNormalization):
-    return LayerKind.LAYER_NORM
-  if isinstance(inner, layers.GroupNormalization):
-    return LayerKind.GROUP_NORM
-  return None
+  return _layer_kinds.layer_kind(inner)
 
 
 _ROLES = {
     LayerKind.DENSE: ("kernel", "bias"),
-    LayerKind.CONV: ("kernel", "bias"),
+    LayerKind.CONV1D: ("kernel", "bias"),
+    LayerKind.CONV2D: ("kernel", "bias"),
     LayerKind.DEPTHWISE_CONV2D: ("depthwise_kernel", "bias"),
     LayerKind.EINSUM_DENSE: ("kernel", "bias"),
     LayerKind.EMBEDDING: ("embeddings",),

@@ -223,9 +223,27 @@ def _mean_mb(t, m):
 
 
 def embedding_grads(layer, x, g, m) -> Dict[str, tf.Tensor]:
-  """Embedding: ``g`` rows scatter-added at the ids, per microbatch."""
+  """Embedding: ``g`` rows scatter-added at the ids, per microbatch.
+
+  An example with any id outside ``[0, input_dim)`` contributes zero here:
+  its rows are masked and its ids clamped before the scatter. Without this,
+  ``id + offset`` of an out-of-range id lands in another microbatch's slot
+  (XLA accepts such ids silently in the forward pass), and one example would
+  add its rows to gradients that are clipped separately (METHOD.md
+  invariant 8). Same on the eager, ``tf.function`` and XLA paths.
+  """
   vocab, dim = layer.embeddings.shape.as_list()
-  ids = tf.cast(_per_mb(x[..., None], m, 1)[..., 0], tf.int32)   # [M, T]
+  ids = tf.cast(x, tf.int32)
+  in_range = tf.logical_and(ids >= 0, ids < vocab)
+  if ids.shape.rank > 1:
+    in_range = tf.reduce_all(in_range, axis=list(range(1, ids.shape.rank)),
+                             keepdims=True)
+  ids = tf.where(in_range, ids, tf.zeros_like(ids))
+  keep = tf.cast(tf.reshape(in_range, tf.concat(
+      [tf.shape(in_range), tf.ones([g.shape.rank - in_range.shape.rank],
+                                   tf.int32)], 0)), g.dtype)
+  g = g * keep
+  ids = _per_mb(ids[..., None], m, 1)[..., 0]                       # [M, T]
   offsets = tf.range(m, dtype=tf.int32)[:, None] * vocab
   seg = tf.reshape(ids + offsets, [-1])
   rows = tf.reshape(_per_mb(g, m, 1), [-1, dim])

@@ -213,9 +213,18 @@ def _assigned_variables(model, signature) -> List[tf.Variable]:
   variables = {id(v.handle): v for v in model.variables if hasattr(v, "handle")}
   if not variables:
     return []
-  with tf.init_scope():
-    fn = tf.function(lambda x: model(x, training=True), autograph=True)
-    concrete = fn.get_concrete_function(signature)
+  # Tapping layers record their last call's tensors; the check may run in
+  # the middle of a training step's trace (between the forward pass and the
+  # per-example gradients), so the scratch trace must not replace them.
+  tapped = [l for l in _all_layers(model) if hasattr(l, "tap_output")]
+  saved = [(l.tap_input, l.tap_output) for l in tapped]
+  try:
+    with tf.init_scope():
+      fn = tf.function(lambda x: model(x, training=True), autograph=True)
+      concrete = fn.get_concrete_function(signature)
+  finally:
+    for layer, (tap_input, tap_output) in zip(tapped, saved):
+      layer.tap_input, layer.tap_output = tap_input, tap_output
   graph = concrete.graph
   by_placeholder = {}
   for external, internal in graph.captures:

@@ -3,6 +3,8 @@
 See docs/QUANTIZATION.md.
 """
 
+from dpquant_tf._layer_kinds import layer_kind
+from dpquant_tf._layer_kinds import layer_macs
 from dpquant_tf.quantization._formats import BITS_RANGE
 from dpquant_tf.quantization._formats import format_levels
 from dpquant_tf.quantization._formats import QuantFormat
@@ -40,6 +42,8 @@ __all__ = [
     "fix_model",
     "format_levels",
     "get_plan",
+    "layer_kind",
+    "layer_macs",
     "quantizable_layers",
     "quantization_scale",
     "quantize",

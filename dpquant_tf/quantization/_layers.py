@@ -23,11 +23,11 @@ Why not tfmot's ``quantize_apply``: its quantizers act on forward tensors only
 and cannot quantize the gradient at a layer's output, which DPQuant needs.
 """
 
-import enum
 import weakref
 
 import tensorflow as tf
 
+from dpquant_tf import _layer_kinds
 from dpquant_tf import _validation
 from dpquant_tf.privacy import _random
 from dpquant_tf.perexample import _registry as _perexample_registry
@@ -38,60 +38,17 @@ from dpquant_tf.quantization._formats import QuantFormat, Rounding, ScaleMode
 _layers = tf.keras.layers
 
 
-class LayerKind(enum.Enum):
-  """Layer types QuantizedLayer can wrap."""
-  DENSE = "dense"
-  CONV1D = "conv1d"
-  CONV2D = "conv2d"
-  DEPTHWISE_CONV2D = "depthwise_conv2d"
-  EINSUM_DENSE = "einsum_dense"
-
-
-def layer_kind(layer):
-  """The `LayerKind` of a plain Keras layer, or None if it cannot be wrapped."""
-  if isinstance(layer, _layers.DepthwiseConv2D):
-    return LayerKind.DEPTHWISE_CONV2D
-  excluded = (_layers.Conv1DTranspose, _layers.Conv2DTranspose,
-              _layers.SeparableConv1D, _layers.SeparableConv2D)
-  if isinstance(layer, excluded):
-    return None
-  if isinstance(layer, _layers.Conv2D):
-    return LayerKind.CONV2D
-  if isinstance(layer, _layers.Conv1D):
-    return LayerKind.CONV1D
-  if isinstance(layer, _layers.Dense):
-    return LayerKind.DENSE
-  if isinstance(layer, _layers.EinsumDense):
-    return LayerKind.EINSUM_DENSE
-  return None
-
+LayerKind = _layer_kinds.LayerKind
+kernel_of = _layer_kinds.kernel_of
+kernel_output_axes = _layer_kinds.kernel_output_axes
 
 SUPPORTED = "Dense, Conv1D, Conv2D, DepthwiseConv2D or EinsumDense"
 
 
-def _einsum_parts(equation):
-  inputs, output = equation.split("->")
-  _, kernel = inputs.split(",")
-  return kernel, output
-
-
-def kernel_of(layer):
-  """The kernel variable a wrapped layer uses."""
-  if layer_kind(layer) == LayerKind.DEPTHWISE_CONV2D:
-    return layer.depthwise_kernel
-  return layer.kernel
-
-
-def kernel_output_axes(layer):
-  """Kernel axes that index output channels (kept in per-channel scales)."""
-  kind = layer_kind(layer)
-  rank = kernel_of(layer).shape.rank
-  if kind == LayerKind.DEPTHWISE_CONV2D:
-    return [rank - 2, rank - 1]
-  if kind == LayerKind.EINSUM_DENSE:
-    kernel, output = _einsum_parts(layer.equation)
-    return [i for i, c in enumerate(kernel) if c in output]
-  return [rank - 1]
+def quantizable_kind(layer):
+  """The `LayerKind` of a layer QuantizedLayer can wrap, else None."""
+  kind = _layer_kinds.layer_kind(layer)
+  return kind if kind in _layer_kinds.QUANTIZABLE else None
 
 
 @tf.custom_gradient
@@ -127,7 +84,7 @@ class QuantizedLayer(_layers.Wrapper):
                bwd_format=QuantFormat.LUQ_FP4, bwd_bits=4,
                rounding=Rounding.STOCHASTIC,
                weight_scale=ScaleMode.PER_CHANNEL, seed=None, **kwargs):
-    kind = layer_kind(layer)
+    kind = quantizable_kind(layer)
     if kind is None:
       _validation.fail("layer", layer, f"a {SUPPORTED} layer", TypeError)
     if kind == LayerKind.CONV1D and layer.data_format == "channels_first" and (

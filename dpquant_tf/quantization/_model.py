@@ -3,9 +3,9 @@
 import dataclasses
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Union
 
-import numpy as np
 import tensorflow as tf
 
+from dpquant_tf import _layer_kinds
 from dpquant_tf import _validation
 from dpquant_tf.quantization import _layers
 from dpquant_tf.quantization import _plan
@@ -62,16 +62,6 @@ def quantized_layers(model) -> List[QuantizedLayer]:
   return [l for l in _walk(model) if isinstance(l, QuantizedLayer)]
 
 
-def _macs(layer) -> int:
-  inner = layer.layer if isinstance(layer, QuantizedLayer) else layer
-  shape = layer.get_output_shape_at(0)
-  out = int(np.prod([d or 1 for d in tf.TensorShape(shape)[1:]]))
-  kernel = _layers.kernel_of(inner)
-  kshape = kernel.shape.as_list()
-  out_channels = int(np.prod([kshape[i] for i in _layers.kernel_output_axes(inner)]))
-  return out * int(np.prod(kshape)) // out_channels
-
-
 def quantizable_layers(model) -> List[LayerInfo]:
   """Lists the model's quantizable layers in a stable order.
 
@@ -87,12 +77,12 @@ def quantizable_layers(model) -> List[LayerInfo]:
   _check_graph_model(model, "quantizable_layers")
   layers = quantized_layers(model)
   if not layers:
-    layers = [l for l in _walk(model) if _layers.layer_kind(l) is not None]
+    layers = [l for l in _walk(model) if _layers.quantizable_kind(l) is not None]
   infos = []
   for i, layer in enumerate(layers):
     inner = layer.layer if isinstance(layer, QuantizedLayer) else layer
-    macs = _macs(layer)
-    infos.append(LayerInfo(inner.name, i, _layers.layer_kind(inner), macs, 2 * macs))
+    macs = _layer_kinds.layer_macs(layer)
+    infos.append(LayerInfo(inner.name, i, _layers.quantizable_kind(inner), macs, 2 * macs))
   return infos
 
 
@@ -164,7 +154,7 @@ def quantize_model(model, *, layers: Optional[Iterable[str]] = None,
   weight_scale = _validation.check_enum("weight_scale", weight_scale, ScaleMode)
   if seed is not None:
     seed = _validation.check_int("seed", seed)
-  candidates = [l for l in _walk(model) if _layers.layer_kind(l) is not None]
+  candidates = [l for l in _walk(model) if _layers.quantizable_kind(l) is not None]
   names = [l.name for l in candidates]
   if layers is None:
     chosen = set(names)

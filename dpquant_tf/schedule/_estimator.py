@@ -2,15 +2,25 @@
 
 For one analysis: Poisson-sample a batch with rate q_a; for each sampled
 example j and each quantizable layer i, r_ji = loss(x_j, only layer i
-quantized) - loss(x_j, no layer quantized), averaged over R stochastic-rounding
-draws; clip each example's vector r_j to L2 norm C_a; sum; add
-N(0, (sigma_a * C_a)^2 I); divide by the expected batch size q_a * N.
+quantized) - loss(x_j, no layer quantized), with round-to-nearest in every
+quantized layer during the analysis; clip each example's vector r_j to L2
+norm C_a (a non-finite r_j counts as zero); sum; add N(0, (sigma_a * C_a)^2 I)
+(``dpquant_tf.privacy.add_gaussian_noise``); divide by the expected batch
+size q_a * N.
+
+Why round-to-nearest: with stochastic rounding, one weight-rounding draw is
+shared by the examples of one forward call, and the sample is processed in
+chunks of ``max_batch_size``, so adding one example would change which
+examples share a draw (and every later draw). With nearest rounding r_j is a
+deterministic function of (x_j, y_j) and the current weights: it does not
+depend on chunking or on the other sampled examples. Training itself keeps
+each layer's own rounding; only the estimator's trace uses nearest.
 
 Formal guarantee: with Poisson sampling at rate q_a and add/remove-one
 adjacency, adding or removing example j changes the clipped sum by exactly
 clip(r_j), of L2 norm at most C_a (r_j depends only on x_j, y_j, the current
-weights and quantization randomness that is independent of the data; the
-quantized layers use per-example activation scales, METHOD.md invariant 1).
+weights, never on another example: nearest rounding and per-example
+activation scales, METHOD.md invariant 1).
 The release is therefore the sampled Gaussian mechanism with sampling rate q_a
 and noise multiplier sigma_a; dividing by the public constant q_a * N is
 post-processing. Each release is recorded as
@@ -23,12 +33,17 @@ per-example vector, normalisation by the expected batch size) are ours and are
 documented in docs/SCHEDULE.md.
 """
 
+import contextlib
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import tensorflow as tf
 
 from dpquant_tf import _validation as v
+from dpquant_tf import quantization
+from dpquant_tf.privacy import _events
+from dpquant_tf.privacy import _mechanisms
+from dpquant_tf.privacy import _random
 from dpquant_tf.schedule import _plan
 
 DEFAULT_SAMPLING_RATE = 0.05
@@ -47,14 +62,41 @@ def clip_per_example(r: tf.Tensor, clip: float) -> tf.Tensor:
   """Scales each row r_j of `r` ([B, n]) to L2 norm at most `clip` (float64).
 
   Formal guarantee: every returned row has L2 norm <= clip. Rows are scaled
-  to clip * (1 - 1e-12), which absorbs float64 rounding of the scaling.
+  to clip * (1 - 1e-12), which absorbs float64 rounding of the scaling. A
+  row with any NaN or inf (a non-finite loss of that example) becomes exactly
+  zero (METHOD.md invariant 9): it cannot turn the release into NaN.
   """
   r = tf.cast(tf.convert_to_tensor(r), tf.float64)
+  finite = tf.reduce_all(tf.math.is_finite(r), axis=1, keepdims=True)
+  r = tf.where(finite, r, tf.zeros_like(r))
   norms = tf.norm(r, axis=1, keepdims=True)
   target = tf.constant(clip * (1.0 - 1e-12), tf.float64)
   scale = tf.minimum(tf.ones_like(norms),
                      target / tf.maximum(norms, tf.constant(1e-300, tf.float64)))
   return r * scale
+
+
+@contextlib.contextmanager
+def _nearest_rounding(model):
+  """Every QuantizedLayer of `model` rounds to nearest inside the block.
+
+  ``rounding`` is a Python attribute read at trace time: the estimator's
+  trace, made inside this block, rounds to nearest; traces of the training
+  step keep the layers' own rounding.
+  """
+  layers = quantization.quantized_layers(model) if isinstance(
+      model, tf.keras.Model) and getattr(model, "_is_graph_network",
+                                         False) else [
+          l for l in model.submodules
+          if isinstance(l, quantization.QuantizedLayer)]
+  saved = [l.rounding for l in layers]
+  try:
+    for layer in layers:
+      layer.rounding = quantization.Rounding.NEAREST
+    yield
+  finally:
+    for layer, rounding in zip(layers, saved):
+      layer.rounding = rounding
 
 
 def _per_example_loss_fn(model, loss) -> Callable:
@@ -93,7 +135,8 @@ class LossSensitivityEstimator:
     sampling_rate: Poisson sampling rate q_a in (0, 1].
     noise_multiplier: sigma_a > 0; the noise std is sigma_a * clip.
     clip: C_a > 0, the L2 clip of each example's vector of loss differences.
-    repeats: R >= 1 stochastic-rounding draws averaged per example.
+    repeats: R >= 1; kept for configuration compatibility. The analysis
+      rounds to nearest, so every draw is the same and one pass is run.
     loss: the loss (Keras loss, its name, or a callable returning per-example
       values); None uses the compiled model's loss.
     max_batch_size: examples per forward pass (memory bound; results do not
@@ -120,8 +163,7 @@ class LossSensitivityEstimator:
     self.max_batch_size = v.check_int("max_batch_size", max_batch_size, low=1)
     self.loss = loss
     self.seed = None if seed is None else v.check_int("seed", seed)
-    self._generator = (tf.random.Generator.from_non_deterministic_state()
-                       if seed is None else tf.random.Generator.from_seed(seed))
+    self._generator = _random.make_generator(seed=self.seed)
     self.events: List[Any] = []
 
   @property
@@ -130,10 +172,8 @@ class LossSensitivityEstimator:
 
   def dp_event(self):
     """The DpEvent of one release: PoissonSampled(q_a, Gaussian(sigma_a))."""
-    import dp_accounting  # pylint: disable=g-import-not-at-top
-    return dp_accounting.PoissonSampledDpEvent(
-        float(self.sampling_rate),
-        dp_accounting.GaussianDpEvent(float(self.noise_multiplier)))
+    return _events.sampled_gaussian_event(self.sampling_rate,
+                                          self.noise_multiplier)
 
   def planned_analyses(self, *, epochs: int, period: int):
     """The (DpEvent, count) of the analyses a run will release, for planning.
@@ -173,8 +213,9 @@ class LossSensitivityEstimator:
   def _losses(self, model, x, y) -> tf.Tensor:
     fn = self._loss_fn(model)
     n = int(x.shape[0])
-    chunks = [fn(x[s:s + self.max_batch_size], y[s:s + self.max_batch_size])
-              for s in range(0, n, self.max_batch_size)]
+    with _nearest_rounding(model):   # the trace (first call) rounds to nearest
+      chunks = [fn(x[s:s + self.max_batch_size], y[s:s + self.max_batch_size])
+                for s in range(0, n, self.max_batch_size)]
     return tf.cast(tf.concat(chunks, axis=0), tf.float64)
 
   def per_example_sensitivities(self, model, x, y, *,
@@ -198,8 +239,7 @@ class LossSensitivityEstimator:
       columns = []
       for name in names:
         _plan.set_only(model, names, name, base_config)
-        draws = [self._losses(model, x, y) for _ in range(self.repeats)]
-        columns.append(tf.add_n(draws) / float(self.repeats) - reference)
+        columns.append(self._losses(model, x, y) - reference)
       return tf.stack(columns, axis=1)
     finally:
       _plan.set_plan(model, saved)
@@ -225,9 +265,9 @@ class LossSensitivityEstimator:
   def noised_mean(self, clipped_sum: tf.Tensor) -> tf.Tensor:
     """Adds N(0, (sigma_a C_a)^2 I) to the clipped sum and divides by q_a N."""
     clipped_sum = tf.cast(clipped_sum, tf.float64)
-    noise = self._generator.normal(tf.shape(clipped_sum), dtype=tf.float64,
-                                   stddev=self.noise_multiplier * self.clip)
-    return (clipped_sum + noise) / self.expected_batch_size
+    noised, = _mechanisms.add_gaussian_noise(
+        [clipped_sum], self.noise_multiplier * self.clip, self._generator)
+    return noised / self.expected_batch_size
 
   # -- the mechanism ---------------------------------------------------------
 

@@ -116,3 +116,20 @@ def test_tapped_layer_inside_time_distributed_is_refused():
   # A plain Dense inside TimeDistributed takes the jacobian path: fine.
   plain = tf.keras.Model(inp, L.TimeDistributed(L.Dense(4))(inp))
   assert dpquant_tf.validate_model(plain) == []
+
+
+def test_check_inside_a_step_keeps_the_fast_path_taps():
+  """The optimizer may run the check between the forward pass and the
+  per-example gradients: the taps of that step must survive it."""
+  model = perexample.tap_model(tf.keras.Sequential(
+      [tf.keras.Input((3,)), L.Dense(4), L.Dense(2)]))
+  x = tf.ones((4, 3))
+
+  @tf.function
+  def step():
+    model(x, training=True)
+    taps = [l.tap_output for l in model.layers]
+    dpquant_tf.validate_model(model)
+    return all(a is l.tap_output for a, l in zip(taps, model.layers))
+
+  assert bool(step())

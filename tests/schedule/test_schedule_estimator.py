@@ -221,3 +221,37 @@ def test_clip_per_example_never_exceeds_clip():
     assert np.all(norms <= clip)
     small = np.linalg.norm(r, axis=1) < clip * 0.999
     np.testing.assert_array_equal(out[small], r[small])  # untouched below the clip
+
+
+def test_one_examples_r_does_not_depend_on_chunking_or_other_examples():
+  """Stochastic-rounding model: the analysis rounds to nearest, so r_j is the
+  same for any max_batch_size and whichever other examples are sampled."""
+  model = _model("stochastic")
+  x, y = _digits(12)
+  small = schedule.LossSensitivityEstimator(x, y, max_batch_size=5, seed=0)
+  large = schedule.LossSensitivityEstimator(x, y, max_batch_size=64, seed=0)
+  r_small = small.per_example_sensitivities(model, x, y).numpy()
+  r_large = large.per_example_sensitivities(model, x, y).numpy()
+  np.testing.assert_allclose(r_small, r_large, rtol=0, atol=1e-6)
+  r_fewer = large.per_example_sensitivities(model, x[:7], y[:7]).numpy()
+  np.testing.assert_allclose(r_fewer, r_large[:7], rtol=0, atol=1e-6)
+  assert np.abs(r_large).max() > 1e-4   # the layers' quantization matters
+  # Training keeps the layers' own (stochastic) rounding.
+  assert all(l.rounding == quantization.Rounding.STOCHASTIC
+             for l in quantization.quantized_layers(model))
+
+
+def test_non_finite_example_contributes_zero_and_the_release_stays_finite():
+  model = _model("nearest")
+  x, y = _digits(10)
+  x_bad = x.copy()
+  x_bad[0] = np.nan
+  est = schedule.LossSensitivityEstimator(x_bad, y, sampling_rate=1.0,
+                                          noise_multiplier=1.0, clip=0.2, seed=4)
+  r = est.per_example_sensitivities(model, x_bad, y).numpy()
+  assert not np.all(np.isfinite(r[0]))
+  with_bad = est.clipped_sum(model, x_bad, y).numpy()
+  without = est.clipped_sum(model, x[1:], y[1:]).numpy()
+  np.testing.assert_allclose(with_bad, without, rtol=0, atol=1e-6)
+  released = est.estimate(model)
+  assert all(np.isfinite(v) for v in released.values())
