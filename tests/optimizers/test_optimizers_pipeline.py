@@ -44,7 +44,7 @@ def test_poisson_pipeline_shapes_rate_and_masked_rows_contribute_nothing():
 def test_callback_logs_epsilon_and_stops_before_budget():
   x, y = _data(64)
   model = _model()
-  ledger = privacy.PrivacyLedger()
+  ledger = privacy.PrivacyLedger(sampling_method="poisson")
   opt = DPQuantOptimizer(1.0, 0.8, ledger=ledger, dataset_size=64)
   model.compile(optimizer=opt, loss=_loss())
   event = dp_accounting.PoissonSampledDpEvent(
@@ -101,7 +101,7 @@ def test_learns_real_digits_with_quantization_and_exact_ledger():
 def test_callback_projects_whole_executions_with_steps_per_execution():
   x, y = _data(64)
   model = _model()
-  ledger = privacy.PrivacyLedger()
+  ledger = privacy.PrivacyLedger(sampling_method="poisson")
   opt = DPQuantOptimizer(1.0, 0.8, ledger=ledger, dataset_size=64)
   model.compile(optimizer=opt, loss=_loss(), steps_per_execution=2)
   event = dp_accounting.PoissonSampledDpEvent(
