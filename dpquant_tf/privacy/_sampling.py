@@ -20,8 +20,8 @@ from scipy import stats
 from dpquant_tf import _validation as V
 from dpquant_tf.privacy import _random
 
-__all__ = ["poisson_dataset", "poisson_max_batch_size", "sampling_rate_of",
-           "steps_per_epoch"]
+__all__ = ["poisson_dataset", "poisson_max_batch_size",
+           "register_sampling_rate", "sampling_rate_of", "steps_per_epoch"]
 
 # Rate of every dataset poisson_dataset returned, keyed by the dataset object
 # (weak keys: the entry goes away with the dataset). PrivacyCallback reads it
@@ -48,6 +48,11 @@ def steps_per_epoch(dataset_size: int, sampling_rate: float) -> int:
   q = V.check_probability("sampling_rate", sampling_rate)
   batch = q * n
   return max(1, int(math.ceil(n / batch - 1e-9)))
+
+
+def register_sampling_rate(dataset, sampling_rate: float) -> None:
+  """Records that `dataset` yields Poisson samples at `sampling_rate`."""
+  _RATES[dataset] = V.check_probability("sampling_rate", sampling_rate)
 
 
 def sampling_rate_of(dataset) -> Optional[float]:
@@ -127,7 +132,7 @@ def poisson_dataset(x, y, sampling_rate: float,
     return xb, yb, mask
 
   dataset = tf.data.Dataset.range(steps).map(sample)
-  _RATES[dataset] = q
+  register_sampling_rate(dataset, q)
   return dataset
 
 
