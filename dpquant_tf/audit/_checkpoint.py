@@ -23,7 +23,6 @@ from dpquant_tf import _validation as V
 from dpquant_tf.audit import _mechanism
 from dpquant_tf.audit import _stats
 from dpquant_tf.optimizers import DPQuantOptimizer
-from dpquant_tf.privacy import Accountant
 from dpquant_tf.privacy import PrivacyLedger
 from dpquant_tf.privacy import SamplingMethod
 
@@ -108,7 +107,7 @@ def audit_checkpoint_replay(
       victim_move = float(victim_steps[canary]())
       if claimed is None:
         claimed = ledger.epsilon(delta)
-        claimed_pld = ledger.epsilon(delta, accountant=Accountant.PLD)
+        claimed_pld = _mechanism.pld_epsilon(ledger, delta, noise_multiplier)
       adversary_ckpt.read(path).expect_partial()
       replay_move = float(adversary_step())
       scores[canary].append((victim_move - replay_move) / scale)

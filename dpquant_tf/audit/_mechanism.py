@@ -4,7 +4,7 @@ The audited object is the optimizer exactly as a user builds it (any
 ``DPQuantOptimizer`` / ``DPQuantAdamOptimizer`` configuration, optionally a
 quantized model and a ``tf.distribute`` strategy), driven only through
 ``optimizer.minimize`` and read through the model's weights (or Adam's first
-moment slot, which is the noised gradient up to a constant).
+moment slot: m' - beta_1 m is the noised gradient times 1 - beta_1).
 
 Construction (Jagielski et al. 2020; Nasr et al. 2021, white-box gradient
 canary): a linear model ``f(x) = w . x`` (``Dense(1, use_bias=False)``) with
@@ -46,7 +46,7 @@ class MechanismAudit:
     epsilon_lower_bound: empirical lower bound at `confidence`.
     claimed_epsilon: the ledger's epsilon for one trial (its accountant).
     claimed_epsilon_pld: the same events under PLD accounting (tight for a
-      single Gaussian step).
+      single Gaussian step); None for z < 0.5.
     delta, confidence: of the bound.
     trials: trials per side.
     test: the ``ThresholdAudit`` (threshold, error counts, bounds).
@@ -54,7 +54,7 @@ class MechanismAudit:
   """
   epsilon_lower_bound: float
   claimed_epsilon: float
-  claimed_epsilon_pld: float
+  claimed_epsilon_pld: Optional[float]
   delta: float
   confidence: float
   trials: int
@@ -72,6 +72,14 @@ class MechanismAudit:
     return out
 
 
+def pld_epsilon(ledger, delta: float, noise_multiplier: float):
+  """The ledger's events under PLD accounting, or None for z < 0.5 (PLD's
+  discretization of a nearly noiseless step needs unbounded memory)."""
+  if noise_multiplier < 0.5:
+    return None
+  return ledger.epsilon(delta, accountant=Accountant.PLD)
+
+
 def linear_probe_model(dims: int) -> tf.keras.Model:
   """``Dense(1, use_bias=False)`` on ``dims`` inputs, zero weights."""
   return tf.keras.Sequential([
@@ -87,16 +95,6 @@ def _batches(dims, batch_size, clip, canary_norm, seed):
   canary = np.zeros((1, dims), np.float32)
   canary[0, 0] = canary_norm * clip
   return tf.constant(base), tf.constant(np.concatenate([base, canary]))
-
-
-def _reset_slots(optimizer, variables):
-  """Zeroes the optimizer's slots and step count (independent trials)."""
-  names = optimizer.get_slot_names()
-  for var in variables:
-    for name in names:
-      slot = optimizer.get_slot(var, name)
-      slot.assign(tf.zeros_like(slot))
-  optimizer.iterations.assign(0)
 
 
 def audit_mechanism(
@@ -165,7 +163,16 @@ def audit_mechanism(
   if len(probe) != 1:
     V.fail("model_fn", model_fn, "a model with one [dims, 1] kernel")
   kernel = probe[0]
-  use_moment = "m" in optimizer.get_slot_names()
+  # Adam-like (first moment "m" with decay beta_1): score the noised
+  # gradient from the moment slot, not the (sign-like) first Adam update.
+  beta_1 = optimizer.get_config().get("beta_1")
+  use_moment = beta_1 is not None
+  if use_moment:
+    beta_1 = float(beta_1)
+    with strategy.scope():  # Slots exist before the first trial reads them.
+      optimizer._create_all_weights(weights)  # pylint: disable=protected-access
+    if "m" not in optimizer.get_slot_names():
+      V.fail("optimizer_cls", optimizer_cls, "an SGD or Adam optimizer")
 
   def replica_step(x):
     def loss_fn():
@@ -196,30 +203,32 @@ def audit_mechanism(
         strategy.run(replica_step, args=(data,))
       else:
         replica_step(batch)
-      if use_moment:
-        moved = tf.identity(optimizer.get_slot(kernel, "m")[0, 0])
-      else:
-        moved = kernel[0, 0] - before
-      return moved
+      return kernel[0, 0] - before
     return step
 
   step_d, step_d_prime = make_step(base), make_step(with_canary)
-  scale = (1.0 if use_moment else lr) * l2_norm_clip / batch_size
+  scale = ((1.0 - beta_1) if use_moment else lr) * l2_norm_clip / batch_size
+
+  def run_step(fn):
+    if not use_moment:
+      return float(fn())
+    # m' = beta_1 m + (1 - beta_1) g: the noised gradient, read eagerly (the
+    # gradient of -w.x points against the update, hence the sign).
+    moment = optimizer.get_slot(kernel, "m")
+    m_before = float(moment.numpy()[0, 0])
+    fn()
+    return beta_1 * m_before - float(moment.numpy()[0, 0])
 
   def trial(first):
-    if use_moment:
-      _reset_slots(optimizer, weights)
-    score = float(first())
+    score = run_step(first)
     if steps_per_trial == 2:
-      if use_moment:
-        _reset_slots(optimizer, weights)
-      score -= float(step_d())
+      score -= run_step(step_d)
     return score / scale
 
   scores_d, scores_d_prime = [], []
   scores_d_prime.append(trial(step_d_prime))
   claimed = ledger.epsilon(delta)
-  claimed_pld = ledger.epsilon(delta, accountant=Accountant.PLD)
+  claimed_pld = pld_epsilon(ledger, delta, noise_multiplier)
   scores_d.append(trial(step_d))
   for _ in range(trials - 1):
     scores_d.append(trial(step_d))
