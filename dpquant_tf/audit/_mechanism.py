@@ -105,7 +105,8 @@ def audit_mechanism(
     strategy: Optional[tf.distribute.Strategy] = None,
     dims: int = 4, batch_size: int = 4, canary_norm: float = 2.0,
     steps_per_trial: int = 1, delta: float = 1e-5, confidence: float = 0.95,
-    selection_fraction: float = 0.1, seed: int = 0) -> MechanismAudit:
+    selection_fraction: float = 0.1, threshold: Optional[float] = None,
+    seed: int = 0) -> MechanismAudit:
   """Audits one configuration of the DP optimizer step (white box).
 
   Args:
@@ -126,8 +127,9 @@ def audit_mechanism(
     steps_per_trial: steps per trial. With 2, the canary is in the first step
       only and the score is the first step's move minus the second's (the
       attack on noise replayed across steps); the claim covers both steps.
-    delta, confidence, selection_fraction: of the test
-      (``threshold_epsilon_lower_bound``).
+    delta, confidence, selection_fraction, threshold: of the test
+      (``threshold_epsilon_lower_bound``); scores are in units of C (the
+      canary moves a correct step's score by 1).
     seed: seeds the data of D and the threshold split (public values). The
       optimizer's noise is never seeded here.
 
@@ -235,7 +237,7 @@ def audit_mechanism(
     scores_d_prime.append(trial(step_d_prime))
   test = _stats.threshold_epsilon_lower_bound(
       scores_d, scores_d_prime, delta=delta, confidence=confidence,
-      selection_fraction=selection_fraction, seed=seed)
+      selection_fraction=selection_fraction, seed=seed, threshold=threshold)
   return MechanismAudit(
       epsilon_lower_bound=test.epsilon_lower_bound, claimed_epsilon=claimed,
       claimed_epsilon_pld=claimed_pld, delta=delta, confidence=confidence,

@@ -152,7 +152,8 @@ def _bound_at(scores_d, scores_d_prime, threshold, delta, confidence):
 def threshold_epsilon_lower_bound(
     scores_d: Sequence[float], scores_d_prime: Sequence[float], *,
     delta: float, confidence: float = 0.95, selection_fraction: float = 0.1,
-    seed: Optional[int] = 0) -> ThresholdAudit:
+    seed: Optional[int] = 0,
+    threshold: Optional[float] = None) -> ThresholdAudit:
   """Epsilon lower bound of the test "score > t means D'" (t chosen fairly).
 
   The threshold is chosen on a held-out split: a random
@@ -174,6 +175,9 @@ def threshold_epsilon_lower_bound(
     confidence: e.g. 0.95.
     selection_fraction: share of each side used to choose t, in (0, 1).
     seed: seeds the split (public; it does not affect validity).
+    threshold: a threshold fixed before the trials were run (e.g. from the
+      claimed mechanism's distributions); then no split is made and every
+      trial is counted.
 
   Returns:
     A ``ThresholdAudit``.
@@ -188,6 +192,8 @@ def threshold_epsilon_lower_bound(
     V.fail("scores", (len(s0), len(s1)), "at least 4 trials per side")
   if not (np.all(np.isfinite(s0)) and np.all(np.isfinite(s1))):
     V.fail("scores", "non-finite", "finite attack scores")
+  if threshold is not None:
+    return _bound_at(s0, s1, float(threshold), delta, confidence)
   rng = np.random.default_rng(seed)
   s0, s1 = rng.permutation(s0), rng.permutation(s1)
   k0 = max(1, int(len(s0) * selection_fraction))

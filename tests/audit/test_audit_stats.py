@@ -84,3 +84,13 @@ def test_one_run_bound_is_sound_for_randomized_response():
   over = [audit.one_run_epsilon_lower_bound(
       m, m, int(rng.binomial(m, p)), delta=0.0) > eps for _ in range(200)]
   assert np.mean(over) <= 0.08
+
+
+def test_fixed_threshold_counts_every_trial():
+  s0, s1 = _gaussian_scores(400, 1.0, 3)
+  fixed = audit.threshold_epsilon_lower_bound(s0, s1, delta=1e-5,
+                                              threshold=1.5)
+  assert fixed.negatives == 400 and fixed.positives == 400
+  assert fixed.false_positives == int((s0 > 1.5).sum())
+  split = audit.threshold_epsilon_lower_bound(s0, s1, delta=1e-5)
+  assert split.negatives == 360
