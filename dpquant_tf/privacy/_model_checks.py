@@ -208,9 +208,32 @@ class _GraphWrites:
     return out
 
 
+def _attribute_variables(layer) -> List[tf.Variable]:
+  """tf.Variables a layer holds outside its weights (e.g. stateful RNN states)."""
+  found, stack = [], [(v, 0) for v in vars(layer).values()]
+  while stack:
+    value, depth = stack.pop()
+    if isinstance(value, tf.Variable):
+      found.append(value)
+    elif depth < 2 and isinstance(value, (list, tuple)):
+      stack.extend((v, depth + 1) for v in value)
+    elif depth < 2 and isinstance(value, dict):
+      stack.extend((v, depth + 1) for v in value.values())
+  return found
+
+
+def _layer_variables(layer) -> List[tf.Variable]:
+  return list(layer.variables) + _attribute_variables(layer)
+
+
 def _assigned_variables(model, signature) -> List[tf.Variable]:
-  """Variables of `model` that `model(x, training=True)` assigns (any of them)."""
-  variables = {id(v.handle): v for v in model.variables if hasattr(v, "handle")}
+  """Variables of `model` that `model(x, training=True)` assigns (any of them).
+
+  Weights (trainable or not) and variables its layers hold in attributes
+  (stateful RNN states) count.
+  """
+  variables = {id(v.handle): v for layer in _all_layers(model)
+               for v in _layer_variables(layer) if hasattr(v, "handle")}
   if not variables:
     return []
   # Tapping layers record their last call's tensors; the check may run in
@@ -240,7 +263,7 @@ def _owners(model) -> Dict[int, tf.keras.layers.Layer]:
   """id(variable) -> the innermost layer that holds it."""
   owners = {}
   for layer in _all_layers(model):
-    for var in layer.variables:
+    for var in _layer_variables(layer):
       owners[id(var)] = layer
   return owners
 

@@ -133,3 +133,13 @@ def test_check_inside_a_step_keeps_the_fast_path_taps():
     return all(a is l.tap_output for a, l in zip(taps, model.layers))
 
   assert bool(step())
+
+
+def test_stateful_rnn_states_are_refused():
+  """RNN states are not weights, but a stateful RNN assigns them from the batch."""
+  inp = tf.keras.Input((4, 2), batch_size=2)
+  stateful = tf.keras.Model(inp, L.SimpleRNN(3, stateful=True, name="srnn")(inp))
+  problems = dpquant_tf.validate_model(stateful, strict=False)
+  assert len(problems) == 1 and "'srnn'" in problems[0]
+  stateless = tf.keras.Model(inp, L.SimpleRNN(3)(inp))
+  assert dpquant_tf.validate_model(stateless) == []
