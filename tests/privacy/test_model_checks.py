@@ -143,3 +143,20 @@ def test_stateful_rnn_states_are_refused():
   assert len(problems) == 1 and "'srnn'" in problems[0]
   stateless = tf.keras.Model(inp, L.SimpleRNN(3)(inp))
   assert dpquant_tf.validate_model(stateless) == []
+
+
+def test_fit_refuses_the_running_mean_layer_before_any_step():
+  """Through compile/fit: the optimizer runs the check itself."""
+  model = _running_mean_model()
+  before = [w.copy() for w in model.get_weights()]
+  model.compile(
+      optimizer=dpquant_tf.DPQuantOptimizer(
+          l2_norm_clip=1.0, noise_multiplier=1.0, learning_rate=0.1,
+          sampling_probability=0.5),
+      loss=tf.keras.losses.SparseCategoricalCrossentropy(
+          from_logits=True, reduction=tf.keras.losses.Reduction.NONE))
+  x = np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32)
+  with pytest.raises(ValueError, match="rm.*batch_mean"):
+    model.fit(x, np.zeros(8, np.int32), batch_size=4, epochs=1, verbose=0)
+  for a, b in zip(model.get_weights(), before):
+    np.testing.assert_array_equal(a, b)   # the batch mean never left the step
