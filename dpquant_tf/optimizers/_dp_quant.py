@@ -314,7 +314,20 @@ class _DPQuantMixin(_state.DPStateMixin):
       return self._clip_quantize_sum(taps.per_example_gradients())
 
     def plain():
-      summed, _ = taps.clipped_sum(self.l2_norm_clip_var)
+      clip = self.l2_norm_clip_var
+      summed, _ = taps.clipped_sum(clip)
+      # Safety net for invariant 9: a sum that is not finite means some
+      # layer's clipped sum let a non-finite example through (0 * NaN).
+      # Recompute that step from materialized per-example gradients, where
+      # clip_per_example selects such examples away (rare: runs only then).
+      finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(t))
+                              for t in summed])
+
+      def materialized():
+        grads = M.clip_per_example(taps.per_example_gradients(), clip)
+        return [tf.reduce_sum(g, axis=0) for g in grads]
+
+      summed = tf.cond(finite, lambda: list(summed), materialized)
       return summed, tf.constant(1.0, tf.float64)
 
     return tf.cond(quant_on, quantized, plain)

@@ -24,17 +24,19 @@ def _data():
           rng.integers(0, 3, size=N))
 
 
-def _model(tapped):
+def _model(tapped, norm=False):
   tf.keras.utils.set_random_seed(0)
   model = tf.keras.Sequential([
-      tf.keras.layers.Dense(5, activation="tanh", input_shape=(6,)),
-      tf.keras.layers.Dense(3)])
+      tf.keras.layers.Dense(5, activation="tanh", input_shape=(6,))] + (
+          [tf.keras.layers.LayerNormalization()] if norm else []) + [
+              tf.keras.layers.Dense(3)])
   return perexample.tap_model(model) if tapped else model
 
 
-def _step(x, y, *, tapped, method="auto", bits=None, weights=None):
+def _step(x, y, *, tapped, method="auto", bits=None, weights=None,
+          norm=False):
   """Weights after one fit step; noise 0, fixed normalizer (8 examples)."""
-  model = _model(tapped)
+  model = _model(tapped, norm)
   opt = DPQuantOptimizer(0.5, 0.0, learning_rate=0.5, expected_batch_size=8.0,
                          gradient_bits=bits, per_example_method=method,
                          seed=0)
@@ -58,17 +60,20 @@ def test_clip_per_example_zeroes_non_finite_examples_exactly():
   assert norm0 == pytest.approx(1.0, rel=1e-6)
 
 
-@pytest.mark.parametrize("bits", [None, 24], ids=["ghost_sum", "quantized"])
-def test_nan_example_contributes_zero_on_the_fast_path(bits):
-  """Quantization off: the ghost-norm clipped sum; on: materialized
-  per-example gradients, quantized (24 bits: grid finer than the tolerance)."""
+@pytest.mark.parametrize("bits, norm", [(None, False), (None, True),
+                                        (24, False)],
+                         ids=["ghost_sum", "materialized_sum", "quantized"])
+def test_nan_example_contributes_zero_on_the_fast_path(bits, norm):
+  """Quantization off: the clipped sum (ghost norms for Dense, materialized
+  per-example sums for LayerNormalization); on: materialized per-example
+  gradients, quantized (24 bits: grid finer than the tolerance)."""
   x, y = _data()
   bad = x.copy()
   bad[BAD, 2] = np.nan
   keep = np.arange(N) != BAD
-  got = _step(bad, y, tapped=True, bits=bits)
-  want = _step(x[keep], y[keep], tapped=True, bits=bits)
-  before = [w.numpy() for w in _model(True).trainable_variables]
+  got = _step(bad, y, tapped=True, bits=bits, norm=norm)
+  want = _step(x[keep], y[keep], tapped=True, bits=bits, norm=norm)
+  before = [w.numpy() for w in _model(True, norm).trainable_variables]
   for g, w, b in zip(got, want, before):
     assert np.isfinite(g).all()
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
