@@ -31,11 +31,12 @@ lists, one line each:
 """
 
 import weakref
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, List, Set, Tuple
 
 import tensorflow as tf
 
 from dpquant_tf import _layer_kinds
+from dpquant_tf import _validation
 
 __all__ = ["UnsupportedModelError", "check_model_privacy",
            "model_privacy_problems"]
@@ -340,8 +341,8 @@ def model_privacy_problems(model, *, input_signature=None) -> List[str]:
   Returns:
     The problems, one line each, in layer order (state updates last).
   """
-  if not isinstance(model, tf.keras.layers.Layer):
-    raise TypeError(f"Expected model={model!r} to be a tf.keras model.")
+  _validation.check_type("model", model, tf.keras.layers.Layer,
+                         "a tf.keras model")
   problems, skip = _class_problems(model)
   signature = input_signature if input_signature is not None else (
       _input_signature(model))
