@@ -91,7 +91,7 @@ def linear_probe_model(dims: int) -> tf.keras.Model:
 def _batches(dims, batch_size, clip, canary_norm, seed):
   rng = np.random.default_rng(seed)
   base = np.zeros((batch_size, dims), np.float32)
-  base[:, 1:] = rng.normal(size=(batch_size, dims - 1)) * clip
+  base[:, 1:] = rng.standard_normal(size=(batch_size, dims - 1)) * clip
   canary = np.zeros((1, dims), np.float32)
   canary[0, 0] = canary_norm * clip
   return tf.constant(base), tf.constant(np.concatenate([base, canary]))

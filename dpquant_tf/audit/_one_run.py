@@ -124,10 +124,10 @@ def audit_one_run(
               high=m)
   start = time.perf_counter()
   rng = np.random.default_rng(seed)
-  centers = rng.normal(size=(classes, dims))
+  centers = rng.standard_normal(size=(classes, dims))
   y_data = rng.integers(0, classes, size=data_size)
-  x_data = centers[y_data] + rng.normal(size=(data_size, dims))
-  x_can = rng.normal(size=(m, dims)) * 2.0
+  x_data = centers[y_data] + rng.standard_normal(size=(data_size, dims))
+  x_can = rng.standard_normal(size=(m, dims)) * 2.0
   y_can = rng.integers(0, classes, size=m)
   included = rng.random(m) < 0.5
   x = np.concatenate([x_data, x_can[included]]).astype(np.float32)
