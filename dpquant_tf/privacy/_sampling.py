@@ -72,6 +72,12 @@ def poisson_max_batch_size(dataset_size: int, sampling_rate: float,
   return int(min(n, stats.binom.isf(p, n, q) + 1))
 
 
+def _zero_rows(t, keep):
+  """`t` with the rows where `keep` is False replaced by zeros."""
+  keep = tf.reshape(keep, [-1] + [1] * (t.shape.rank - 1))
+  return tf.where(keep, t, tf.zeros_like(t))
+
+
 def poisson_dataset(x, y, sampling_rate: float,
                     max_batch_size: Optional[int] = None, *,
                     steps: Optional[int] = None, seed: Optional[int] = None
@@ -124,8 +130,12 @@ def poisson_dataset(x, y, sampling_rate: float,
       pad = max_batch_size - count
     idx = tf.concat([idx, tf.zeros([pad], tf.int32)], axis=0)
     mask = tf.concat([tf.ones([count]), tf.zeros([pad])], axis=0)
-    xb = tf.gather(x_t, idx)
-    yb = tf.gather(y_t, idx)
+    # Padding rows hold zeros, not a copy of example 0: whatever example 0
+    # holds (a NaN, an outlier), a padded row is a fixed public input with
+    # mask weight 0, so it contributes exactly zero on every path.
+    real = tf.range(max_batch_size) < count
+    xb = _zero_rows(tf.gather(x_t, idx), real)
+    yb = _zero_rows(tf.gather(y_t, idx), real)
     xb = tf.ensure_shape(xb, [max_batch_size] + list(x.shape[1:]))
     yb = tf.ensure_shape(yb, [max_batch_size] + list(y.shape[1:]))
     mask = tf.ensure_shape(mask, [max_batch_size])
