@@ -36,14 +36,17 @@ _LOSS = tf.keras.losses.SparseCategoricalCrossentropy(
     from_logits=True, reduction=tf.keras.losses.Reduction.NONE)
 
 
-def _both(model, x, y, m, jit=False, chunk_size=None):
-  """(fast, jacobian) per-microbatch gradients in one traced function."""
+def _both(model, x, y, m, jit=False, chunk_size=None, jacobian=True):
+  """(fast, jacobian) per-microbatch gradients in one traced function
+  (jacobian None when `jacobian` is False)."""
   @tf.function(jit_compile=jit)
   def f():
     with tf.GradientTape(persistent=True) as tape:
       loss = _LOSS(y, model(x, training=True))
     fast = pe.per_example_gradients(loss, model.trainable_variables, tape, m,
                                     chunk_size=chunk_size)
+    if not jacobian:
+      return fast, None
     slow = pe.jacobian_gradients(loss, model.trainable_variables, tape, m)
     return fast, slow
   return f()
@@ -115,8 +118,12 @@ def test_layer_matches_jacobian(name, m):
   tf.keras.utils.set_random_seed(1)
   model = pe.tap_model(_model(layer_fn, shape))
   x, y = _data(shape)
-  fast, slow = _both(model, x, y, m)
-  if name in _JACOBIAN_BROKEN:
+  # TF 2.21's pfor jacobian of a grouped conv is wrong on some CPUs and
+  # fails outright (Conv2DBackpropFilter filter_size) on others: the
+  # reference there is one backward pass per microbatch.
+  broken = name in _JACOBIAN_BROKEN
+  fast, slow = _both(model, x, y, m, jacobian=not broken)
+  if broken:
     slow = _loop_reference(model, x, y, m)
   _assert_close(fast, slow)
 
