@@ -227,14 +227,26 @@ def _layer_variables(layer) -> List[tf.Variable]:
   return list(layer.variables) + _attribute_variables(layer)
 
 
+def _handles(var) -> List[tf.Tensor]:
+  """Resource handles of a variable: each component's for a distributed
+  (mirrored) variable, whose own ``.handle`` exists only in replica context."""
+  components = getattr(var, "values", None)
+  if isinstance(components, (list, tuple)) and components:
+    return [h for c in components for h in _handles(c)]
+  try:
+    return [var.handle]
+  except (AttributeError, ValueError):
+    return []
+
+
 def _assigned_variables(model, signature) -> List[tf.Variable]:
   """Variables of `model` that `model(x, training=True)` assigns (any of them).
 
   Weights (trainable or not) and variables its layers hold in attributes
   (stateful RNN states) count.
   """
-  variables = {id(v.handle): v for layer in _all_layers(model)
-               for v in _layer_variables(layer) if hasattr(v, "handle")}
+  variables = {id(h): v for layer in _all_layers(model)
+               for v in _layer_variables(layer) for h in _handles(v)}
   if not variables:
     return []
   # Tapping layers record their last call's tensors; the check may run in
@@ -289,7 +301,7 @@ def _state_problems(model, skip: Set[int], signature) -> List[str]:
       per_layer.setdefault(id(layer), (layer, []))[1].append(var.name)
   return [
       f"layer {layer.name!r} ({type(layer).__name__}): its state "
-      f"{sorted(names)} is assigned during a training forward pass, a "
+      f"{sorted(set(names))} is assigned during a training forward pass, a "
       "noise-free function of the private batch that would be released with "
       "the model (like BatchNorm's running statistics); only the DP optimizer "
       "may change weights: compute such state outside training, from public "
