@@ -271,7 +271,8 @@ def _input_pipeline(cfg: TrainConfig, ds, *, batch: int, q: float, estimator,
             .shuffle(n, seed=cfg.seed).batch(batch))
     ledger = privacy.PrivacyLedger() if estimator is not None else None
     return data, int(math.ceil(n / batch)), ledger, 0.0
-  steps_per_epoch = max(1, int(round(1.0 / q)))
+  # The library's one definition of an epoch's steps (calibration uses it).
+  steps_per_epoch = privacy.steps_per_epoch(n, q)
   ledger = privacy.PrivacyLedger(sampling_method=privacy.SamplingMethod.POISSON,
                                  dataset_size=n)
   analyses = ([(estimator.dp_event(), _num_analyses(cfg, policy))]
@@ -354,7 +355,6 @@ def _callbacks(cfg: TrainConfig, policy, ledger, estimator) -> Tuple[list, Any]:
         policy, ledger=ledger, estimator=estimator,
         delta=cfg.delta if cfg.dp else None,
         base_config=base_layer_config(cfg.format), seed=cfg.seed)
-    distribute.check_scheduler(scheduler)  # same plan on every worker
     callbacks.append(scheduler)
   if cfg.dp:
     from dpquant_tf import privacy  # pylint: disable=g-import-not-at-top
