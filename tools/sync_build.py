@@ -47,7 +47,18 @@ _TEST_SIZES: Dict[str, str] = {
     "tests/schedule/test_schedule_scheduler.py": "large",
 }
 # Extra tags per test file (every test is also tagged with its area).
-_TEST_TAGS: Dict[str, List[str]] = {}
+# "ci_smoke": the test targets .ci/run runs through Bazel (it builds every
+# target, and pytest already runs every test file); `make bazel-test` runs all.
+_TEST_TAGS: Dict[str, List[str]] = {
+    path: ["ci_smoke"] for path in (
+        "tests/test_architecture.py",
+        "tests/test_build_files.py",
+        "tests/audit/test_audit_stats.py",
+        "tests/privacy/test_accountant_conformance.py",
+        "tests/privacy/test_core_noise_key.py",
+        "tests/privacy/test_privacy_mechanisms.py",
+    )
+}
 
 
 def _rel(path: str) -> str:

@@ -92,6 +92,7 @@ def _train(**kwargs):
 SEEDS = dict(research_noise_seed=11, research_sampling_seed=22)
 
 
+@pytest.mark.slow  # two trainings (about 55 s on 2 cores); make test-all
 def test_paired_runs_share_poisson_batches(capsys):
   fp32 = _train(policy="none", **SEEDS)
   quantized = _train(policy="static", ratio=0.5, **SEEDS)
