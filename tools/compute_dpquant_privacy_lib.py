@@ -4,7 +4,7 @@ Two directions:
 
 * epsilon for a planned run: N, expected batch size B, noise multiplier z,
   epochs, delta, and a plan of loss-sensitivity analyses (one
-  ``PoissonSampledDpEvent(q_a, GaussianDpEvent(sigma_a))`` every
+  ``sampled_gaussian_event(q_a, sigma_a)`` every
   ``analysis_period`` epochs, ceil(epochs / period) releases, as
   ``dpquant_tf.schedule`` records them);
 * the inverse: the noise multiplier for a target epsilon (bisection).

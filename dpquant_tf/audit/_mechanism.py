@@ -16,7 +16,7 @@ direction no example of D touches. D' = D + canary. Each trial takes one
 step (``steps_per_trial`` for the replay check) on D or D' with fresh noise;
 the score is the step's move along e_0 in units of C. Its claimed privacy is
 the ledger's epsilon for exactly one trial (one step at q = 1:
-``PoissonSampledDpEvent(1, GaussianDpEvent(z_eff))``, i.e. the Gaussian
+``sampled_gaussian_event(1, z_eff)``, i.e. the Gaussian
 mechanism), read from a ledger attached to the optimizer after the first
 trial.
 """

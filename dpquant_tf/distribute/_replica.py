@@ -130,7 +130,7 @@ def add_replica_noise(tensors: Sequence[tf.Tensor], *, stddev,
     tensors: the (clipped, summed) tensors this replica contributes.
     stddev: total noise std sigma * sensitivity (float or scalar tensor).
     generator: a `tf.random.Generator` created under the strategy's scope
-      (`from_non_deterministic_state()` unless a test seeds it).
+      (`privacy._random.make_generator`, OS entropy unless a test seeds it).
 
   Returns:
     The noised tensors, in order.

@@ -225,7 +225,7 @@ class DPStateMixin:
             tf.maximum(self._event_overflow, tf.cast(new[4], tf.int32))))
 
   def dp_events(self):
-    """``[(PoissonSampledDpEvent(q, GaussianDpEvent(z)), count), ...]``.
+    """``[(sampled_gaussian_event(q, z), count), ...]`` (privacy._events).
 
     Raises:
       EventTableOverflowError, UnknownSamplingProbabilityError.

@@ -75,7 +75,7 @@ class QuantizedLayer(_layers.Wrapper):
       (deterministic; for inference and tests).
     weight_scale: `ScaleMode.PER_CHANNEL` (default) or `ScaleMode.PER_TENSOR`.
     seed: None draws the rounding noise from
-      `tf.random.Generator.from_non_deterministic_state()`; an int seeds it.
+      `privacy._random.make_generator()` (OS entropy); an int seeds it.
     **kwargs: passed to `tf.keras.layers.Wrapper` (e.g. `name`).
   """
 

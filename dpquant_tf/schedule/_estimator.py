@@ -24,7 +24,7 @@ activation scales, METHOD.md invariant 1).
 The release is therefore the sampled Gaussian mechanism with sampling rate q_a
 and noise multiplier sigma_a; dividing by the public constant q_a * N is
 post-processing. Each release is recorded as
-``PoissonSampledDpEvent(q_a, GaussianDpEvent(sigma_a))``.
+``sampled_gaussian_event(q_a, sigma_a)`` (privacy._events).
 
 Reference: Gao et al., arXiv:2509.03472, section 4 and Proposition 2. The paper
 does not publish the estimator's details; the choices here (per-example
