@@ -27,10 +27,6 @@ class LayerKind(enum.Enum):
   EMBEDDING = "embedding"
   LAYER_NORM = "layer_norm"
   GROUP_NORM = "group_norm"
-  # Not a layer's kind (layer_kind never returns it): the group "Conv1D or
-  # Conv2D" that perexample/_ghost.py still compares with. Remove once it
-  # tests `kind in CONVS`.
-  CONV = "conv"
 
 
 CONVS = frozenset({LayerKind.CONV1D, LayerKind.CONV2D})

@@ -20,6 +20,7 @@ from typing import NamedTuple, Optional
 
 import tensorflow as tf
 
+from dpquant_tf import _layer_kinds
 from dpquant_tf.perexample import _registry
 from dpquant_tf.perexample import _rules
 
@@ -45,7 +46,7 @@ def ghost_operands(kind, layer, x, g) -> Optional[GhostOperands]:
     return GhostOperands(tf.reshape(x, [b, t, k_in]),
                          tf.reshape(g, [b, t, out]),
                          layer.kernel.shape.as_list())
-  if kind is _registry.LayerKind.CONV and (getattr(layer, "groups", 1) or 1) == 1:
+  if kind in _layer_kinds.CONVS and (getattr(layer, "groups", 1) or 1) == 1:
     x2, ks, st, dl, padding = _rules._conv_geometry(layer, x)  # pylint: disable=protected-access
     g2 = _rules._to_channels_last(layer, g)  # pylint: disable=protected-access
     if layer.rank == 1:

@@ -18,7 +18,6 @@ from typing import Callable, List, Optional, Sequence
 from absl import logging
 import tensorflow as tf
 
-from dpquant_tf import _layer_kinds
 from dpquant_tf import _validation
 from dpquant_tf.perexample import _ghost
 from dpquant_tf.perexample import _registry
@@ -313,9 +312,7 @@ class PerExampleTaps:
       per_role = _apply_rule(slot.kind, inner, x, g, m, self._chunk)
       return _materialized_part({i: per_role[role] for i, role in entries}, k)
 
-    kind = (_layer_kinds.LayerKind.CONV if slot.kind in _layer_kinds.CONVS
-            else slot.kind)
-    operands = _ghost.ghost_operands(kind, inner, x, g)
+    operands = _ghost.ghost_operands(slot.kind, inner, x, g)
     if operands is None:
       return materialized()
     if not (isinstance(self._n, int) and x.shape[0] == self._n):
