@@ -236,8 +236,12 @@ def _quantized_model(cfg: TrainConfig, ds):
     (model, layer infos, the all-off plan).
   """
   from dpquant_tf import quantization  # pylint: disable=g-import-not-at-top
-  model = quantization.quantize_model(
-      dp_models.build_model(cfg.model, ds.input_shape, ds.num_classes))
+  from dpquant_tf import perexample  # pylint: disable=g-import-not-at-top
+  # quantize_model wraps the quantizable layers (they tap); tap_model wraps the
+  # remaining layers with weights that have a per-example rule (GroupNorm in
+  # the ResNets), so no variable falls back to the jacobian.
+  model = perexample.tap_model(quantization.quantize_model(
+      dp_models.build_model(cfg.model, ds.input_shape, ds.num_classes)))
   layers = quantization.quantizable_layers(model)
   all_off = quantization.QuantPlan.select(
       [l.name for l in layers], [], config=base_layer_config(cfg.format))
