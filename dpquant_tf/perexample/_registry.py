@@ -16,9 +16,11 @@ import threading
 import weakref
 from typing import Dict, NamedTuple, Optional
 
+import tensorflow as tf
+
 from dpquant_tf import _layer_kinds
 
-__all__ = ["LayerKind", "VarSlot", "kind_of", "register_tapped_layer",
+__all__ = ["LayerKind", "VarSlot", "kind_of", "record_tap", "register_tapped_layer",
            "registered_slots", "unregister_tapped_layer"]
 
 _LOCK = threading.Lock()
@@ -61,6 +63,25 @@ def register_tapped_layer(layer) -> None:
   """
   with _LOCK:
     _TAPPED.add(layer)
+
+
+def record_tap(layer, tap_input, tap_output) -> None:
+  """Records one call of a tapped layer: the one place taps are written.
+
+  Sets ``layer.tap_input`` / ``layer.tap_output`` and, while tracing, counts
+  the calls per graph in ``layer.tap_calls`` (a second call in one trace
+  makes the fast path fall back for that layer).
+
+  Args:
+    layer: a registered tapped layer (``QuantizedLayer`` or ``TappedLayer``).
+    tap_input: the tensor fed to the layer's linear op.
+    tap_output: the op's output ``z``.
+  """
+  layer.tap_input = tap_input
+  layer.tap_output = tap_output
+  if not tf.executing_eagerly():
+    graph = tf.compat.v1.get_default_graph()
+    layer.tap_calls[graph] = layer.tap_calls.get(graph, 0) + 1
 
 
 def unregister_tapped_layer(layer) -> None:

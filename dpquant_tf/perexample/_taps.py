@@ -62,11 +62,7 @@ class TappedLayer(tf.keras.layers.Wrapper):
     if getattr(self.layer, "padding", None) == "causal":
       # The op sees the left-padded input; the rule expects that tensor.
       inputs = tf.pad(inputs, self.layer._compute_causal_padding(inputs))  # pylint: disable=protected-access
-    self.tap_input = inputs
-    self.tap_output = z
-    if not tf.executing_eagerly():
-      graph = tf.compat.v1.get_default_graph()
-      self.tap_calls[graph] = self.tap_calls.get(graph, 0) + 1
+    _registry.record_tap(self, inputs, z)
     return self.activation(z) if self.activation is not None else z
 
   def compute_output_shape(self, input_shape):

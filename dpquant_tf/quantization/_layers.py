@@ -224,11 +224,7 @@ class QuantizedLayer(_layers.Wrapper):
     if not tf.executing_eagerly() and self.kind in (LayerKind.CONV1D,
                                                      LayerKind.CONV2D):
       z.set_shape(layer.compute_output_shape(inputs.shape))
-    self.tap_input = qx
-    self.tap_output = z
-    if not tf.executing_eagerly():
-      graph = tf.compat.v1.get_default_graph()
-      self.tap_calls[graph] = self.tap_calls.get(graph, 0) + 1
+    _perexample_registry.record_tap(self, qx, z)
     out = self._backward_quantizer(z, bwd_on)
     if layer.activation is not None:
       out = layer.activation(out)
