@@ -3,6 +3,8 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.dpquant_installed
+# pytest-xdist workers for `make test` / `make test-all` (TEST_WORKERS=0 runs serially).
+TEST_WORKERS ?= 2
 
 .PHONY: demo test test-all bazel-test check-python clean
 
@@ -22,11 +24,11 @@ demo: $(STAMP)
 
 ## The default (fast) test suite.
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow" tests
+	$(PY) -m pytest -n $(TEST_WORKERS) -m "not slow" tests
 
 ## Every test, slow end-to-end ones included.
 test-all: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n $(TEST_WORKERS) tests
 
 ## Bazel build and tests (needs Bazel; offline: apt-get install -y bazel-bootstrap).
 bazel-test: $(STAMP)
