@@ -1,7 +1,8 @@
 """Empirical privacy auditing: lower bounds on the epsilon training leaks.
 
 * Statistics (pure functions): ``clopper_pearson``, ``epsilon_from_rates``,
-  ``threshold_epsilon_lower_bound``, ``one_run_p_value``,
+  ``threshold_epsilon_lower_bound``,
+  ``pooled_threshold_epsilon_lower_bound``, ``one_run_p_value``,
   ``one_run_epsilon_lower_bound``.
 * ``audit_mechanism``: white-box audit of one DP optimizer step on
   neighbouring batches, many trials (docs/AUDIT.md).
@@ -23,12 +24,15 @@ from dpquant_tf.audit._stats import clopper_pearson
 from dpquant_tf.audit._stats import epsilon_from_rates
 from dpquant_tf.audit._stats import one_run_epsilon_lower_bound
 from dpquant_tf.audit._stats import one_run_p_value
+from dpquant_tf.audit._stats import pooled_threshold_epsilon_lower_bound
+from dpquant_tf.audit._stats import PooledThresholdAudit
 from dpquant_tf.audit._stats import threshold_epsilon_lower_bound
 from dpquant_tf.audit._stats import ThresholdAudit
 
 __all__ = [
     "MechanismAudit",
     "OneRunAudit",
+    "PooledThresholdAudit",
     "ThresholdAudit",
     "audit_checkpoint_replay",
     "audit_mechanism",
@@ -38,5 +42,6 @@ __all__ = [
     "linear_probe_model",
     "one_run_epsilon_lower_bound",
     "one_run_p_value",
+    "pooled_threshold_epsilon_lower_bound",
     "threshold_epsilon_lower_bound",
 ]

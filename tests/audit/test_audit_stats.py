@@ -94,3 +94,71 @@ def test_fixed_threshold_counts_every_trial():
   assert fixed.false_positives == int((s0 > 1.5).sum())
   split = audit.threshold_epsilon_lower_bound(s0, s1, delta=1e-5)
   assert split.negatives == 360
+
+
+def _pooled_coverage(n, p1, p2, confidence):
+  """Exact P[average rate <= pooled Clopper-Pearson upper bound]."""
+  pmf = np.convolve(stats.binom.pmf(np.arange(n + 1), n, p1),
+                    stats.binom.pmf(np.arange(n + 1), n, p2))
+  ub = np.array([audit.clopper_pearson(k, 2 * n, confidence)[1]
+                 for k in range(2 * n + 1)])
+  return float(pmf[ub >= (p1 + p2) / 2].sum())
+
+
+def test_pooled_clopper_pearson_keeps_its_level_for_two_binomials():
+  # Hoeffding (1956) Thm. 4: the pooled count of two binomials with rates
+  # p1 != p2 is less spread than Binomial(2n, mean); the one-sided upper
+  # bound at 0.975 must cover the mean with probability >= 0.975, edges
+  # (rates near 0 and 1, very unequal rates) included.
+  grid = [0.0, 1e-4, 0.01, 0.1, 0.3, 0.5, 0.9, 0.99, 0.999, 1.0]
+  worst = min(_pooled_coverage(n, p1, p2, 0.95)
+              for n in (5, 40) for p1 in grid for p2 in grid)
+  assert worst >= 0.975 - 1e-9
+  # Power of the check: a bound that ignores the pooling (n, not 2n trials
+  # counted as 2n) is caught by the same computation.
+  pmf = stats.binom.pmf(np.arange(41), 40, 0.3)
+  narrow = np.array([audit.clopper_pearson(k, 40, 0.5)[1] for k in range(41)])
+  assert pmf[narrow >= 0.3].sum() < 0.975
+
+
+def test_hoeffding_condition_fails_only_within_028_over_n_of_one():
+  # The edge case the docstring of pooled_threshold_epsilon_lower_bound
+  # states: k* <= N p - 2 holds unless N (1 - p) < 0.28 (alpha = 0.025).
+  for n_total in (8, 80, 2000):
+    for p in np.linspace(0.001, 0.999, 500):
+      cdf = stats.binom.cdf(np.arange(n_total + 1), n_total, p)
+      below = np.nonzero(cdf < 0.025)[0]
+      if len(below) and below.max() > n_total * p - 2:
+        assert n_total * (1 - p) < 0.28
+
+
+def test_pooled_bound_is_sound_and_tighter_on_gaussian_scores():
+  # Gaussian mechanism, z = 1: the pooled bound stays below the tight (PLD)
+  # epsilon at every seed, and on average beats the one-tailed bound at the
+  # same fixed threshold (it counts twice the trials).
+  acc = dp_accounting.pld.PLDAccountant()
+  acc.compose(dp_accounting.GaussianDpEvent(1.0))
+  eps_true = acc.get_epsilon(1e-5)
+  pooled, single = [], []
+  for s in range(20):
+    s0, s1 = _gaussian_scores(3000, 1.0, 100 + s)
+    res = audit.pooled_threshold_epsilon_lower_bound(
+        s0, s1, delta=1e-5, threshold=2.5, mirror_threshold=-1.5)
+    pooled.append(res.epsilon_lower_bound)
+    single.append(audit.threshold_epsilon_lower_bound(
+        s0, s1, delta=1e-5, threshold=2.5).epsilon_lower_bound)
+    assert res.trials == 6000
+    assert res.false_positives == int((s0 > 2.5).sum() + (s1 < -1.5).sum())
+  assert max(pooled) <= eps_true
+  assert np.mean(pooled) > np.mean(single) + 0.05
+  split = audit.pooled_threshold_epsilon_lower_bound(
+      *_gaussian_scores(3000, 1.0, 7), delta=1e-5)
+  assert 1.0 < split.epsilon_lower_bound <= eps_true
+  assert split.trials == 2 * 2700
+  # Power: a 10x less noisy mechanism is flagged against the z = 1 claim.
+  big = audit.pooled_threshold_epsilon_lower_bound(
+      *_gaussian_scores(500, 10.0, 0), delta=1e-5)
+  assert big.epsilon_lower_bound > eps_true
+  with pytest.raises(ValueError, match="same number"):
+    audit.pooled_threshold_epsilon_lower_bound([0.0] * 5, [1.0] * 6,
+                                               delta=1e-5)
