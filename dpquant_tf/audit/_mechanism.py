@@ -19,6 +19,12 @@ the ledger's epsilon for exactly one trial (one step at q = 1:
 ``sampled_gaussian_event(1, z_eff)``, i.e. the Gaussian
 mechanism), read from a ledger attached to the optimizer after the first
 trial.
+
+The bound reported is, by default, the pooled two-tailed test
+(``pooled_threshold_epsilon_lower_bound``: "score > t means D'" and its
+mirror "score < t' means D", counts pooled over both sides); the one-tailed
+test is reported beside it. The statistic is chosen before the trials
+(argument ``statistic``), so the reported bound keeps its confidence.
 """
 
 import dataclasses
@@ -43,13 +49,19 @@ class MechanismAudit:
   """Result of ``audit_mechanism``.
 
   Attributes:
-    epsilon_lower_bound: empirical lower bound at `confidence`.
+    epsilon_lower_bound: empirical lower bound at `confidence` of the
+      statistic chosen in advance (``statistic``).
     claimed_epsilon: the ledger's epsilon for one trial (its accountant).
     claimed_epsilon_pld: the same events under PLD accounting (tight for a
       single Gaussian step); None for z < 0.5.
     delta, confidence: of the bound.
     trials: trials per side.
-    test: the ``ThresholdAudit`` (threshold, error counts, bounds).
+    test: the one-tailed ``ThresholdAudit`` (threshold, error counts,
+      bounds).
+    pooled: the pooled two-tailed ``PooledThresholdAudit`` (None for audits
+      that report only the one-tailed test, e.g. the checkpoint audit).
+    statistic: "pooled" or "one_tailed", the one `epsilon_lower_bound`
+      reports.
     wall_s: seconds.
   """
   epsilon_lower_bound: float
@@ -60,6 +72,8 @@ class MechanismAudit:
   trials: int
   test: _stats.ThresholdAudit
   wall_s: float
+  pooled: Optional[_stats.PooledThresholdAudit] = None
+  statistic: str = "one_tailed"
 
   @property
   def violated(self) -> bool:
@@ -106,6 +120,7 @@ def audit_mechanism(
     dims: int = 4, batch_size: int = 4, canary_norm: float = 2.0,
     steps_per_trial: int = 1, delta: float = 1e-5, confidence: float = 0.95,
     selection_fraction: float = 0.1, threshold: Optional[float] = None,
+    mirror_threshold: Optional[float] = None, statistic: str = "pooled",
     seed: int = 0) -> MechanismAudit:
   """Audits one configuration of the DP optimizer step (white box).
 
@@ -130,6 +145,13 @@ def audit_mechanism(
     delta, confidence, selection_fraction, threshold: of the test
       (``threshold_epsilon_lower_bound``); scores are in units of C (the
       canary moves a correct step's score by 1).
+    mirror_threshold: t' of the mirrored test of the pooled statistic;
+      default ``1 - threshold`` when a threshold is given (the mirror image
+      about the midpoint of the claimed score distributions N(0, z^2) and
+      N(1, z^2)), else chosen on the selection split with t.
+    statistic: "pooled" (two-tailed, both sides pooled; default) or
+      "one_tailed": which bound ``epsilon_lower_bound`` reports. Both are
+      computed.
     seed: seeds the data of D and the threshold split (public values). The
       optimizer's noise is never seeded here.
 
@@ -137,6 +159,8 @@ def audit_mechanism(
     A ``MechanismAudit``.
   """
   trials = V.check_int("trials", trials, low=8)
+  if statistic not in ("pooled", "one_tailed"):
+    V.fail("statistic", statistic, "'pooled' or 'one_tailed'")
   dims = V.check_int("dims", dims, low=2)
   steps_per_trial = V.check_int("steps_per_trial", steps_per_trial, low=1,
                                 high=2)
@@ -238,7 +262,15 @@ def audit_mechanism(
   test = _stats.threshold_epsilon_lower_bound(
       scores_d, scores_d_prime, delta=delta, confidence=confidence,
       selection_fraction=selection_fraction, seed=seed, threshold=threshold)
+  if threshold is not None and mirror_threshold is None:
+    mirror_threshold = 1.0 - float(threshold)
+  pooled = _stats.pooled_threshold_epsilon_lower_bound(
+      scores_d, scores_d_prime, delta=delta, confidence=confidence,
+      threshold=threshold, mirror_threshold=mirror_threshold,
+      selection_fraction=selection_fraction, seed=seed)
+  chosen = pooled if statistic == "pooled" else test
   return MechanismAudit(
-      epsilon_lower_bound=test.epsilon_lower_bound, claimed_epsilon=claimed,
+      epsilon_lower_bound=chosen.epsilon_lower_bound, claimed_epsilon=claimed,
       claimed_epsilon_pld=claimed_pld, delta=delta, confidence=confidence,
-      trials=trials, test=test, wall_s=time.perf_counter() - start)
+      trials=trials, test=test, pooled=pooled, statistic=statistic,
+      wall_s=time.perf_counter() - start)

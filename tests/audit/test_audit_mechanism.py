@@ -80,3 +80,19 @@ def test_tightness_single_gaussian_step():
   result = audit.audit_mechanism(trials=20000, noise_multiplier=1.0, seed=0)
   assert not result.violated
   assert result.epsilon_lower_bound >= 0.5 * result.claimed_epsilon_pld
+
+
+def test_pooled_statistic_is_reported_beside_the_one_tailed():
+  # Fixed thresholds: the pooled test counts both sides (2n) with t' = 1 - t;
+  # epsilon_lower_bound reports the statistic chosen in advance.
+  pooled = audit.audit_mechanism(trials=30, noise_multiplier=1.0, seed=3,
+                                 threshold=1.5)
+  assert pooled.statistic == "pooled"
+  assert pooled.pooled.trials == 60 and pooled.pooled.mirror_threshold == -0.5
+  assert pooled.epsilon_lower_bound == pooled.pooled.epsilon_lower_bound
+  assert pooled.test.negatives == 30 and not pooled.violated
+  one = audit.audit_mechanism(trials=30, noise_multiplier=1.0, seed=3,
+                              threshold=1.5, statistic="one_tailed")
+  assert one.epsilon_lower_bound == one.test.epsilon_lower_bound
+  with pytest.raises(ValueError, match="statistic"):
+    audit.audit_mechanism(trials=30, statistic="max")
