@@ -12,6 +12,7 @@ from dpquant_tf.quantization._formats import Rounding
 from dpquant_tf.quantization._formats import ScaleMode
 from dpquant_tf.quantization._layers import LayerKind
 from dpquant_tf.quantization._layers import QuantizedLayer
+from dpquant_tf.quantization._model import execution_report
 from dpquant_tf.quantization._model import get_plan
 from dpquant_tf.quantization._model import LayerInfo
 from dpquant_tf.quantization._model import quantizable_layers
@@ -20,6 +21,9 @@ from dpquant_tf.quantization._model import quantized_layers
 from dpquant_tf.quantization._model import set_plan
 from dpquant_tf.quantization._plan import LayerQuantConfig
 from dpquant_tf.quantization._plan import QuantPlan
+from dpquant_tf.quantization._precision import hardware_accelerated
+from dpquant_tf.quantization._precision import Precision
+from dpquant_tf.quantization._precision import to_bfloat16
 from dpquant_tf.quantization._quantizers import example_axes
 from dpquant_tf.quantization._quantizers import quantization_scale
 from dpquant_tf.quantization._quantizers import quantize
@@ -32,6 +36,7 @@ __all__ = [
     "LayerInfo",
     "LayerKind",
     "LayerQuantConfig",
+    "Precision",
     "QuantFormat",
     "QuantPlan",
     "QuantizedLayer",
@@ -41,7 +46,9 @@ __all__ = [
     "example_axes",
     "fix_model",
     "format_levels",
+    "execution_report",
     "get_plan",
+    "hardware_accelerated",
     "layer_kind",
     "layer_macs",
     "quantizable_layers",
@@ -50,5 +57,6 @@ __all__ = [
     "quantize_model",
     "quantized_layers",
     "set_plan",
+    "to_bfloat16",
     "validate_model",
 ]

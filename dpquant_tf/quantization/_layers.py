@@ -19,6 +19,15 @@ convolution) and ``tap_output`` (``z`` before the backward-quantization
 identity and before the activation). ``layer`` is the wrapped Keras layer whose
 ``kernel``/``depthwise_kernel`` and ``bias`` are the variables used.
 
+Execution precision (``precision`` variable, a `Precision` id): the op
+itself runs in float32, in bfloat16 (inputs and kernel cast, stochastically
+rounded when ``rounding`` is stochastic; the backward pass through the casts
+runs in bfloat16 too; the output is cast back to float32 before the bias) or
+simulated FP8 E4M3. All branches are in the graph (``tf.switch_case``), so
+switching does not retrace, also under ``jit_compile``. The taps are float32
+(the bfloat16 input cast back): per-example norms, clipping and noise stay
+float32. A disabled layer runs in float32.
+
 Why not tfmot's ``quantize_apply``: its quantizers act on forward tensors only
 and cannot quantize the gradient at a layer's output, which DPQuant needs.
 """
@@ -32,8 +41,10 @@ from dpquant_tf import _validation
 from dpquant_tf.privacy import _random
 from dpquant_tf.perexample import _registry as _perexample_registry
 from dpquant_tf.quantization import _formats
+from dpquant_tf.quantization import _precision
 from dpquant_tf.quantization import _quantizers
 from dpquant_tf.quantization._formats import QuantFormat, Rounding, ScaleMode
+from dpquant_tf.quantization._precision import Precision
 
 _layers = tf.keras.layers
 
@@ -71,6 +82,8 @@ class QuantizedLayer(_layers.Wrapper):
       forward off).
     bwd_format, bwd_bits: format of the gradient at the layer output (bits 0:
       backward off).
+    precision: execution precision of the op while enabled (`Precision` or
+      ``"float32"``, ``"bf16"``, ``"fp8_e4m3"``; default float32).
     rounding: `Rounding.STOCHASTIC` (default, unbiased) or `Rounding.NEAREST`
       (deterministic; for inference and tests).
     weight_scale: `ScaleMode.PER_CHANNEL` (default) or `ScaleMode.PER_TENSOR`.
@@ -82,6 +95,7 @@ class QuantizedLayer(_layers.Wrapper):
   def __init__(self, layer, *, enabled=True,
                fwd_format=QuantFormat.INT4_SAWB, fwd_bits=4,
                bwd_format=QuantFormat.LUQ_FP4, bwd_bits=4,
+               precision=Precision.FLOAT32,
                rounding=Rounding.STOCHASTIC,
                weight_scale=ScaleMode.PER_CHANNEL, seed=None, **kwargs):
     kind = quantizable_kind(layer)
@@ -97,7 +111,9 @@ class QuantizedLayer(_layers.Wrapper):
     fwd_format, fwd_bits = _formats.check_format_bits("fwd", fwd_format, fwd_bits)
     bwd_format, bwd_bits = _formats.check_format_bits("bwd", bwd_format, bwd_bits)
     self._initial.update(fwd_format=fwd_format, fwd_bits=fwd_bits,
-                         bwd_format=bwd_format, bwd_bits=bwd_bits)
+                         bwd_format=bwd_format, bwd_bits=bwd_bits,
+                         precision=_precision.check_precision("precision",
+                                                              precision))
     self.rounding = _validation.check_enum("rounding", rounding, Rounding)
     self.weight_scale = _validation.check_enum("weight_scale", weight_scale,
                                                ScaleMode)
@@ -125,6 +141,7 @@ class QuantizedLayer(_layers.Wrapper):
     self.fwd_bits = var("fwd_bits", init["fwd_bits"], tf.int32)
     self.bwd_format = var("bwd_format", init["bwd_format"].id, tf.int32)
     self.bwd_bits = var("bwd_bits", init["bwd_bits"], tf.int32)
+    self.precision = var("precision", init["precision"].id, tf.int32)
     with tf.init_scope():
       self.generator = _random.make_generator(seed=self.seed)
     super().build(input_shape)
@@ -170,42 +187,72 @@ class QuantizedLayer(_layers.Wrapper):
 
   # -- the wrapped op (mirrors the Keras layers' call) -----------------------
 
-  def _op(self, x, kernel):
+  def _linear(self, x, kernel):
+    """The wrapped layer's op without the bias, in the dtype of its inputs."""
     layer, kind = self.layer, self.kind
     if kind == LayerKind.DENSE:
       rank = x.shape.rank
       if rank == 2 or rank is None:
-        z = tf.matmul(a=x, b=kernel)
-      else:
-        z = tf.tensordot(x, kernel, [[rank - 1], [0]])
-        if not tf.executing_eagerly():
-          z.set_shape(x.shape.as_list()[:-1] + [kernel.shape[-1]])
-      return tf.nn.bias_add(z, layer.bias) if layer.use_bias else z
+        return tf.matmul(a=x, b=kernel)
+      z = tf.tensordot(x, kernel, [[rank - 1], [0]])
+      if not tf.executing_eagerly():
+        z.set_shape(x.shape.as_list()[:-1] + [kernel.shape[-1]])
+      return z
     if kind == LayerKind.EINSUM_DENSE:
-      z = tf.einsum(layer.equation, x, kernel)
-      return z + layer.bias if layer.bias is not None else z
+      return tf.einsum(layer.equation, x, kernel)
     if kind == LayerKind.DEPTHWISE_CONV2D:
-      backend = tf.keras.backend
-      z = backend.depthwise_conv2d(
+      return tf.keras.backend.depthwise_conv2d(
           x, kernel, strides=layer.strides, padding=layer.padding,
           dilation_rate=layer.dilation_rate, data_format=layer.data_format)
-      if layer.use_bias:
-        z = backend.bias_add(z, layer.bias, data_format=layer.data_format)
-      return z
-    return self._conv_op(x, kernel)
-
-  def _conv_op(self, x, kernel):
-    layer = self.layer
     if layer.groups > 1:
-      z = layer._jit_compiled_convolution_op(x, tf.convert_to_tensor(kernel))  # pylint: disable=protected-access
-    else:
-      z = layer.convolution_op(x, kernel)
+      return layer._jit_compiled_convolution_op(x, tf.convert_to_tensor(kernel))  # pylint: disable=protected-access
+    return layer.convolution_op(x, kernel)
+
+  def _add_bias(self, z):
+    layer, kind = self.layer, self.kind
+    if kind == LayerKind.DENSE:
+      return tf.nn.bias_add(z, layer.bias) if layer.use_bias else z
+    if kind == LayerKind.EINSUM_DENSE:
+      return z + layer.bias if layer.bias is not None else z
+    if kind == LayerKind.DEPTHWISE_CONV2D:
+      if layer.use_bias:
+        z = tf.keras.backend.bias_add(z, layer.bias, data_format=layer.data_format)
+      return z
     if layer.use_bias:
       if layer.rank == 1 and layer._channels_first:  # pylint: disable=protected-access
         z += tf.reshape(layer.bias, (1, layer.filters, 1))
       else:
         z = tf.nn.bias_add(z, layer.bias, data_format=layer._tf_data_format)  # pylint: disable=protected-access
     return z
+
+  def _run_op(self, x, kernel, precision, weight_axes):
+    """Runs the op in the execution precision selected by ``precision``.
+
+    Returns:
+      (tap input, z): the float32 tensor fed to the op (the bfloat16 or FP8
+      values as float32) and the op's float32 output with the bias.
+    """
+    def float32():
+      return x, self._linear(x, kernel)
+
+    def bfloat16():
+      xb = _precision.to_bfloat16(x, rounding=self.rounding,
+                                  generator=self.generator)
+      kb = _precision.to_bfloat16(kernel, rounding=self.rounding,
+                                  generator=self.generator)
+      return tf.cast(xb, tf.float32), tf.cast(self._linear(xb, kb), tf.float32)
+
+    def fp8_simulated():
+      fmt = tf.constant(QuantFormat.FP8_E4M3.id, tf.int32)
+      bits = tf.constant(8, tf.int32)
+      x8 = self._quantize(x, fmt, bits, _quantizers.example_axes(x))
+      k8 = self._quantize(kernel, fmt, bits, weight_axes)
+      x8, k8 = _straight_through(x, kernel, tf.stop_gradient(x8),
+                                 tf.stop_gradient(k8))
+      return x8, self._linear(x8, k8)
+
+    tap_x, z = tf.switch_case(precision, [float32, bfloat16, fp8_simulated])
+    return tap_x, self._add_bias(z)
 
   def call(self, inputs, training=None):  # pylint: disable=unused-argument
     layer = self.layer
@@ -218,13 +265,15 @@ class QuantizedLayer(_layers.Wrapper):
     fwd_on = tf.logical_and(enabled, self.fwd_bits > 0)
     bwd_on = tf.logical_and(enabled, self.bwd_bits > 0)
     kernel = kernel_of(layer)
+    weight_axes = self._weight_axes(kernel)
     qx, qk = self._fake_quant(x, tf.convert_to_tensor(kernel), fwd_on,
-                              self._weight_axes(kernel))
-    z = self._op(qx, qk)
+                              weight_axes)
+    precision = tf.where(enabled, tf.convert_to_tensor(self.precision), 0)
+    tap_x, z = self._run_op(qx, qk, precision, weight_axes)
     if not tf.executing_eagerly() and self.kind in (LayerKind.CONV1D,
                                                      LayerKind.CONV2D):
       z.set_shape(layer.compute_output_shape(inputs.shape))
-    _perexample_registry.record_tap(self, qx, z)
+    _perexample_registry.record_tap(self, tap_x, z)
     out = self._backward_quantizer(z, bwd_on)
     if layer.activation is not None:
       out = layer.activation(out)
@@ -243,7 +292,30 @@ class QuantizedLayer(_layers.Wrapper):
         fwd_format=QuantFormat(int(self.fwd_format.numpy())),
         fwd_bits=int(self.fwd_bits.numpy()),
         bwd_format=QuantFormat(int(self.bwd_format.numpy())),
-        bwd_bits=int(self.bwd_bits.numpy()))
+        bwd_bits=int(self.bwd_bits.numpy()),
+        precision=Precision(int(self.precision.numpy())))
+
+  def execution(self):
+    """How the layer runs with its current settings (reads variables).
+
+    Returns:
+      A dict: ``precision`` (the op's execution precision, lower-case name;
+      ``float32`` while disabled), ``native`` (True when the op really runs
+      in that precision; False for simulated FP8), ``hardware_accelerated``
+      (this machine has units for it), ``simulated_formats`` (the formats
+      rounded in float32 on the way in and out, e.g. ``["int4_sawb"]``).
+    """
+    config = self.current_config()
+    precision = config.precision if config.enabled else Precision.FLOAT32
+    simulated = []
+    if config.enabled and config.fwd_bits > 0:
+      simulated.append(f"fwd:{config.fwd_format.name.lower()}")
+    if config.enabled and config.bwd_bits > 0:
+      simulated.append(f"bwd:{config.bwd_format.name.lower()}")
+    return {"precision": precision.name.lower(),
+            "native": _precision.runs_natively(precision),
+            "hardware_accelerated": _precision.hardware_accelerated(precision),
+            "simulated_formats": simulated}
 
   def assign_config(self, config):
     """Assigns a `LayerQuantConfig` to the variables (no retrace)."""
@@ -255,6 +327,7 @@ class QuantizedLayer(_layers.Wrapper):
     self.fwd_bits.assign(config.fwd_bits)
     self.bwd_format.assign(config.bwd_format.id)
     self.bwd_bits.assign(config.bwd_bits)
+    self.precision.assign(config.precision.id)
 
   def get_config(self):
     config = super().get_config()
@@ -263,6 +336,7 @@ class QuantizedLayer(_layers.Wrapper):
         enabled=init["enabled"],
         fwd_format=init["fwd_format"].name.lower(), fwd_bits=init["fwd_bits"],
         bwd_format=init["bwd_format"].name.lower(), bwd_bits=init["bwd_bits"],
+        precision=init["precision"].name.lower(),
         rounding=self.rounding.value, weight_scale=self.weight_scale.value,
         seed=self.seed)
     return config

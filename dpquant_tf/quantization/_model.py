@@ -177,8 +177,8 @@ def quantize_model(model, *, layers: Optional[Iterable[str]] = None,
     return QuantizedLayer(
         inner, enabled=config.enabled, fwd_format=config.fwd_format,
         fwd_bits=config.fwd_bits, bwd_format=config.bwd_format,
-        bwd_bits=config.bwd_bits, rounding=rounding, weight_scale=weight_scale,
-        seed=layer_seed)
+        bwd_bits=config.bwd_bits, precision=config.precision,
+        rounding=rounding, weight_scale=weight_scale, seed=layer_seed)
 
   def copy_weights(old, new):
     new.layer.set_weights(old.get_weights())
@@ -225,3 +225,16 @@ def set_plan(model, plan: Union[_plan.QuantPlan, Mapping[str, _plan.LayerQuantCo
 def get_plan(model) -> _plan.QuantPlan:
   """Reads the current plan from a quantized model's variables."""
   return _plan.QuantPlan({n: w.current_config() for n, w in _by_name(model).items()})
+
+
+def execution_report(model) -> Dict[str, Dict[str, object]]:
+  """How each quantized layer runs now: natively or simulated (reads variables).
+
+  Args:
+    model: a model holding QuantizedLayers.
+
+  Returns:
+    Layer name -> ``QuantizedLayer.execution()`` (``precision``, ``native``,
+    ``hardware_accelerated``, ``simulated_formats``), in model order.
+  """
+  return {n: w.execution() for n, w in _by_name(model).items()}

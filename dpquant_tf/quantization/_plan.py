@@ -10,7 +10,9 @@ from typing import Dict, Iterable, Mapping, Optional
 
 from dpquant_tf import _validation
 from dpquant_tf.quantization import _formats
+from dpquant_tf.quantization import _precision
 from dpquant_tf.quantization._formats import QuantFormat
+from dpquant_tf.quantization._precision import Precision
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +25,9 @@ class LayerQuantConfig:
     fwd_bits: forward bit width (0: forward off).
     bwd_format: format of the gradient at the layer output.
     bwd_bits: backward bit width (0: backward off).
+    precision: execution precision of the layer's op (`Precision`:
+      float32, bfloat16 run natively, FP8 E4M3 simulated). A layer with
+      bits 0 both ways and ``precision=BFLOAT16`` is a pure bf16 layer.
 
   Defaults are the paper's LUQ-FP4 setting: INT4 with SAWB forward, radix-2
   FP4 (LUQ) backward.
@@ -32,6 +37,7 @@ class LayerQuantConfig:
   fwd_bits: int = 4
   bwd_format: QuantFormat = QuantFormat.LUQ_FP4
   bwd_bits: int = 4
+  precision: Precision = Precision.FLOAT32
 
   def __post_init__(self):
     _validation.check_type("enabled", self.enabled, bool, "a bool")
@@ -43,16 +49,20 @@ class LayerQuantConfig:
     object.__setattr__(self, "fwd_bits", fwd_bits)
     object.__setattr__(self, "bwd_format", bwd_format)
     object.__setattr__(self, "bwd_bits", bwd_bits)
+    object.__setattr__(self, "precision", _precision.check_precision(
+        "precision", self.precision))
 
   @property
   def quantizes(self) -> bool:
-    """True when the layer does any quantization."""
-    return self.enabled and (self.fwd_bits > 0 or self.bwd_bits > 0)
+    """True when the layer does any quantization or low-precision execution."""
+    return self.enabled and (self.fwd_bits > 0 or self.bwd_bits > 0 or
+                             self.precision != Precision.FLOAT32)
 
   def to_dict(self) -> Dict[str, object]:
     return {"enabled": self.enabled, "fwd_format": self.fwd_format.name.lower(),
             "fwd_bits": self.fwd_bits, "bwd_format": self.bwd_format.name.lower(),
-            "bwd_bits": self.bwd_bits}
+            "bwd_bits": self.bwd_bits,
+            "precision": self.precision.name.lower()}
 
   @classmethod
   def from_dict(cls, d: Mapping[str, object]) -> "LayerQuantConfig":

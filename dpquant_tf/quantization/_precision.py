@@ -1,0 +1,141 @@
+"""Execution precision of a quantized layer: what its matmul/convolution runs in.
+
+A quantized layer's *format* (``QuantFormat``) is simulated: values are
+rounded to the format's grid and the op still runs in float32. Its *execution
+precision* (``Precision``) is the dtype the op itself runs in:
+
+* ``FLOAT32``: the op runs in float32 (the default).
+* ``BFLOAT16``: inputs and kernel are cast to ``tf.bfloat16`` (stochastically
+  rounded when the layer's rounding is stochastic), the op and its backward
+  pass (autodiff through the casts) run in bfloat16, and the output is cast
+  back to float32. This runs natively on every device TensorFlow has bf16
+  kernels for; it is *faster* only where the hardware has bf16 units (CPUs
+  with AVX512_BF16 or AMX, GPUs): see :func:`hardware_accelerated`.
+* ``FP8_E4M3``: simulated on every device (inputs and kernel rounded to the
+  FP8 E4M3 grid with per-example / per-channel scales, the op in float32).
+  No native FP8 path is built.
+
+Per-example gradient norms, clipping, the clipped sum and the noise never see
+a low-precision tensor: the layer hands float32 taps to the per-example path.
+"""
+
+import enum
+import functools
+import os
+from typing import FrozenSet
+
+import tensorflow as tf
+
+from dpquant_tf import _validation
+from dpquant_tf.quantization._formats import Rounding
+
+__all__ = ["Precision", "check_precision", "cpu_flags", "hardware_accelerated",
+           "runs_natively", "to_bfloat16"]
+
+
+class Precision(enum.Enum):
+  """Execution precision of a layer's op. The value is the id in `tf.Variable`s."""
+  FLOAT32 = 0
+  BFLOAT16 = 1
+  FP8_E4M3 = 2
+
+  @property
+  def id(self) -> int:
+    return self.value
+
+
+_ALIASES = {"fp32": Precision.FLOAT32, "float32": Precision.FLOAT32,
+            "bf16": Precision.BFLOAT16, "bfloat16": Precision.BFLOAT16,
+            "fp8_e4m3": Precision.FP8_E4M3, "fp8": Precision.FP8_E4M3}
+
+
+def check_precision(name: str, value) -> Precision:
+  """A `Precision`, its id, its name or an alias (``bf16``, ``fp32``, ``fp8``)."""
+  if isinstance(value, str) and value.lower() in _ALIASES:
+    return _ALIASES[value.lower()]
+  if isinstance(value, bool):
+    _validation.fail(name, value, f"one of {sorted(_ALIASES)}")
+  try:
+    return _validation.check_enum(name, value, Precision)
+  except ValueError:
+    _validation.fail(name, value, f"one of {sorted(_ALIASES)}")
+
+
+def runs_natively(precision) -> bool:
+  """True when the op really executes in `precision` (not simulated)."""
+  precision = check_precision("precision", precision)
+  return precision in (Precision.FLOAT32, Precision.BFLOAT16)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> FrozenSet[str]:
+  """The CPU feature flags of this machine (``/proc/cpuinfo``; empty elsewhere)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("flags"):
+          return frozenset(line.split(":", 1)[1].split())
+  except OSError:
+    pass
+  return frozenset()
+
+
+def hardware_accelerated(precision) -> bool:
+  """True when this machine has units that run `precision` faster than float32.
+
+  bfloat16: a visible GPU, or a CPU with AVX512_BF16 or AMX-BF16 (oneDNN
+  uses them). FP8: never (no native path is built). Set
+  ``DPQUANT_ASSUME_BF16_HARDWARE=0/1`` to override the detection (tests,
+  cross-machine cost models).
+  """
+  precision = check_precision("precision", precision)
+  if precision == Precision.FLOAT32:
+    return True
+  if precision != Precision.BFLOAT16:
+    return False
+  forced = os.environ.get("DPQUANT_ASSUME_BF16_HARDWARE")
+  if forced in ("0", "1"):
+    return forced == "1"
+  if {"avx512_bf16", "amx_bf16"} & cpu_flags():
+    return True
+  return bool(tf.config.list_physical_devices("GPU"))
+
+
+@tf.custom_gradient
+def _cast_straight_through(x, rounded):
+  """bfloat16 cast of ``rounded``; the gradient flows to ``x`` as float32."""
+  def grad(dy):
+    return tf.cast(dy, x.dtype), None
+  return tf.cast(rounded, tf.bfloat16), grad
+
+
+def to_bfloat16(x, *, rounding=Rounding.NEAREST, generator=None):
+  """Casts a float32 tensor to bfloat16; gradients come back as float32.
+
+  Stochastic rounding adds uniform random low 16 bits to the float32 bit
+  pattern and truncates them: the magnitude rounds up with probability equal
+  to the dropped fraction, so ``E[to_bfloat16(x)] = x`` (up to overflow at the
+  largest finite values). Non-finite values stay non-finite.
+
+  Args:
+    x: float32 tensor.
+    rounding: `Rounding.NEAREST` (TensorFlow's cast) or `Rounding.STOCHASTIC`.
+    generator: a `tf.random.Generator` (required for stochastic rounding).
+
+  Returns:
+    The bfloat16 tensor (differentiable: straight-through to ``x``).
+  """
+  rounding = _validation.check_enum("rounding", rounding, Rounding)
+  if rounding == Rounding.NEAREST:
+    return _cast_straight_through(x, tf.stop_gradient(x))
+  if generator is None:
+    _validation.fail("generator", generator,
+                     "a tf.random.Generator for stochastic rounding")
+  noise = tf.bitwise.bitwise_and(
+      generator.uniform_full_int(tf.shape(x), tf.uint32),
+      tf.constant(0xFFFF, tf.uint32))
+  bits = tf.bitcast(tf.stop_gradient(x), tf.uint32) + noise
+  rounded = tf.bitcast(
+      tf.bitwise.bitwise_and(bits, tf.constant(0xFFFF0000, tf.uint32)),
+      tf.float32)
+  return _cast_straight_through(x, rounded)
