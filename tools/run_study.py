@@ -9,6 +9,17 @@ to --log and skipping runs already there (resumable):
 
 Phases run in order (seed:epsilon:static, epsilon 'nodp' = plain SGD):
 --phases=0:8:1,0:nodp:1,1:8:0,2:8:0,0:4:1,1:nodp:0,1:4:0,2:nodp:0,2:4:0
+
+--grid=small_resnet runs the paired study of the small ResNet with GroupNorm
+instead (tools/study_grid_lib.py): seeds 0..--seeds-1, every policy of a seed
+with the same --seed and research noise / sampling seeds (common random
+numbers; train.py warns and the records note seeded noise), at --epsilon,
+plus the non-DP runs of --nodp_policies. --sweep runs the short fp32 DP
+learning-rate / epochs sweep instead (ids sweep-...; same log). The report:
+tools/study_report.py --log=... --out_prefix=docs/<name>.
+
+  nohup nice -n 19 python tools/run_study.py --grid=small_resnet \
+      --log=runs/resnet_study.jsonl > runs/resnet_study.out 2>&1 &
 """
 
 import os
@@ -22,6 +33,7 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
 from tools import run_study_lib  # noqa: E402
+from tools import study_grid_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("log", "runs/study.jsonl", "JSONL log (appended; resumable).")
@@ -32,14 +44,32 @@ flags.DEFINE_list("ratios", ["0.5", "0.75", "0.9"], "Quantized fractions.")
 flags.DEFINE_list("formats", ["luq_fp4"], "Quantization formats.")
 flags.DEFINE_integer("n_subsets", 5, "Static random subsets per ratio.")
 flags.DEFINE_string("dataset", "mnist", "Dataset spec.")
-flags.DEFINE_string("model", "cnn", "Model.")
-flags.DEFINE_integer("epochs", 5, "Epochs per run.")
+flags.DEFINE_string("model", None, "Model (default: cnn; the small_resnet "
+                    "grid always uses small_resnet).")
+flags.DEFINE_integer("epochs", None, "Epochs per run (default 5 for the cnn "
+                     "grid, 10 for small_resnet).")
 flags.DEFINE_integer("batch_size", 64, "Expected batch size.")
 flags.DEFINE_float("learning_rate", 0.5, "Learning rate of the DP runs.")
 flags.DEFINE_float("nodp_learning_rate", 0.1, "Learning rate of the non-DP runs.")
 flags.DEFINE_float("l2_norm_clip", 1.0, "Clip norm.")
 flags.DEFINE_float("delta", 1e-5, "Delta.")
 flags.DEFINE_integer("max_train", None, "Training subset size.")
+flags.DEFINE_integer("max_test", None, "Test subset size.")
+flags.DEFINE_enum("grid", "cnn", ["cnn", "small_resnet"], "cnn: the first "
+                  "study (--phases); small_resnet: the paired study.")
+flags.DEFINE_integer("seeds", 5, "small_resnet grid: pairing seeds 0..seeds-1.")
+flags.DEFINE_integer("first_seed", 0, "small_resnet grid: first pairing seed.")
+flags.DEFINE_float("epsilon", 8.0, "small_resnet grid: target epsilon.")
+flags.DEFINE_integer("n_static", 1, "small_resnet grid: static subsets per seed.")
+flags.DEFINE_list("policies", ["fp32", "static", "rotation", "dpquant"],
+                  "small_resnet grid: DP policies run (kinds).")
+flags.DEFINE_list("nodp_policies", ["fp32", "static"], "small_resnet grid: "
+                  "policies also run without DP (empty: none).")
+flags.DEFINE_boolean("sweep", False, "small_resnet grid: run the fp32 DP "
+                     "learning-rate / epochs sweep instead of the study.")
+flags.DEFINE_list("sweep_learning_rates", ["0.25", "0.5", "1.0", "2.0"],
+                  "Learning rates of --sweep.")
+flags.DEFINE_list("sweep_epochs", ["2", "5"], "Epochs of --sweep.")
 flags.DEFINE_integer("max_runs", None, "Stop after this many new runs.")
 flags.DEFINE_boolean("report", False, "Only print the Markdown tables of --log.")
 flags.DEFINE_boolean("dry_run", False, "Only list the run ids.")
@@ -68,27 +98,57 @@ def main(argv):
         for rec in sorted(records, key=lambda r: r.get("finished_utc") or ""):
           f.write(json.dumps(run_study_lib.compact_record(rec)) + "\n")
     return
+  resnet = FLAGS.grid == "small_resnet"
+  model = "small_resnet" if resnet else (FLAGS.model or "cnn")
+  if resnet and FLAGS.model not in (None, "small_resnet"):
+    raise app.UsageError(f"--model={FLAGS.model} with --grid=small_resnet")
   from dpquant_tf import data, models, quantization  # pylint: disable=g-import-not-at-top,g-multiple-import
   ds = data.load_dataset(FLAGS.dataset, max_test=10)
   layer_names = [info.name for info in quantization.quantizable_layers(
-      quantization.quantize_model(models.build_model(FLAGS.model, ds.input_shape,
+      quantization.quantize_model(models.build_model(model, ds.input_shape,
                                                      ds.num_classes)))]
-  common = dict(dataset=FLAGS.dataset, model=FLAGS.model, epochs=FLAGS.epochs,
+  common = dict(dataset=FLAGS.dataset, model=model,
+                epochs=FLAGS.epochs or (10 if resnet else 5),
                 batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate,
                 l2_norm_clip=FLAGS.l2_norm_clip, delta=FLAGS.delta,
-                max_train=FLAGS.max_train, verbose=2)
-  runs = run_study_lib.study_runs(
-      layer_names=layer_names, phases=_phases(),
-      ratios=[float(r) for r in FLAGS.ratios], n_subsets=FLAGS.n_subsets,
-      formats=FLAGS.formats, common=common,
-      nodp_overrides={"learning_rate": FLAGS.nodp_learning_rate})
+                max_train=FLAGS.max_train, max_test=FLAGS.max_test, verbose=2)
+  meta = None
+  if resnet:
+    runs, meta = _resnet_runs(layer_names, common), study_grid_lib.run_meta
+  else:
+    runs = _cnn_runs(layer_names, common)
   if FLAGS.dry_run:
     for spec in runs:
       print(spec.run_id)
     print(f"{len(runs)} runs")
     return
-  done = run_study_lib.run_study(runs, FLAGS.log, max_runs=FLAGS.max_runs)
+  done = run_study_lib.run_study(runs, FLAGS.log, max_runs=FLAGS.max_runs, meta=meta)
   print(f"[study] executed {done} runs; log: {FLAGS.log}")
+
+
+def _resnet_runs(layer_names, common):
+  if FLAGS.sweep:
+    return study_grid_lib.sweep_grid(
+        learning_rates=[float(x) for x in FLAGS.sweep_learning_rates],
+        epochs=[int(x) for x in FLAGS.sweep_epochs], epsilon=FLAGS.epsilon,
+        seed=FLAGS.first_seed, common=common)
+  return study_grid_lib.study_grid(
+      layer_names=layer_names,
+      seeds=range(FLAGS.first_seed, FLAGS.first_seed + FLAGS.seeds),
+      ratios=[float(r) for r in FLAGS.ratios],
+      formats=FLAGS.formats if FLAGS["formats"].present else
+      study_grid_lib.default_formats(),
+      epsilon=FLAGS.epsilon, n_static=FLAGS.n_static,
+      dp_policies=FLAGS.policies, nodp_policies=FLAGS.nodp_policies,
+      common=common, nodp_overrides={"learning_rate": FLAGS.nodp_learning_rate})
+
+
+def _cnn_runs(layer_names, common):
+  return run_study_lib.study_runs(
+      layer_names=layer_names, phases=_phases(),
+      ratios=[float(r) for r in FLAGS.ratios], n_subsets=FLAGS.n_subsets,
+      formats=FLAGS.formats, common=common,
+      nodp_overrides={"learning_rate": FLAGS.nodp_learning_rate})
 
 
 if __name__ == "__main__":

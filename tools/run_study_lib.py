@@ -165,7 +165,8 @@ def _append(log_path: str, record: Mapping[str, Any]) -> None:
 
 def run_study(runs: Sequence[RunSpec], log_path: str, *,
               runner: Optional[Callable[[Mapping[str, Any]], Dict[str, Any]]] = None,
-              max_runs: Optional[int] = None, verbose: bool = True) -> int:
+              max_runs: Optional[int] = None, verbose: bool = True,
+              meta: Optional[Callable[[RunSpec], Mapping[str, Any]]] = None) -> int:
   """Runs the runs not yet in the log; appends one JSON line per run.
 
   Args:
@@ -175,6 +176,7 @@ def run_study(runs: Sequence[RunSpec], log_path: str, *,
       subprocess (:func:`train_argv`) and reads its metrics JSON.
     max_runs: stop after this many new runs.
     verbose: print one line per run.
+    meta: RunSpec -> dict stored under ``study`` in its record (grid, pairing).
 
   Returns:
     The number of runs executed now (failures included; a failed run is
@@ -193,9 +195,12 @@ def run_study(runs: Sequence[RunSpec], log_path: str, *,
       metrics = runner(spec.config)
       record = dict(metrics, run_id=spec.run_id, status="ok")
     except Exception as e:  # pylint: disable=broad-except
-      record = {"run_id": spec.run_id, "status": "failed", "config": dict(spec.config),
+      record = {"run_id": spec.run_id, "status": "failed",
+                "config": _withhold_research_seeds(spec.config),
                 "error": f"{type(e).__name__}: {e}",
                 "traceback": traceback.format_exc()[-4000:]}
+    if meta is not None:
+      record["study"] = dict(meta(spec))
     record["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     record["run_seconds"] = time.time() - start
     _append(log_path, record)
@@ -206,6 +211,12 @@ def run_study(runs: Sequence[RunSpec], log_path: str, *,
             f"acc={acc if acc is None else round(acc, 4)} "
             f"eps={record.get('epsilon')} {record['run_seconds']:.0f}s", flush=True)
   return executed
+
+
+def _withhold_research_seeds(config: Mapping[str, Any]) -> Dict[str, Any]:
+  """The config with research seed values replaced, as train.py's metrics do."""
+  return {k: ("set (withheld)" if k.startswith("research_") and v is not None else v)
+          for k, v in config.items()}
 
 
 TRAIN_SCRIPT = os.path.join(
