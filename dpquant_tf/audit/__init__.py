@@ -9,12 +9,15 @@
 * ``audit_checkpoint_replay``: an adversary holding two consecutive
   checkpoints tries to regenerate the step's noise.
 * ``audit_one_run``: Steinke et al. (2023) audit of a whole training run
-  from canaries included with probability 1/2.
+  from canaries included with probability 1/2 (input canaries, or gradient
+  canaries through ``gradient_canaries``, the optimizer's audit hook).
 
 A lower bound above the ledger's epsilon falsifies the privacy claim.
 """
 
 from dpquant_tf.audit._checkpoint import audit_checkpoint_replay
+from dpquant_tf.audit._gradient_canaries import gradient_canaries
+from dpquant_tf.audit._gradient_canaries import GradientCanaries
 from dpquant_tf.audit._mechanism import audit_mechanism
 from dpquant_tf.audit._mechanism import linear_probe_model
 from dpquant_tf.audit._mechanism import MechanismAudit
@@ -30,6 +33,7 @@ from dpquant_tf.audit._stats import threshold_epsilon_lower_bound
 from dpquant_tf.audit._stats import ThresholdAudit
 
 __all__ = [
+    "GradientCanaries",
     "MechanismAudit",
     "OneRunAudit",
     "PooledThresholdAudit",
@@ -39,6 +43,7 @@ __all__ = [
     "audit_one_run",
     "clopper_pearson",
     "epsilon_from_rates",
+    "gradient_canaries",
     "linear_probe_model",
     "one_run_epsilon_lower_bound",
     "one_run_p_value",

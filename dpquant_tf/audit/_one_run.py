@@ -12,9 +12,14 @@ guesses v of r. ``one_run_epsilon_lower_bound(m, r, v, delta)`` is then a
 95%-confidence lower bound on the epsilon of the run, reported next to the
 ledger's epsilon for the run.
 
-Gradient-space canaries (injected into the clipped sum through an audit
-hook) are not implemented: the optimizer has no such hook, and adding one is
-outside this package.
+With ``canary_kind="gradient"`` the canaries are gradient canaries
+(``gradient_canaries``): m random unit directions u_i in parameter space,
+each in the "in" set with probability 1/2, added as ``C u_i`` to the clipped
+sum of every step that Poisson-samples them (probability q per step, like an
+example). No input canary joins the data; the score of canary i is the
+projection of the total parameter change on ``-u_i``. The ledger's epsilon
+covers each canary as one Poisson-sampled example with an arbitrary clipped
+gradient (see ``_gradient_canaries``).
 """
 
 import dataclasses
@@ -25,13 +30,14 @@ import numpy as np
 import tensorflow as tf
 
 from dpquant_tf import _validation as V
+from dpquant_tf.audit import _gradient_canaries
 from dpquant_tf.audit import _stats
 from dpquant_tf.optimizers import DPQuantOptimizer
 from dpquant_tf.privacy import PrivacyLedger
 from dpquant_tf.privacy import SamplingMethod
 from dpquant_tf.privacy import poisson_dataset
 
-__all__ = ["OneRunAudit", "audit_one_run"]
+__all__ = ["OneRunAudit", "audit_one_run", "score_and_bound"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +52,7 @@ class OneRunAudit:
     guesses: r; correct: v.
     steps: DP steps of the run.
     wall_s: seconds.
+    canary_kind: "input" or "gradient".
   """
   epsilon_lower_bound: float
   claimed_epsilon: float
@@ -57,6 +64,7 @@ class OneRunAudit:
   correct: int
   steps: int
   wall_s: float
+  canary_kind: str = "input"
 
   @property
   def violated(self) -> bool:
@@ -95,7 +103,7 @@ def audit_one_run(
     model_fn: Optional[Callable[[int, int], tf.keras.Model]] = None,
     guesses_in: Optional[int] = None, guesses_out: Optional[int] = None,
     delta: float = 1e-5, confidence: float = 0.95,
-    seed: int = 0) -> OneRunAudit:
+    canary_kind: str = "input", seed: int = 0) -> OneRunAudit:
   """Trains once with canaries and bounds epsilon from membership guesses.
 
   Args:
@@ -111,6 +119,9 @@ def audit_one_run(
     guesses_in, guesses_out: fixed numbers of "in" and "out" guesses
       (default m // 5 each).
     delta, confidence: of the bound and of the ledger's epsilon.
+    canary_kind: "input" (random inputs scored by loss) or "gradient"
+      (gradient canaries through the optimizer's audit hook, scored by the
+      parameter change along each canary's direction).
     seed: public seed of the data, the canaries, their inclusion and the
       model initialization. The optimizer's noise is never seeded.
 
@@ -118,6 +129,9 @@ def audit_one_run(
     A ``OneRunAudit``.
   """
   m = V.check_int("canaries", canaries, low=2)
+  if canary_kind not in ("input", "gradient"):
+    V.fail("canary_kind", canary_kind, "'input' or 'gradient'")
+  gradient = canary_kind == "gradient"
   guesses_in = m // 5 if guesses_in is None else guesses_in
   guesses_out = m // 5 if guesses_out is None else guesses_out
   V.check_int("guesses_in + guesses_out", guesses_in + guesses_out, low=1,
@@ -129,7 +143,7 @@ def audit_one_run(
   x_data = centers[y_data] + rng.standard_normal(size=(data_size, dims))
   x_can = rng.standard_normal(size=(m, dims)) * 2.0
   y_can = rng.integers(0, classes, size=m)
-  included = rng.random(m) < 0.5
+  included = rng.random(m) < 0.5 if not gradient else np.zeros(m, bool)
   x = np.concatenate([x_data, x_can[included]]).astype(np.float32)
   y = np.concatenate([y_data, y_can[included]]).astype(np.int64)
   n = len(x)
@@ -148,16 +162,36 @@ def audit_one_run(
   loss = tf.keras.losses.SparseCategoricalCrossentropy(
       from_logits=True, reduction=tf.keras.losses.Reduction.NONE)
   model.compile(optimizer=optimizer, loss=loss)
-  model.fit(ds, epochs=epochs, verbose=0)
+  if gradient:
+    with _gradient_canaries.gradient_canaries(
+        optimizer, model.trainable_variables, canaries=m,
+        seed=int(rng.integers(2**31))) as cans:
+      initial = cans.flat_weights()
+      model.fit(ds, epochs=epochs, verbose=0)
+    scores, included = cans.scores(initial), cans.included
+  else:
+    model.fit(ds, epochs=epochs, verbose=0)
+    logits = model(x_can.astype(np.float32), training=False)
+    scores = -loss(y_can, logits).numpy()
+  return score_and_bound(
+      scores, included, ledger=ledger, guesses_in=guesses_in,
+      guesses_out=guesses_out, delta=delta, confidence=confidence,
+      canary_kind=canary_kind, wall_s=time.perf_counter() - start)
+
+
+def score_and_bound(scores, included, *, ledger, guesses_in: int,
+                    guesses_out: int, delta: float, confidence: float,
+                    canary_kind: str, wall_s: float) -> OneRunAudit:
+  """Guesses from canary scores (higher = "in"), the one-run bound, and the
+  ledger's claim for the run, as a ``OneRunAudit``."""
+  m = len(scores)
   claimed = ledger.epsilon(delta)
   run_steps = sum(c for _, c in ledger.events())
-  logits = model(x_can.astype(np.float32), training=False)
-  scores = -loss(y_can, logits).numpy()
   r, v = guess_counts(scores, included, guesses_in, guesses_out)
   bound = _stats.one_run_epsilon_lower_bound(m, r, v, delta=delta,
                                              confidence=confidence)
   return OneRunAudit(
       epsilon_lower_bound=bound, claimed_epsilon=claimed, delta=delta,
-      confidence=confidence, canaries=m, included=int(included.sum()),
-      guesses=r, correct=v, steps=int(run_steps),
-      wall_s=time.perf_counter() - start)
+      confidence=confidence, canaries=m, included=int(np.sum(included)),
+      guesses=r, correct=v, steps=int(run_steps), wall_s=wall_s,
+      canary_kind=canary_kind)

@@ -41,6 +41,11 @@ class PerExampleMethod(enum.Enum):
 class _DPQuantMixin(_state.DPStateMixin):
   """Shared implementation of the DPQuant optimizers (see DPQuantOptimizer)."""
 
+  # Audit hook (white-box auditing only): None, or a function var_list ->
+  # tensors added to the clipped per-example sum before noise. Set and
+  # removed only by ``dpquant_tf.audit.gradient_canaries`` (docs/AUDIT.md).
+  _audit_hook = None
+
   def __init__(self,
                l2_norm_clip: float,
                noise_multiplier: float,
@@ -273,6 +278,9 @@ class _DPQuantMixin(_state.DPStateMixin):
         summed, sens_ratio = self._clip_quantize_sum(grads)
       else:
         summed, sens_ratio = self._clip_quantize_sum_taps(taps)
+      if self._audit_hook is not None:  # dpquant_tf.audit only
+        summed = [t + tf.cast(e, t.dtype)
+                  for t, e in zip(summed, self._audit_hook(var_list))]
       final = self._noise_and_normalize(summed, loss, nmb, sens_ratio,
                                         runtime_checks)
     self._issued.issue(final)

@@ -1,0 +1,158 @@
+"""Gradient canaries: white-box canaries injected into the clipped sum.
+
+A gradient canary i is a fixed random unit direction u_i in the flattened
+trainable-parameter space. While ``gradient_canaries(optimizer, ...)`` is
+active, every DP step of ``optimizer`` adds ``C * u_i`` to its clipped
+per-example sum, before the noise, for each canary i that is (a) in the
+audit's "in" set (each canary independently with probability 1/2, the
+one-run audit's membership) and (b) sampled at this step: an independent
+Bernoulli(q) per step and per canary, with q the optimizer's own sampling
+probability. A canary is thus exactly one more Poisson-sampled example whose
+clipped gradient is ``C u_i`` (norm C, the sensitivity of every mode).
+
+Why the per-step Bernoulli(q) matters: the ledger's epsilon is amplified by
+Poisson subsampling: it holds for an example that joins each batch with
+probability q, the draw hidden from the adversary. A canary added at every
+step would be a different mechanism (q = 1 for that record), whose epsilon
+over T steps is far larger than the ledger's; a bound on it would not test
+the ledger's claim. For the same reason the per-step draws come from OS
+entropy by default (``sampling_seed=None``): with a known seed the sampling
+is no longer hidden. The DP guarantee covers arbitrary clipped gradients
+(DP-SGD's analysis holds for any per-example gradient of norm <= C), so a
+bound above the ledger's epsilon from these canaries falsifies the claim.
+
+The score of canary i is the projection of the total parameter change on
+``-u_i`` (SGD moves against the summed gradient); the one-run audit
+(``audit_one_run(canary_kind="gradient")``) turns the scores into
+membership guesses. The hook exists only for auditing: the context manager
+logs a warning, refuses an optimizer that already has a hook or runs under
+more than one replica (each replica would add the canaries), and removes the
+hook on exit, also on exception; it also zeroes a gate variable, so a graph
+traced while the hook was set adds nothing afterwards.
+"""
+
+import contextlib
+import logging
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from dpquant_tf import _validation as V
+from dpquant_tf.privacy import _random
+
+__all__ = ["GradientCanaries", "gradient_canaries"]
+
+_log = logging.getLogger(__name__)
+
+
+class GradientCanaries:
+  """m gradient canaries over a list of variables (see module docstring).
+
+  Attributes:
+    directions: [m, P] float32 NumPy array of unit rows (P = total size of
+      ``var_list``).
+    included: [m] bool NumPy array, the "in" set.
+    var_list: the variables, in the order of the flattened space.
+  """
+
+  def __init__(self, optimizer, var_list: Sequence[tf.Variable], *,
+               canaries: int, seed: int = 0,
+               sampling_seed: Optional[int] = None):
+    m = V.check_int("canaries", canaries, low=1)
+    self.var_list = list(var_list)
+    if not self.var_list:
+      V.fail("var_list", var_list, "at least one trainable variable")
+    sizes = [int(np.prod(v.shape)) for v in self.var_list]
+    rng = np.random.default_rng(seed)
+    u = rng.standard_normal(size=(m, sum(sizes))).astype(np.float32)
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    self.directions = u
+    self.included = rng.random(m) < 0.5
+    self._sizes = sizes
+    self._index = {v.ref(): i for i, v in enumerate(self.var_list)}
+    self._optimizer = optimizer
+    self._u = tf.Variable(u, trainable=False, name="audit_canary_directions")
+    self._mask = tf.Variable(self.included.astype(np.float32),
+                             trainable=False, name="audit_canary_included")
+    self._gate = tf.Variable(1.0, trainable=False, name="audit_canary_gate")
+    self._generator = _random.make_generator(seed=sampling_seed)
+
+  def hook(self, var_list):
+    """Tensors (one per variable of ``var_list``) added to the clipped sum."""
+    q = tf.cast(self._optimizer.sampling_probability_var, tf.float32)
+    draw = self._generator.uniform([self._u.shape[0]], dtype=tf.float32)
+    present = tf.cast(draw < q, tf.float32) * self._mask * self._gate
+    clip = tf.cast(self._optimizer.l2_norm_clip_var, tf.float32)
+    flat = clip * tf.linalg.matvec(self._u, present, transpose_a=True)
+    parts = tf.split(flat, self._sizes)
+    out = []
+    for v in var_list:
+      i = self._index.get(v.ref())
+      out.append(tf.zeros(v.shape, tf.float32) if i is None
+                 else tf.reshape(parts[i], v.shape))
+    return out
+
+  def flat_weights(self) -> np.ndarray:
+    """The variables' current values, flattened in the canaries' order."""
+    return np.concatenate([np.reshape(v.numpy(), [-1])
+                           for v in self.var_list]).astype(np.float64)
+
+  def scores(self, initial_flat: np.ndarray) -> np.ndarray:
+    """Projection of (initial - current) weights on each u_i ([m])."""
+    return self.directions.astype(np.float64) @ (
+        np.asarray(initial_flat, np.float64) - self.flat_weights())
+
+  def _disable(self):
+    self._gate.assign(0.0)
+
+
+@contextlib.contextmanager
+def gradient_canaries(optimizer, var_list: Sequence[tf.Variable], *,
+                      canaries: int, seed: int = 0,
+                      sampling_seed: Optional[int] = None
+                      ) -> Iterator[GradientCanaries]:
+  """Injects gradient canaries into ``optimizer``'s DP steps (audit only).
+
+  Args:
+    optimizer: a ``DPQuantOptimizer`` or ``DPQuantAdamOptimizer`` with a
+      known sampling probability (``sampling_probability=`` or
+      ``dataset_size=``); its steps must be traced inside the context.
+    var_list: the trainable variables spanning the canary space (usually
+      ``model.trainable_variables``).
+    canaries: m.
+    seed: public seed of the directions and of the "in" set.
+    sampling_seed: seeds the per-step Bernoulli(q) draws (tests only);
+      None (default) draws from OS entropy, as required for the ledger's
+      amplified epsilon to apply.
+
+  Yields:
+    The ``GradientCanaries``.
+
+  Raises:
+    ValueError: an optimizer without the audit hook, one already audited,
+      an unknown sampling probability, or more than one replica.
+  """
+  if not hasattr(type(optimizer), "_audit_hook"):
+    V.fail("optimizer", type(optimizer).__name__,
+           "a DPQuantOptimizer or DPQuantAdamOptimizer")
+  if optimizer._audit_hook is not None:  # pylint: disable=protected-access
+    V.fail("optimizer", "already audited", "one gradient_canaries at a time")
+  if float(optimizer.sampling_probability_var.numpy()) < 0:
+    V.fail("optimizer", "sampling probability unknown",
+           "sampling_probability= or dataset_size= set")
+  replicas = tf.distribute.get_strategy().num_replicas_in_sync
+  if replicas != 1:
+    V.fail("replicas", replicas, "1 (each replica would add the canaries)")
+  cans = GradientCanaries(optimizer, var_list, canaries=canaries, seed=seed,
+                          sampling_seed=sampling_seed)
+  _log.warning(
+      "%s is being AUDITED: %d gradient canaries are added to its clipped "
+      "sums (dpquant_tf.audit.gradient_canaries). Do not release this model.",
+      type(optimizer).__name__, canaries)
+  optimizer._audit_hook = cans.hook  # pylint: disable=protected-access
+  try:
+    yield cans
+  finally:
+    cans._disable()  # pylint: disable=protected-access
+    optimizer._audit_hook = None  # pylint: disable=protected-access

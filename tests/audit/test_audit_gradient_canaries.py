@@ -1,0 +1,118 @@
+"""Gradient canaries: the optimizer's audit hook and the one-run audit."""
+
+import logging
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import dpquant_tf
+from dpquant_tf import audit
+from tests.audit import _broken
+
+
+def _optimizer(**kwargs):
+  args = dict(l2_norm_clip=1.0, noise_multiplier=0.0, learning_rate=0.5,
+              expected_batch_size=4.0, sampling_probability=1.0)
+  args.update(kwargs)
+  return dpquant_tf.DPQuantOptimizer(**args)
+
+
+def _zero_gradient_step(model, optimizer):
+  # Per-example loss 0 * f(x): every data gradient is exactly zero, so the
+  # step moves the weights only by what the hook adds (z = 0).
+  x = tf.ones([4, 3])
+
+  @tf.function
+  def step():
+    optimizer.minimize(lambda: 0.0 * tf.reshape(model(x), [-1]),
+                       model.trainable_variables)
+  return step
+
+
+def test_default_optimizers_have_no_hook_and_the_context_removes_it(caplog):
+  for cls in (dpquant_tf.DPQuantOptimizer, dpquant_tf.DPQuantAdamOptimizer):
+    assert cls(l2_norm_clip=1.0, noise_multiplier=1.0)._audit_hook is None
+  opt, model = _optimizer(), audit.linear_probe_model(3)
+  with caplog.at_level(logging.WARNING):
+    with audit.gradient_canaries(opt, model.trainable_variables, canaries=4):
+      assert opt._audit_hook is not None
+      with pytest.raises(ValueError, match="already audited"):
+        with audit.gradient_canaries(opt, model.trainable_variables,
+                                     canaries=4):
+          pass
+  assert "AUDITED" in caplog.text
+  assert opt._audit_hook is None
+  with pytest.raises(RuntimeError, match="boom"):
+    with audit.gradient_canaries(opt, model.trainable_variables, canaries=4):
+      raise RuntimeError("boom")
+  assert opt._audit_hook is None
+  with pytest.raises(ValueError, match="sampling probability unknown"):
+    with audit.gradient_canaries(
+        dpquant_tf.DPQuantOptimizer(l2_norm_clip=1.0, noise_multiplier=1.0),
+        model.trainable_variables, canaries=4):
+      pass
+
+
+def test_hook_adds_c_times_each_included_direction_before_normalization():
+  # q = 1, z = 0, zero data gradient: one step moves the weights by exactly
+  # -lr * C * sum_{i in} u_i / B; a graph traced inside the context adds
+  # nothing once it has exited.
+  opt, model = _optimizer(l2_norm_clip=2.0), audit.linear_probe_model(3)
+  model.layers[0].kernel.assign(tf.ones([3, 1]))
+  step = _zero_gradient_step(model, opt)
+  with audit.gradient_canaries(opt, model.trainable_variables, canaries=6,
+                               seed=1) as cans:
+    w0 = cans.flat_weights()
+    step()
+    moved = cans.flat_weights() - w0
+  want = -0.5 * 2.0 * cans.directions[cans.included].sum(axis=0) / 4.0
+  assert 0 < cans.included.sum() < 6
+  np.testing.assert_allclose(moved, want, atol=1e-6)
+  # Score = projection of the parameter change on -u_i (positive when in,
+  # up to the cross-talk of the other directions in this 3-d space).
+  np.testing.assert_allclose(cans.scores(w0), -cans.directions @ moved,
+                             atol=1e-6)
+  before = cans.flat_weights()
+  step()  # traced with the hook; the gate is closed now
+  np.testing.assert_allclose(cans.flat_weights(), before, atol=0)
+
+
+def test_canaries_are_poisson_sampled_at_the_optimizer_q():
+  # q = 0.3: each included canary is present in about 30% of the steps
+  # (seeded sampling for this test only); 200 steps, 4 canaries.
+  opt = _optimizer(sampling_probability=0.3)
+  model = audit.linear_probe_model(64)
+  x = tf.ones([4, 64])
+
+  @tf.function
+  def one():
+    opt.minimize(lambda: 0.0 * tf.reshape(model(x), [-1]),
+                 model.trainable_variables)
+  with audit.gradient_canaries(opt, model.trainable_variables, canaries=4,
+                               seed=2, sampling_seed=3) as cans:
+    w0 = cans.flat_weights()
+    for _ in range(200):
+      one()
+    coef = cans.directions @ (w0 - cans.flat_weights())
+  # Per step an included canary moves its score by lr*C/B = 0.125 (plus
+  # cross-talk of the nearly orthogonal others, |u_i . u_j| ~ 1/8).
+  frac = coef / (200 * 0.125)
+  inc = cans.included
+  assert inc.any()
+  assert np.all(np.abs(frac[inc] - 0.3) < 0.15), frac
+  assert np.all(np.abs(frac[~inc]) < 0.15), frac
+
+
+def test_one_run_gradient_canaries_sound_and_flag_missing_noise():
+  ok = audit.audit_one_run(canaries=100, epochs=3, noise_multiplier=5.0,
+                           canary_kind="gradient")
+  assert ok.canary_kind == "gradient" and ok.steps == 12
+  assert not ok.violated, ok
+  broken = audit.audit_one_run(canaries=100, epochs=3, noise_multiplier=5.0,
+                               canary_kind="gradient",
+                               optimizer_cls=_broken.NoNoiseOptimizer)
+  assert broken.claimed_epsilon == ok.claimed_epsilon
+  assert broken.violated, broken
+  with pytest.raises(ValueError, match="canary_kind"):
+    audit.audit_one_run(canaries=10, canary_kind="weights")
