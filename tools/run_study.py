@@ -71,7 +71,9 @@ flags.DEFINE_list("sweep_learning_rates", ["0.25", "0.5", "1.0", "2.0"],
                   "Learning rates of --sweep.")
 flags.DEFINE_list("sweep_epochs", ["2", "5"], "Epochs of --sweep.")
 flags.DEFINE_integer("max_runs", None, "Stop after this many new runs.")
-flags.DEFINE_boolean("report", False, "Only print the Markdown tables of --log.")
+flags.DEFINE_boolean("report", False, "Only print the Markdown tables of --log "
+                     "(small_resnet grid: tools/study_report.py also writes "
+                     "the plot and the compact results).")
 flags.DEFINE_boolean("dry_run", False, "Only list the run ids.")
 flags.DEFINE_string("export_compact", None, "With --report: also write the "
                     "successful runs, compacted, one JSON line each, to this path.")
@@ -89,6 +91,10 @@ def _phases():
 
 def main(argv):
   del argv
+  if FLAGS.report and FLAGS.grid == "small_resnet":
+    from tools import study_report_lib  # pylint: disable=g-import-not-at-top
+    print(study_report_lib.markdown_report(run_study_lib.load_log(FLAGS.log)))
+    return
   if FLAGS.report:
     records = run_study_lib.load_log(FLAGS.log)
     print(run_study_lib.markdown_report(records))

@@ -241,5 +241,9 @@ def test_end_to_end_tiny_paired_study(tmp_path):
             for r in records}
   assert digest[(0, "fp32")] == digest[(0, "dpquant")]
   assert digest[(0, "fp32")] != digest[(1, "fp32")]
-  text = sr.markdown_report(records)
-  assert "DPQuant - fp32 DP (eps8 luq_fp4 r0.5)" in text
+  report = subprocess.run(
+      [sys.executable, os.path.join(REPO, "tools", "run_study.py"), f"--log={log}",
+       "--grid=small_resnet", "--report"], capture_output=True, text=True, timeout=600)
+  assert report.returncode == 0, report.stderr[-3000:]
+  assert "DPQuant - fp32 DP (eps8 luq_fp4 r0.5)" in report.stdout
+  assert "| 2/2 |" in report.stdout  # both fp32 runs noted as seeded noise
