@@ -17,6 +17,16 @@ backward passes of a layer do), ``(1 - p + p / s)`` generalises to the
 MAC-weighted mean of ``1 / s_l`` (with ``s = 1`` for full-precision work).
 All times are relative to ``T_train = 1`` for an epoch.
 
+Execution precision (``precision`` of a plan's layer config): a layer whose
+op runs natively in bfloat16 is modelled at the speed-up the *hardware* gives
+bfloat16 over float32 (:func:`native_speedups`: 1.75 on a CPU with
+AVX512_BF16/AMX or a GPU, measured on a 2048x2048 matmul; 1.0 on a CPU
+without bf16 units, where oneDNN emulates it). :class:`EpochCost` keeps the
+two apart: ``speedup`` is the modelled speed-up of everything in the plan
+(simulated formats at the paper's s), ``hardware_speedup`` counts only what
+this hardware runs natively (simulated formats at s = 1), and the layers are
+listed as ``native_layers`` / ``simulated_layers``.
+
 MACs come from the library's one MAC counter: the ``fwd_macs`` / ``bwd_macs``
 of ``dpquant_tf.quantization.quantizable_layers(model)`` (see
 :func:`model_layer_costs`); this module counts nothing itself.
@@ -32,14 +42,23 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 from dpquant_tf import _validation
 
-__all__ = ["DEFAULT_SPEEDUPS", "EpochCost", "LayerCost", "cost_model_time",
-           "epoch_cost", "format_key", "layer_costs", "model_layer_costs",
-           "plan_to_dict", "run_speedup", "speedup_for"]
+__all__ = ["BF16_HARDWARE_SPEEDUP", "DEFAULT_SPEEDUPS", "EpochCost", "LayerCost",
+           "cost_model_time", "epoch_cost", "format_key", "layer_costs",
+           "model_layer_costs", "native_speedups", "plan_to_dict",
+           "run_hardware_speedup", "run_speedup", "speedup_for"]
 
 # Speed-up of each format over FP16 (the paper: s = 4 for FP4, 2 for FP8).
 DEFAULT_SPEEDUPS: Dict[str, float] = {
     "fp4": 4.0, "int4": 4.0, "luq_fp4": 4.0, "fp8": 2.0, "int8": 2.0,
 }
+
+# bfloat16 over float32 on hardware with bf16 units (docs/ENVIRONMENT.md:
+# 2048x2048 matmul 96 ms float32, 55 ms bfloat16 on an AVX512_BF16 CPU).
+BF16_HARDWARE_SPEEDUP = 1.75
+
+# Execution precisions (dpquant_tf.quantization.Precision names) -> keys.
+_PRECISION_KEYS = {"float32": None, "fp32": None, "bfloat16": "bf16",
+                   "bf16": "bf16", "fp8_e4m3": "fp8", "fp8": "fp8"}
 
 # Names of dpquant_tf.quantization.QuantFormat members -> speed-up keys.
 _FORMAT_KEYS = {
@@ -72,12 +91,42 @@ class EpochCost:
     relative_time: T / T_train.
     speedup: T_train / T.
     quantized_layers: names of the layers quantized in this epoch.
+    hardware_speedup: T_train / T counting only the work this hardware runs
+      natively in low precision (simulated formats at s = 1).
+    native_layers: layers whose op runs natively in a low precision (bf16).
+    simulated_layers: layers with simulated formats or simulated FP8.
   """
   quantized_fraction: float
   compute_factor: float
   relative_time: float
   speedup: float
   quantized_layers: List[str]
+  hardware_speedup: float = 1.0
+  native_layers: List[str] = dataclasses.field(default_factory=list)
+  simulated_layers: List[str] = dataclasses.field(default_factory=list)
+
+
+def native_speedups() -> Dict[str, float]:
+  """Speed-up over float32 of each execution precision on this machine.
+
+  ``bf16``: :data:`BF16_HARDWARE_SPEEDUP` when
+  ``dpquant_tf.quantization.hardware_accelerated("bf16")`` (AVX512_BF16/AMX
+  CPU or a GPU), else 1.0. ``fp8``: 1.0 (FP8 is simulated on every device).
+  """
+  from dpquant_tf import quantization  # pylint: disable=g-import-not-at-top
+  bf16 = (BF16_HARDWARE_SPEEDUP if quantization.hardware_accelerated("bf16")
+          else 1.0)
+  return {"bf16": bf16, "fp8": 1.0}
+
+
+def _precision_key(cfg: Mapping[str, Any]) -> Optional[str]:
+  name = cfg.get("precision")
+  if name is None:
+    return None
+  name = str(getattr(name, "name", name)).lower()
+  if name not in _PRECISION_KEYS:
+    _validation.fail("precision", name, f"one of {sorted(_PRECISION_KEYS)}")
+  return _PRECISION_KEYS[name]
 
 
 def cost_model_time(*, t_analysis: float, t_train: float, t_overhead: float,
@@ -170,7 +219,7 @@ def model_layer_costs(model) -> List[LayerCost]:
 
 
 def plan_to_dict(plan: Any) -> Dict[str, Dict[str, Any]]:
-  """Normalises a plan to {layer: {enabled, fwd_format, fwd_bits, bwd_format, bwd_bits}}.
+  """Normalises a plan to {layer: {enabled, fwd/bwd_format, fwd/bwd_bits, precision}}.
 
   Accepts a ``dpquant_tf.quantization.QuantPlan`` (a mapping of layer name ->
   ``LayerQuantConfig``, or an object with such a mapping), a mapping of layer
@@ -196,7 +245,7 @@ def plan_to_dict(plan: Any) -> Dict[str, Dict[str, Any]]:
       out[name] = {"enabled": False}
     elif isinstance(cfg, str):
       out[name] = {"enabled": True, "fwd_format": cfg, "fwd_bits": None,
-                   "bwd_format": cfg, "bwd_bits": None}
+                   "bwd_format": cfg, "bwd_bits": None, "precision": None}
     else:
       get = (cfg.get if isinstance(cfg, Mapping)
              else lambda k, d=None, c=cfg: getattr(c, k, d))
@@ -208,12 +257,14 @@ def plan_to_dict(plan: Any) -> Dict[str, Dict[str, Any]]:
                    "fwd_format": _fmt(get("fwd_format")),
                    "fwd_bits": get("fwd_bits"),
                    "bwd_format": _fmt(get("bwd_format")),
-                   "bwd_bits": get("bwd_bits")}
+                   "bwd_bits": get("bwd_bits"),
+                   "precision": _fmt(get("precision"))}
   return out
 
 
 def epoch_cost(layers: Sequence[Any], plan: Any, *,
                speedups: Optional[Mapping[str, float]] = None,
+               hardware: Optional[Mapping[str, float]] = None,
                analysis_fraction: float = 0.0,
                overhead_fraction: float = 0.0) -> EpochCost:
   """Evaluates the cost model for one epoch's plan.
@@ -224,6 +275,11 @@ def epoch_cost(layers: Sequence[Any], plan: Any, *,
     plan: the plan run in the epoch (see :func:`plan_to_dict`). Layers not in
       the plan run in full precision.
     speedups: format key -> s, overriding :data:`DEFAULT_SPEEDUPS`.
+    hardware: execution precision key (``bf16``, ``fp8``) -> speed-up of the
+      op over float32 on the hardware that runs it (default
+      :func:`native_speedups` of this machine). A direction with bits 0 and
+      a low execution precision runs at that speed-up; a simulated format
+      on top keeps the format's modelled s.
     analysis_fraction: T_analysis / T_train for this epoch.
     overhead_fraction: T_overhead / T_train (work quantization does not touch).
 
@@ -242,25 +298,49 @@ def epoch_cost(layers: Sequence[Any], plan: Any, *,
   unknown = sorted(set(plan_d) - {c.name for c in costs})
   if unknown:
     _validation.fail("plan", unknown, "names of the model's quantizable layers")
-  quantized_macs, weighted = 0.0, 0.0
-  quantized_layers = []
+  hw = dict(native_speedups() if hardware is None else hardware)
+  quantized_macs, weighted, hw_weighted = 0.0, 0.0, 0.0
+  quantized_layers, native_layers, simulated_layers = [], [], []
   for c in costs:
     cfg = plan_d.get(c.name, {"enabled": False})
     if not cfg.get("enabled"):
       weighted += c.total
+      hw_weighted += c.total
       continue
-    s_f = speedup_for(cfg.get("fwd_format"), cfg.get("fwd_bits"), speedups)
-    s_b = speedup_for(cfg.get("bwd_format"), cfg.get("bwd_bits"), speedups)
+    prec = _precision_key(cfg)
+    # The op's own precision: native bf16 at the hardware's speed-up;
+    # simulated FP8 at the modelled FP8 s (the hardware gains nothing).
+    s_native = hw.get(prec, 1.0) if prec == "bf16" else 1.0
+    s_prec = (s_native if prec != "fp8"
+              else speedup_for("fp8", None, speedups))
+    sims = []
+
+    def direction(fmt, bits, s_prec=s_prec, sims=sims):
+      if bits == 0:
+        return s_prec
+      sims.append(fmt)
+      return speedup_for(fmt, bits, speedups)
+
+    s_f = direction(cfg.get("fwd_format"), cfg.get("fwd_bits"))
+    s_b = direction(cfg.get("bwd_format"), cfg.get("bwd_bits"))
     quantized_macs += (c.fwd_macs if s_f != 1.0 else 0.0) + (
         c.bwd_macs if s_b != 1.0 else 0.0)
     weighted += c.fwd_macs / s_f + c.bwd_macs / s_b
+    hw_weighted += c.total / s_native
     if s_f != 1.0 or s_b != 1.0:
       quantized_layers.append(c.name)
+    if prec == "bf16":
+      native_layers.append(c.name)
+    if sims or prec == "fp8":
+      simulated_layers.append(c.name)
   factor = weighted / total
   rel = a + factor * (1 - o) + o
+  hw_rel = a + hw_weighted / total * (1 - o) + o
   return EpochCost(quantized_fraction=quantized_macs / total,
                    compute_factor=factor, relative_time=rel,
-                   speedup=1.0 / rel, quantized_layers=quantized_layers)
+                   speedup=1.0 / rel, quantized_layers=quantized_layers,
+                   hardware_speedup=1.0 / hw_rel, native_layers=native_layers,
+                   simulated_layers=simulated_layers)
 
 
 def run_speedup(epochs: Sequence[EpochCost],
@@ -277,3 +357,14 @@ def run_speedup(epochs: Sequence[EpochCost],
   if len(weights) != len(epochs):
     _validation.fail("weights", weights, f"of length {len(epochs)}")
   return sum(weights) / sum(w * e.relative_time for w, e in zip(weights, epochs))
+
+
+def run_hardware_speedup(epochs: Sequence[EpochCost],
+                         weights: Optional[Sequence[float]] = None) -> float:
+  """Like :func:`run_speedup` with each epoch's ``hardware_speedup``."""
+  if not epochs:
+    _validation.fail("epochs", epochs, "a non-empty sequence of EpochCost")
+  weights = [1.0] * len(epochs) if weights is None else [float(w) for w in weights]
+  if len(weights) != len(epochs):
+    _validation.fail("weights", weights, f"of length {len(epochs)}")
+  return sum(weights) / sum(w / e.hardware_speedup for w, e in zip(weights, epochs))
