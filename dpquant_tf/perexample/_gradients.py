@@ -69,31 +69,36 @@ def _var_layer_name(var) -> str:
   return name.rsplit("/", 1)[0] if "/" in name else name
 
 
-def _tap_problem(tapped, num_examples) -> Optional[str]:
-  """Why a tapped layer's taps cannot be used now, or None if they can."""
-  x = getattr(tapped, "tap_input", None)
-  z = getattr(tapped, "tap_output", None)
-  if x is None or z is None:
-    return "not called in this step"
+def _tap_problem(tapped, num_examples):
+  """``(tap, None)`` when the layer's taps can be used now, else ``(None, why)``.
+
+  The taps are those the current replica recorded in the current trace
+  (``_registry.current_tap``): under ``MirroredStrategy`` every local replica
+  calls each layer once and reads its own taps.
+  """
+  tap = _registry.current_tap(tapped)
+  if tap is None:
+    return None, "not called in this step"
+  x, z = tap.tap_input, tap.tap_output
   rows = x.shape[0] if x.shape.rank else None
   if isinstance(num_examples, int) and rows is not None and rows != num_examples:
     # TimeDistributed or a reshape folded other axes into its batch: its rows
     # are not the examples (METHOD.md invariant 8). The jacobian is exact.
-    return (f"its input has {rows} rows for {num_examples} examples (a "
-            "TimeDistributed wrapper or a reshape folds other axes into them)")
+    return None, (f"its input has {rows} rows for {num_examples} examples (a "
+                  "TimeDistributed wrapper or a reshape folds other axes into "
+                  "them)")
   if not tf.executing_eagerly():
     graph = tf.compat.v1.get_default_graph()
     if getattr(z, "graph", graph) is not graph or getattr(x, "graph", graph) is not graph:
-      return "its taps belong to another trace"
-    calls = getattr(tapped, "tap_calls", None)
-    if calls is not None and calls.get(graph, 1) > 1:
-      return f"called {calls[graph]} times in one step"
+      return None, "its taps belong to another trace"
+    if tap.calls > 1:
+      return None, f"called {tap.calls} times in one step"
   kind = _registry.kind_of(tapped.layer)
   try:
     _signature(_RULES[kind], tapped.layer, x, z, 1)
   except _rules.UnsupportedLayerError as e:
-    return f"unsupported: {e}"
-  return None
+    return None, f"unsupported: {e}"
+  return tap, None
 
 
 def per_example_gradients(loss, var_list: Sequence[tf.Variable], tape,
@@ -142,20 +147,22 @@ def collect(loss, var_list: Sequence[tf.Variable], tape, num_microbatches=None,
     chunk_size = _validation.check_int("chunk_size", chunk_size, low=1)
   num_examples = _batch(loss)
   slots = _registry.registered_slots()
-  groups = {}     # id(tapped) -> (slot, [(var index, role)])
+  groups = {}     # id(tapped) -> (slot, tap, [(var index, role)])
   problems = {}   # id(tapped) -> (name, reason)
   fallback_idx = []
   for i, var in enumerate(var_list):
     slot = slots.get(var.ref())
-    reason = None if slot is None else (
-        problems[id(slot.layer)][1] if id(slot.layer) in problems
-        else _tap_problem(slot.layer, num_examples))
+    tap, reason = None, None
+    if slot is not None and id(slot.layer) in problems:
+      reason = problems[id(slot.layer)][1]
+    elif slot is not None and id(slot.layer) not in groups:
+      tap, reason = _tap_problem(slot.layer, num_examples)
     if slot is None or reason is not None:
       if slot is not None:
         problems[id(slot.layer)] = (_layer_name(slot.layer), reason)
       fallback_idx.append(i)
       continue
-    groups.setdefault(id(slot.layer), (slot, []))[1].append((i, slot.role))
+    groups.setdefault(id(slot.layer), (slot, tap, []))[2].append((i, slot.role))
 
   if fallback_idx:
     names = sorted({problems[id(slots[var_list[i].ref()].layer)][0] + " ("
@@ -174,13 +181,12 @@ def collect(loss, var_list: Sequence[tf.Variable], tape, num_microbatches=None,
       return PerExampleTaps(var_list, [], num_microbatches,
                             dict(enumerate(grads)), chunk_size, num_examples)
 
-  tapped = [slot.layer for slot, _ in groups.values()]
-  g_outs = tape.gradient(loss, [t.tap_output for t in tapped],
+  outputs = [tap.tap_output for _, tap, _ in groups.values()]
+  g_outs = tape.gradient(loss, outputs,
                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
-  layers = [(slot, entries, _rows_checked(layer.tap_input, num_examples,
-                                           _layer_name(layer)), g)
-            for (slot, entries), layer, g in zip(groups.values(), tapped,
-                                                 g_outs)]
+  layers = [(slot, entries, _rows_checked(tap.tap_input, num_examples,
+                                           _layer_name(slot.layer)), g)
+            for (slot, tap, entries), g in zip(groups.values(), g_outs)]
   fb = {}
   if fallback_idx:
     fb = dict(zip(fallback_idx, fallback(

@@ -10,6 +10,13 @@ Tapped layers are held weakly (a ``weakref.WeakSet``): registering a layer never
 keeps a model alive. The map from variable to layer is rebuilt from the live
 registered layers at each lookup (at trace time, not per step), so it follows
 variables created after registration (layers register when built or wrapped).
+
+Taps are kept per trace and per replica: under ``tf.distribute`` strategies
+that trace the step once per local replica in one graph (``MirroredStrategy``,
+``MultiWorkerMirroredStrategy``), every replica calls each layer once, and the
+gradient code of a replica reads the taps that replica recorded
+(:func:`current_tap`). Graph-mode taps live on the graph they belong to (freed
+with it); eager taps in a module-level map keyed weakly by layer.
 """
 
 import threading
@@ -20,11 +27,15 @@ import tensorflow as tf
 
 from dpquant_tf import _layer_kinds
 
-__all__ = ["LayerKind", "VarSlot", "kind_of", "record_tap", "register_tapped_layer",
-           "registered_slots", "unregister_tapped_layer"]
+__all__ = ["LayerKind", "Tap", "VarSlot", "current_tap", "kind_of", "record_tap",
+           "register_tapped_layer", "registered_slots", "replica_key",
+           "unregister_tapped_layer"]
 
 _LOCK = threading.Lock()
 _TAPPED = weakref.WeakSet()
+_GRAPH_ATTR = "_dpquant_tf_taps"
+_EAGER_TAPS = weakref.WeakKeyDictionary()   # layer -> {replica key: Tap}
+_CROSS_REPLICA = "cross-replica"
 
 
 LayerKind = _layer_kinds.LayerKind
@@ -65,23 +76,110 @@ def register_tapped_layer(layer) -> None:
     _TAPPED.add(layer)
 
 
+class Tap(NamedTuple):
+  """One replica's taps of a layer in one trace (or eagerly)."""
+  tap_input: object
+  tap_output: object
+  calls: int      # calls by this replica in this trace (1 when eager)
+
+
+def replica_key():
+  """A key that is static and distinct for each replica trace.
+
+  ``MirroredStrategy`` and ``MultiWorkerMirroredStrategy`` trace the replica
+  function once per local replica (each in its own thread, in one graph),
+  with a Python ``int`` replica id in the replica context: that id is the
+  key. Without a strategy the default replica context has id 0. Strategies
+  that trace one program for all replicas (TPU) give a tensor id: one key
+  (``None``). Cross-replica context has its own key.
+
+  Returns:
+    An ``int``, ``None`` or a string.
+  """
+  ctx = tf.distribute.get_replica_context()
+  if ctx is None:
+    return _CROSS_REPLICA
+  # The public property wraps the id in a constant op; the attribute holds
+  # the Python int (or a tensor) without adding ops to the trace.
+  rid = getattr(ctx, "_replica_id_in_sync_group", None)  # pylint: disable=protected-access
+  if rid is None:
+    rid = tf.get_static_value(ctx.replica_id_in_sync_group)
+  return None if rid is None or tf.is_tensor(rid) else int(rid)
+
+
+def _store(create: bool):
+  """The tap map of the current trace (eager: the module's), or None."""
+  if tf.executing_eagerly():
+    return _EAGER_TAPS
+  graph = tf.compat.v1.get_default_graph()
+  store = getattr(graph, _GRAPH_ATTR, None)
+  if store is None and create:
+    store = weakref.WeakKeyDictionary()
+    setattr(graph, _GRAPH_ATTR, store)
+  return store
+
+
 def record_tap(layer, tap_input, tap_output) -> None:
   """Records one call of a tapped layer: the one place taps are written.
 
-  Sets ``layer.tap_input`` / ``layer.tap_output`` and, while tracing, counts
-  the calls per graph in ``layer.tap_calls`` (a second call in one trace
-  makes the fast path fall back for that layer).
+  Stores the taps under the current trace and replica (:func:`replica_key`),
+  counting the calls of each replica in each trace (a second call by one
+  replica in one trace makes the fast path fall back for that layer). Also
+  sets ``layer.tap_input`` / ``layer.tap_output`` (the last call's tensors,
+  whichever replica made it) and, while tracing, counts all replicas' calls
+  per graph in ``layer.tap_calls``.
 
   Args:
     layer: a registered tapped layer (``QuantizedLayer`` or ``TappedLayer``).
     tap_input: the tensor fed to the layer's linear op.
     tap_output: the op's output ``z``.
   """
+  key = replica_key()
+  eager = tf.executing_eagerly()
+  with _LOCK:
+    store = _store(create=True)
+    per_replica = store.get(layer)
+    if per_replica is None:
+      per_replica = {}
+      store[layer] = per_replica
+    previous = per_replica.get(key)
+    calls = 1 if eager or previous is None else previous.calls + 1
+    per_replica[key] = Tap(tap_input, tap_output, calls)
   layer.tap_input = tap_input
   layer.tap_output = tap_output
-  if not tf.executing_eagerly():
+  if not eager:
     graph = tf.compat.v1.get_default_graph()
     layer.tap_calls[graph] = layer.tap_calls.get(graph, 0) + 1
+
+
+def current_tap(layer) -> Optional[Tap]:
+  """The taps the current replica recorded for ``layer`` in the current trace.
+
+  For a layer that never went through :func:`record_tap` in this trace (a
+  tapped layer of another library that sets ``tap_input``/``tap_output``
+  itself), the attributes, with ``tap_calls`` of this graph when it has one.
+
+  Args:
+    layer: a tapped layer.
+
+  Returns:
+    A :class:`Tap`, or None when the current replica did not call the layer
+    in this trace (or the layer has no taps at all).
+  """
+  with _LOCK:
+    store = _store(create=False)
+    per_replica = store.get(layer) if store is not None else None
+    if per_replica is not None:
+      return per_replica.get(replica_key())
+  x = getattr(layer, "tap_input", None)
+  z = getattr(layer, "tap_output", None)
+  if x is None or z is None:
+    return None
+  calls = 1
+  counts = getattr(layer, "tap_calls", None)
+  if counts is not None and not tf.executing_eagerly():
+    calls = counts.get(tf.compat.v1.get_default_graph(), 1)
+  return Tap(x, z, calls)
 
 
 def unregister_tapped_layer(layer) -> None:
