@@ -16,8 +16,11 @@ A lower bound above the ledger's epsilon falsifies the privacy claim.
 """
 
 from dpquant_tf.audit._checkpoint import audit_checkpoint_replay
+from dpquant_tf.audit._gradient_canaries import fit_with_gradient_canaries
 from dpquant_tf.audit._gradient_canaries import gradient_canaries
 from dpquant_tf.audit._gradient_canaries import GradientCanaries
+from dpquant_tf.audit._gradient_canaries import per_step_scores
+from dpquant_tf.audit._gradient_canaries import StepProjections
 from dpquant_tf.audit._mechanism import audit_mechanism
 from dpquant_tf.audit._mechanism import linear_probe_model
 from dpquant_tf.audit._mechanism import MechanismAudit
@@ -37,16 +40,19 @@ __all__ = [
     "MechanismAudit",
     "OneRunAudit",
     "PooledThresholdAudit",
+    "StepProjections",
     "ThresholdAudit",
     "audit_checkpoint_replay",
     "audit_mechanism",
     "audit_one_run",
     "clopper_pearson",
     "epsilon_from_rates",
+    "fit_with_gradient_canaries",
     "gradient_canaries",
     "linear_probe_model",
     "one_run_epsilon_lower_bound",
     "one_run_p_value",
+    "per_step_scores",
     "pooled_threshold_epsilon_lower_bound",
     "threshold_epsilon_lower_bound",
 ]

@@ -103,7 +103,8 @@ def audit_one_run(
     model_fn: Optional[Callable[[int, int], tf.keras.Model]] = None,
     guesses_in: Optional[int] = None, guesses_out: Optional[int] = None,
     delta: float = 1e-5, confidence: float = 0.95,
-    canary_kind: str = "input", seed: int = 0) -> OneRunAudit:
+    canary_kind: str = "input", score: str = "per_step",
+    seed: int = 0) -> OneRunAudit:
   """Trains once with canaries and bounds epsilon from membership guesses.
 
   Args:
@@ -122,6 +123,9 @@ def audit_one_run(
     canary_kind: "input" (random inputs scored by loss) or "gradient"
       (gradient canaries through the optimizer's audit hook, scored by the
       parameter change along each canary's direction).
+    score: for gradient canaries, "per_step" (log-likelihood ratio of the
+      per-step moves, plain SGD; ``per_step_scores``) or "final" (the total
+      parameter change).
     seed: public seed of the data, the canaries, their inclusion and the
       model initialization. The optimizer's noise is never seeded.
 
@@ -163,12 +167,10 @@ def audit_one_run(
       from_logits=True, reduction=tf.keras.losses.Reduction.NONE)
   model.compile(optimizer=optimizer, loss=loss)
   if gradient:
-    with _gradient_canaries.gradient_canaries(
-        optimizer, model.trainable_variables, canaries=m,
-        seed=int(rng.integers(2**31))) as cans:
-      initial = cans.flat_weights()
-      model.fit(ds, epochs=epochs, verbose=0)
-    scores, included = cans.scores(initial), cans.included
+    scores, included = _gradient_canaries.fit_with_gradient_canaries(
+        model, optimizer,
+        lambda cbs: model.fit(ds, epochs=epochs, verbose=0, callbacks=cbs),
+        canaries=m, seed=int(rng.integers(2**31)), score=score)
   else:
     model.fit(ds, epochs=epochs, verbose=0)
     logits = model(x_can.astype(np.float32), training=False)

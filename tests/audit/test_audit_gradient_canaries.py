@@ -116,3 +116,22 @@ def test_one_run_gradient_canaries_sound_and_flag_missing_noise():
   assert broken.violated, broken
   with pytest.raises(ValueError, match="canary_kind"):
     audit.audit_one_run(canaries=10, canary_kind="weights")
+
+
+def test_per_step_scores_closed_form_and_power():
+  # No move at any step: each step contributes log(1 - q + q e^{-1/(2 z^2)}).
+  q, z = 0.1, 0.8
+  got = audit.per_step_scores(np.zeros([7, 2]), unit=0.5,
+                              sampling_probability=q, noise_multiplier=z)
+  want = 7 * np.log(1 - q + q * np.exp(-0.5 / z**2))
+  np.testing.assert_allclose(got, [want, want])
+  # Simulated in/out canaries (moves in units of 0.5): "in" ranks higher.
+  rng = np.random.default_rng(0)
+  inc = rng.random(200) < 0.5
+  moves = (rng.random([300, 200]) < q) * inc + rng.normal(size=[300, 200]) * z
+  scores = audit.per_step_scores(0.5 * moves, unit=0.5,
+                                 sampling_probability=q, noise_multiplier=z)
+  assert scores[inc].mean() > scores[~inc].mean() + 1.0
+  with pytest.raises(ValueError, match="noise_multiplier"):
+    audit.per_step_scores(moves, unit=1.0, sampling_probability=q,
+                          noise_multiplier=0.0)

@@ -33,3 +33,27 @@ def test_binary_prints_json():
   report = json.loads(out.stdout.strip().splitlines()[-1])
   assert report["config"]["noise_multiplier"] == 2.0
   assert report["result"]["trials"] == 10
+
+
+def test_lib_one_run_gradient_canaries():
+  report = lib.run(lib.AuditConfig(audit="one_run", canaries=40, epochs=2,
+                                   noise_multiplier=4.0,
+                                   canary_kind="gradient"))
+  res = report["result"]
+  assert res["canary_kind"] == "gradient" and not res["violated"]
+  assert "canaries / guesses / correct" in lib.format_table(report)
+
+
+@pytest.mark.slow
+def test_binary_audits_the_train_py_configuration():
+  out = subprocess.run(
+      [sys.executable, "tools/audit_privacy.py", "--audit=one_run",
+       "--train_config", "--canaries=50", "--epochs=1", "--max_train=400",
+       "--max_test=100", "--json"], cwd=_ROOT, capture_output=True, text=True,
+      timeout=900, check=True)
+  report = json.loads(out.stdout.strip().splitlines()[-1])
+  assert report["config"]["model"] == "cnn"
+  assert report["config"]["epochs"] == 1
+  res = report["result"]
+  assert res["canaries"] == 50 and res["canary_kind"] == "gradient"
+  assert res["epsilon_lower_bound"] <= res["claimed_epsilon"]
