@@ -77,8 +77,13 @@ def test_two_replicas_mirrored_sound_and_flags_missing_noise():
 
 @pytest.mark.slow
 def test_tightness_single_gaussian_step():
-  result = audit.audit_mechanism(trials=20000, noise_multiplier=1.0, seed=0)
-  assert not result.violated
+  # Pooled two-tailed test, t = 3.4 fixed from N(0,1) vs N(1,1) before the
+  # run (expected bound 2.58; docs/AUDIT.md). The 50%-of-RDP target (2.365)
+  # is met in expectation but misses in roughly 1 run of 7; the assertion
+  # keeps the 50%-of-PLD floor (2.19), which fails rarely (about 3%).
+  result = audit.audit_mechanism(trials=20000, noise_multiplier=1.0, seed=0,
+                                 threshold=3.4)
+  assert result.statistic == "pooled" and not result.violated
   assert result.epsilon_lower_bound >= 0.5 * result.claimed_epsilon_pld
 
 
