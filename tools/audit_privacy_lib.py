@@ -169,7 +169,7 @@ def audit_train_config(train_config, *, canaries: int, seed: int = 0,
   scores, included = audit.fit_with_gradient_canaries(
       model, optimizer, fit, canaries=canaries, seed=seed, score=score)
   k = canaries // 10 if guesses is None else guesses
-  result = audit._one_run.score_and_bound(
+  result = audit.score_and_bound(
       scores, included, ledger=ledger, guesses_in=k, guesses_out=k,
       delta=cfg.delta, confidence=confidence, canary_kind="gradient",
       wall_s=time.perf_counter() - start)

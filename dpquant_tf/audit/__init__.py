@@ -26,6 +26,7 @@ from dpquant_tf.audit._mechanism import linear_probe_model
 from dpquant_tf.audit._mechanism import MechanismAudit
 from dpquant_tf.audit._one_run import audit_one_run
 from dpquant_tf.audit._one_run import OneRunAudit
+from dpquant_tf.audit._one_run import score_and_bound
 from dpquant_tf.audit._stats import clopper_pearson
 from dpquant_tf.audit._stats import epsilon_from_rates
 from dpquant_tf.audit._stats import one_run_epsilon_lower_bound
@@ -54,5 +55,6 @@ __all__ = [
     "one_run_p_value",
     "per_step_scores",
     "pooled_threshold_epsilon_lower_bound",
+    "score_and_bound",
     "threshold_epsilon_lower_bound",
 ]

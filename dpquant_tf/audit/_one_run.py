@@ -182,10 +182,23 @@ def audit_one_run(
 
 
 def score_and_bound(scores, included, *, ledger, guesses_in: int,
-                    guesses_out: int, delta: float, confidence: float,
-                    canary_kind: str, wall_s: float) -> OneRunAudit:
-  """Guesses from canary scores (higher = "in"), the one-run bound, and the
-  ledger's claim for the run, as a ``OneRunAudit``."""
+                    guesses_out: int, delta: float, confidence: float = 0.95,
+                    canary_kind: str = "gradient",
+                    wall_s: float = 0.0) -> OneRunAudit:
+  """Guesses from canary scores, the one-run bound and the ledger's claim.
+
+  Args:
+    scores: [m] canary scores (higher = "in").
+    included: [m] bool, the true membership.
+    ledger: the run's ``PrivacyLedger`` (its epsilon is the claim).
+    guesses_in, guesses_out: "in" guesses for the highest scores, "out"
+      guesses for the lowest; fixed before the run.
+    delta, confidence: of the bound and the claim.
+    canary_kind, wall_s: recorded in the result.
+
+  Returns:
+    A ``OneRunAudit``.
+  """
   m = len(scores)
   claimed = ledger.epsilon(delta)
   run_steps = sum(c for _, c in ledger.events())

@@ -135,3 +135,24 @@ def test_per_step_scores_closed_form_and_power():
   with pytest.raises(ValueError, match="noise_multiplier"):
     audit.per_step_scores(moves, unit=1.0, sampling_probability=q,
                           noise_multiplier=0.0)
+
+
+def test_per_step_score_refuses_adam_and_final_score_works_for_it():
+  model = audit.linear_probe_model(8)
+  x = tf.ones([4, 8])
+  opt = dpquant_tf.DPQuantAdamOptimizer(
+      l2_norm_clip=1.0, noise_multiplier=1.0, expected_batch_size=4.0,
+      sampling_probability=0.5)
+
+  def fit(callbacks):
+    assert callbacks == []
+    opt.minimize(lambda: -tf.reshape(model(x), [-1]),
+                 model.trainable_variables)
+  with pytest.raises(ValueError, match="plain SGD"):
+    audit.fit_with_gradient_canaries(model, opt, fit, canaries=4)
+  assert opt._audit_hook is None
+  scores, included = audit.fit_with_gradient_canaries(model, opt, fit,
+                                                      canaries=4,
+                                                      score="final")
+  assert scores.shape == (4,) and included.shape == (4,)
+  assert np.all(np.isfinite(scores)) and opt._audit_hook is None
