@@ -9,6 +9,7 @@ selection, 75% of the layers in LUQ-FP4 each epoch). Examples:
   python examples/train.py --policy=none --epochs=3            # fp32 DP-SGD
   python examples/train.py --dataset=npz:/path/mine.npz --export_dir=/tmp/m
   python examples/train.py --nodp --policy=static --ratio=0.5  # no DP
+  python examples/train.py --format=bf16 --ratio=0.75   # native bfloat16 layers
   python examples/train.py --strategy=mirrored --cpu_devices=2  # tf.distribute
   python examples/train.py --dataset=tfds:mnist --data_dir=~/tensorflow_datasets
 
@@ -62,8 +63,10 @@ flags.DEFINE_enum("policy", _D.policy, _names(train_lib.PolicyName),
 flags.DEFINE_float("ratio", _D.ratio, "Fraction of quantizable layers quantized per epoch.")
 flags.DEFINE_list("static_layers", None, "With --policy=static: the layer "
                   "names quantized for the whole run (default: a random subset).")
-flags.DEFINE_enum("format", _D.format, _names(train_lib.FormatName),
-                  "Format of the quantized layers (forward and backward).")
+flags.DEFINE_enum("format", _D.format, train_lib.format_names(),
+                  "Format of the quantized layers (forward and backward): "
+                  "simulated presets, or bf16 (the op runs natively in "
+                  "bfloat16) / fp8_e4m3 (FP8 simulated on every device).")
 flags.DEFINE_enum("optimizer", _D.optimizer, _names(train_lib.OptimizerName),
                   "DP-SGD or DP-Adam.")
 flags.DEFINE_integer("seed", None, "Seed of the initialisation and the schedule "

@@ -21,9 +21,15 @@ What a DP run does (``dp=True``):
 5. evaluates the test accuracy with the trained weights in full precision
    (quantization is a training-time compute saving);
 6. reports the cost model's theoretical speed-up (:mod:`dpquant_tf.costmodel`)
-   from the per-layer MACs of the plans actually run.
+   from the per-layer MACs of the plans actually run, next to the measured
+   step time of each epoch (``StepTimeCallback``: ``step_time_s`` in the
+   Keras logs and in ``plan_per_epoch``), and which layers ran natively in a
+   low precision and which were simulated (``execution`` in the metrics).
 
-Formats and policies by name come from :mod:`dpquant_tf.presets`.
+Formats and policies by name come from :mod:`dpquant_tf.presets`; the native
+execution precisions ``bf16`` (the layer's matmul/convolution runs in
+bfloat16, no simulated rounding) and ``fp8_e4m3`` (simulated FP8 E4M3 on
+every device) are added here (:class:`NativeFormat`).
 
 ``seed`` fixes the weight initialisation, the schedule's random layer draws
 and (non-DP runs) the data order. DP noise and Poisson sampling come from
@@ -54,14 +60,56 @@ from dpquant_tf import distribute
 from dpquant_tf import models as dp_models
 from dpquant_tf import presets
 
-__all__ = ["FormatName", "OptimizerName", "PolicyName", "TrainConfig",
-           "TrainResult", "base_layer_config", "train"]
+__all__ = ["FormatName", "NativeFormat", "OptimizerName", "PolicyName",
+           "TrainConfig", "TrainResult", "base_layer_config", "format_names",
+           "train"]
 
 
 # The names a user passes (--policy, --format) are library presets.
 PolicyName = presets.PolicyName
 FormatName = presets.FormatPreset
-base_layer_config = presets.layer_config
+
+
+class NativeFormat(enum.Enum):
+  """Execution precisions by name (the op itself runs in this precision).
+
+  bf16: inputs and kernel cast to bfloat16 (stochastic rounding), the op and
+  its backward pass in bfloat16; faster where the hardware has bf16 units.
+  fp8_e4m3: FP8 E4M3 simulated (rounded, op in float32) on every device.
+  """
+  BF16 = "bf16"
+  FP8_E4M3 = "fp8_e4m3"
+
+
+def format_names() -> List[str]:
+  """Every --format value: the library presets and the native precisions."""
+  return [m.value for m in FormatName] + [m.value for m in NativeFormat]
+
+
+def _check_format(name):
+  if isinstance(name, (FormatName, NativeFormat)):
+    return name
+  for cls in (NativeFormat, FormatName):
+    for member in cls:
+      if isinstance(name, str) and name.lower() in (member.value,
+                                                    member.name.lower()):
+        return member
+  _validation.fail("format", name, f"one of {format_names()}")
+
+
+def base_layer_config(name):
+  """The enabled ``LayerQuantConfig`` of a quantized layer in format ``name``.
+
+  Presets (``luq_fp4``, ``int4``, ...) come from :mod:`dpquant_tf.presets`
+  (simulated formats, float32 op). ``bf16`` / ``fp8_e4m3``: no simulated
+  rounding (bits 0 both ways), the op in that execution precision.
+  """
+  fmt = _check_format(name)
+  if isinstance(fmt, FormatName):
+    return presets.layer_config(fmt)
+  from dpquant_tf import quantization  # pylint: disable=g-import-not-at-top
+  return quantization.LayerQuantConfig(enabled=True, fwd_bits=0, bwd_bits=0,
+                                       precision=fmt.value)
 
 
 class OptimizerName(enum.Enum):
@@ -113,7 +161,7 @@ class TrainConfig:
     _validation.check_positive("learning_rate", self.learning_rate)
     _validation.check_probability("ratio", self.ratio, allow_zero=True)
     _validation.check_enum("policy", self.policy, PolicyName)
-    _validation.check_enum("format", self.format, FormatName)
+    _check_format(self.format)
     _validation.check_enum("optimizer", self.optimizer, OptimizerName)
     _validation.check_int("analysis_period", self.analysis_period, low=1)
     _validation.check_probability("analysis_sampling_rate",
@@ -201,22 +249,48 @@ def _analysis_fraction(cfg: TrainConfig, layers, estimator) -> float:
   return cfg.analysis_sampling_rate * passes * fwd / total
 
 
-def _cost_report(cfg, layers, history, base_cfg, analysis_fraction):
-  """Per-epoch plans and the cost model's speed-ups."""
+def _cost_report(cfg, layers, history, base_cfg, analysis_fraction,
+                 step_times=()):
+  """Per-epoch plans, the cost model's speed-ups and the measured step times.
+
+  Returns:
+    (plans per epoch, modelled run speed-up, hardware run speed-up).
+  """
   plans, costs = [], []
+  times = {t["epoch"]: t for t in step_times}
   for entry in history:
     plan = {name: base_cfg.to_dict() for name in entry["quantized"]}
     frac = analysis_fraction if entry.get("analysis") is not None else 0.0
     cost = costmodel.epoch_cost(layers, plan, analysis_fraction=frac)
     costs.append(cost)
+    measured = times.get(entry["epoch"], {})
     plans.append({"epoch": entry["epoch"], "plan": plan,
                   "quantized": list(entry["quantized"]),
                   "analysis_fraction": frac,
                   "analysis": entry.get("analysis"),
                   "quantized_fraction": cost.quantized_fraction,
-                  "speedup": cost.speedup})
+                  "speedup": cost.speedup,
+                  "hardware_speedup": cost.hardware_speedup,
+                  "native_layers": list(cost.native_layers),
+                  "simulated_layers": list(cost.simulated_layers),
+                  "step_time_s": measured.get("step_time_s"),
+                  "epoch_time_s": measured.get("epoch_time_s")})
   speedup = costmodel.run_speedup(costs) if costs else 1.0
-  return plans, speedup
+  hw = costmodel.run_hardware_speedup(costs) if costs else 1.0
+  return plans, speedup, hw
+
+
+def _execution_summary(cfg, plans) -> Dict[str, Any]:
+  """Which layers ran natively in low precision and which were simulated."""
+  from dpquant_tf import quantization  # pylint: disable=g-import-not-at-top
+  base = base_layer_config(cfg.format)
+  native = sorted({n for p in plans for n in p["native_layers"]})
+  simulated = sorted({n for p in plans for n in p["simulated_layers"]})
+  return {"format": str(cfg.format), "precision": base.precision.name.lower(),
+          "native_precision": base.precision is quantization.Precision.BFLOAT16,
+          "hardware_accelerated": bool(quantization.hardware_accelerated(
+              base.precision)),
+          "native_layers": native, "simulated_layers": simulated}
 
 
 def _write_json(path: str, obj) -> None:
@@ -365,6 +439,8 @@ def _callbacks(cfg: TrainConfig, policy, ledger, estimator) -> Tuple[list, Any]:
     callbacks.append(privacy.PrivacyCallback(ledger, cfg.delta))
   if cfg.tensorboard_dir:
     callbacks.append(tf.keras.callbacks.TensorBoard(cfg.tensorboard_dir))
+  # Last, so the epoch-start analysis of the scheduler is not timed.
+  callbacks.append(costmodel.StepTimeCallback())
   return callbacks, scheduler
 
 
@@ -372,7 +448,17 @@ def _report(cfg: TrainConfig, metrics: Dict[str, Any], ledger) -> None:
   """Prints the results; adds epsilon, analysis share and statement (DP)."""
   print(f"Test accuracy: {metrics['test_accuracy']:.4f}")
   print(f"Theoretical speed-up (cost model, {cfg.format}): "
-        f"{metrics['theoretical_speedup']:.3f}x")
+        f"{metrics['theoretical_speedup']:.3f}x; on this hardware "
+        f"{metrics['hardware_speedup']:.3f}x")
+  ex = metrics["execution"]
+  print(f"Execution: native {ex['precision'] if ex['native_layers'] else '-'} "
+        f"layers {ex['native_layers']} (hardware accelerated: "
+        f"{ex['hardware_accelerated']}); simulated layers "
+        f"{ex['simulated_layers']}")
+  for p in metrics["plan_per_epoch"]:
+    if p.get("step_time_s") is not None:
+      print(f"  epoch {p['epoch']}: step {1000 * p['step_time_s']:.1f} ms "
+            f"measured, modelled speed-up {p['speedup']:.3f}x")
   if not cfg.dp:
     return
   eps = ledger.epsilon(cfg.delta)
@@ -451,8 +537,10 @@ def train(config: TrainConfig) -> TrainResult:
   _, acc = model.evaluate(ds.x_test, ds.y_test, batch_size=256, verbose=0)
   history = scheduler.history if scheduler is not None else [
       {"epoch": e, "quantized": [], "analysis": None} for e in range(cfg.epochs)]
-  plans, speedup = _cost_report(cfg, layers, history, base_layer_config(cfg.format),
-                                _analysis_fraction(cfg, layers, estimator))
+  timer = next(c for c in callbacks if isinstance(c, costmodel.StepTimeCallback))
+  plans, speedup, hw_speedup = _cost_report(
+      cfg, layers, history, base_layer_config(cfg.format),
+      _analysis_fraction(cfg, layers, estimator), timer.history)
   metrics: Dict[str, Any] = {
       "test_accuracy": float(acc),
       "epsilon": None, "delta": cfg.delta if cfg.dp else None,
@@ -460,6 +548,9 @@ def train(config: TrainConfig) -> TrainResult:
       "steps": steps_per_epoch * cfg.epochs, "steps_per_epoch": steps_per_epoch,
       "dataset": ds.description, "train_size": n, "test_size": len(ds.x_test),
       "theoretical_speedup": speedup,
+      "hardware_speedup": hw_speedup,
+      "execution": _execution_summary(cfg, plans),
+      "step_time_s": [t["step_time_s"] for t in timer.history],
       "wall_seconds": time.time() - start, "train_seconds": train_seconds,
       "layers": [dataclasses.asdict(c) for c in costmodel.layer_costs(layers)],
       "plan_per_epoch": plans,

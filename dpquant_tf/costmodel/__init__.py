@@ -7,7 +7,7 @@ MAC counter). Public names: `LayerCost`, `EpochCost`, `DEFAULT_SPEEDUPS`,
 `model_layer_costs`, `plan_to_dict`, `run_speedup`, `speedup_for`, and for
 native execution precisions `BF16_HARDWARE_SPEEDUP`, `native_speedups`,
 `run_hardware_speedup` (EpochCost.hardware_speedup / native_layers /
-simulated_layers).
+simulated_layers); `StepTimeCallback` measures each epoch's step time.
 """
 
 from dpquant_tf.costmodel._costmodel import BF16_HARDWARE_SPEEDUP
@@ -24,12 +24,14 @@ from dpquant_tf.costmodel._costmodel import plan_to_dict
 from dpquant_tf.costmodel._costmodel import run_hardware_speedup
 from dpquant_tf.costmodel._costmodel import run_speedup
 from dpquant_tf.costmodel._costmodel import speedup_for
+from dpquant_tf.costmodel._timing import StepTimeCallback
 
 __all__ = [
     "BF16_HARDWARE_SPEEDUP",
     "DEFAULT_SPEEDUPS",
     "EpochCost",
     "LayerCost",
+    "StepTimeCallback",
     "cost_model_time",
     "epoch_cost",
     "format_key",

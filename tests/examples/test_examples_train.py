@@ -55,6 +55,50 @@ def test_dp_fp32_run_writes_metrics_and_exports(tmp_path):
 
 
 @pytest.mark.slow
+@needs_quantization
+def test_bf16_run_reports_native_layers_and_measured_step_times(monkeypatch):
+  monkeypatch.setenv("DPQUANT_ASSUME_BF16_HARDWARE", "1")
+  result = train_lib.train(train_lib.TrainConfig(
+      policy="static", ratio=0.5, format="bf16", target_epsilon=8.0,
+      static_layers=("conv1", "dense1"), seed=1,
+      **dict(SMALL, epochs=2)))
+  m = result.metrics
+  assert m["execution"]["precision"] == "bfloat16"
+  assert m["execution"]["native_precision"] is True
+  assert m["execution"]["native_layers"] == ["conv1", "dense1"]
+  assert m["execution"]["simulated_layers"] == []
+  plan = m["plan_per_epoch"][0]
+  assert plan["plan"]["conv1"]["precision"] == "bfloat16"
+  assert plan["plan"]["conv1"]["fwd_bits"] == 0
+  # Modelled from the (assumed) bf16 hardware; nothing simulated.
+  assert plan["hardware_speedup"] == pytest.approx(plan["speedup"])
+  assert m["hardware_speedup"] > 1.0
+  assert len(m["step_time_s"]) == 2 and all(t > 0 for t in m["step_time_s"])
+  assert [p["step_time_s"] for p in m["plan_per_epoch"]] == m["step_time_s"]
+  assert all(p["epoch_time_s"] >= p["step_time_s"] for p in m["plan_per_epoch"])
+  assert 7.9 <= m["epsilon"] <= 8.0 + 1e-9
+
+
+def test_simulated_format_reports_simulated_layers_and_formats():
+  cfg = train_lib.base_layer_config("luq_fp4")
+  assert cfg.precision.name == "FLOAT32" and cfg.fwd_bits == 4
+  cfg = train_lib.base_layer_config("bf16")
+  assert cfg.precision.name == "BFLOAT16" and cfg.fwd_bits == cfg.bwd_bits == 0
+  assert train_lib.base_layer_config("fp8_e4m3").precision.name == "FP8_E4M3"
+  assert {"bf16", "fp8_e4m3", "luq_fp4"} <= set(train_lib.format_names())
+  train_lib.TrainConfig(format="bf16").validate()
+  layers = [costmodel.LayerCost("conv1", 10.0, 20.0)]
+  plans, speedup, hw = train_lib._cost_report(  # pylint: disable=protected-access
+      train_lib.TrainConfig(format="luq_fp4"), layers,
+      [{"epoch": 0, "quantized": ["conv1"], "analysis": None}],
+      train_lib.base_layer_config("luq_fp4"), 0.0,
+      [{"epoch": 0, "step_time_s": 0.5, "epoch_time_s": 2.0}])
+  assert plans[0]["simulated_layers"] == ["conv1"]
+  assert plans[0]["native_layers"] == [] and plans[0]["step_time_s"] == 0.5
+  assert speedup == pytest.approx(4.0) and hw == pytest.approx(1.0)
+
+
+@pytest.mark.slow
 def test_nodp_baseline_has_no_epsilon(tmp_path):
   result = train_lib.train(train_lib.TrainConfig(
       policy="none", dp=False, target_epsilon=None, seed=3, **SMALL))
