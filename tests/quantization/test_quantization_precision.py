@@ -205,7 +205,9 @@ def test_per_example_gradients_fast_path_float32_and_clipped():
   # Per-example sums equal the batch gradient of the same bf16 forward.
   batch = tape.gradient(total, model.trainable_variables)
   for g, b in zip(grads, batch):
-    np.testing.assert_allclose(tf.reduce_sum(g, 0), b, rtol=0.05, atol=2e-3)
+    # The batch gradient of the bf16 layer is accumulated in bfloat16.
+    np.testing.assert_allclose(tf.reduce_sum(g, 0), b, rtol=0,
+                               atol=0.03 * float(tf.reduce_max(tf.abs(b))))
 
 
 class _FallbackLog(logging.Handler):
@@ -218,7 +220,7 @@ class _FallbackLog(logging.Handler):
     self.messages.append(record.getMessage())
 
 
-@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("jit", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_dp_training_with_bfloat16_layers_trains_on_fast_path(jit):
   tf.keras.utils.set_random_seed(0)
   model = _cnn(P.BFLOAT16)
