@@ -2,6 +2,11 @@ r"""Speed of DP training: plain SGD, TF-Privacy, DPQuantOptimizer (fast path).
 
   python tools/benchmark.py --json
   python tools/benchmark.py --cases=cnn:64,cnn:256,small_resnet:64 --rounds=7
+  python tools/benchmark.py --smoke --cases=cnn:16 --contenders=dp,dp_bf16_100
+
+Native bfloat16 contenders (dp_bf16_50, dp_bf16_75, dp_bf16_100) run the
+chosen layers' ops in bfloat16; their speed-up over fp32 DP (``dp``) of the
+same run is printed as ``vs dp`` (dp ms / contender ms).
 
 Runs every contender in one process on the same model, data and batch,
 alternating them round by round; prints median ms per step, examples/s, peak
@@ -25,44 +30,59 @@ from absl import logging  # noqa: E402
 from tools import benchmark_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("cases", ["cnn:64", "cnn:256", "small_resnet:64"],
+flags.DEFINE_list("cases", ["cnn:64", "cnn:256", "small_resnet:64",
+                            "small_resnet:256"],
                   "model:batch pairs; models: cnn, small_resnet.")
 flags.DEFINE_list("contenders", list(benchmark_lib.CONTENDERS),
-                  "Subset of plain, tfprivacy, dp, dp_quant.")
+                  "Subset of plain, tfprivacy, dp, dp_quant, "
+                  "dp_bf16_<pct> (native bf16 plan at ratio pct/100).")
 flags.DEFINE_integer("rounds", 5, "Timed rounds (median over rounds).")
 flags.DEFINE_integer("steps", 3, "Steps per contender per round.")
 flags.DEFINE_integer("warmup", 2, "Warm-up steps per contender.")
 flags.DEFINE_float("quant_ratio", 0.5, "Share of quantizable layers quantized.")
 flags.DEFINE_bool("jit_compile", False, "Compile every train step with XLA.")
+flags.DEFINE_enum("bf16_rounding", "stochastic", ["stochastic", "nearest"],
+                  "Rounding of the bf16 contenders' casts.")
+flags.DEFINE_bool("smoke", False, "Tiny run (1 round, 1 step, 1 warm-up): "
+                  "checks that every contender runs; numbers meaningless.")
 flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
 flags.DEFINE_integer("seed", 0, "Seed for weights, data order and the plan.")
 
 
 def _table(report) -> str:
-  rows = ["model         batch contender   ms/step   ex/s     peak MB  vs plain  "
-          "TF-Privacy/x"]
+  rows = ["model         batch contender     ms/step   ex/s     peak MB  vs plain  "
+          "TF-Privacy/x  vs dp"]
   for c in report["cases"]:
     for k in FLAGS.contenders:
       rows.append(
-          f"{c['model']:<13} {c['batch_size']:>5} {k:<10} {c[k + '_ms']:>8.1f} "
+          f"{c['model']:<13} {c['batch_size']:>5} {k:<12} {c[k + '_ms']:>8.1f} "
           f"{c[k + '_examples_per_s']:>8.0f} {str(c[k + '_peak_mb']):>10} "
           f"{str(c.get(k + '_vs_plain', '')):>8} "
-          f"{str(c.get('tfprivacy_vs_' + k, '')):>8}")
+          f"{str(c.get('tfprivacy_vs_' + k, '')):>8} "
+          f"{str(c.get('dp_vs_' + k, '')):>8}")
   return "\n".join(rows)
 
 
 def main(argv):
   del argv
+  rounds, steps, warmup = ((1, 1, 1) if FLAGS.smoke else
+                           (FLAGS.rounds, FLAGS.steps, FLAGS.warmup))
+  for kind in FLAGS.contenders:
+    if kind not in benchmark_lib.CONTENDERS:
+      benchmark_lib.bf16_ratio(kind)  # raises for an unknown name
   settings = benchmark_lib.Settings(
-      rounds=FLAGS.rounds, steps=FLAGS.steps, warmup=FLAGS.warmup,
+      rounds=rounds, steps=steps, warmup=warmup,
+      bf16_rounding=FLAGS.bf16_rounding,
       quant_ratio=FLAGS.quant_ratio, seed=FLAGS.seed,
       jit_compile=FLAGS.jit_compile, contenders=tuple(FLAGS.contenders))
   report = benchmark_lib.run(FLAGS.cases, settings, log=logging.info)
-  report["targets"] = benchmark_lib.check_targets(report)
+  report["targets"] = (benchmark_lib.check_targets(report)
+                       + benchmark_lib.check_bf16_targets(report))
   if FLAGS.json:
     print(benchmark_lib.to_json(report))
   else:
     print(_table(report))
+    print(f"bf16 hardware units: {report['bf16_hardware']}")
     print("\n".join(report["targets"]))
 
 

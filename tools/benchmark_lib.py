@@ -13,6 +13,12 @@ what ``fit`` runs each step). Contenders:
 * ``dp_quant``: ``DPQuantOptimizer`` on ``tap_model(quantize_model(model))``
   with a plan quantizing ``round(ratio * n)`` of the n quantizable layers
   (INT4-SAWB forward, LUQ-FP4 backward; a seeded static random subset).
+* ``dp_bf16_<pct>`` (``dp_bf16_50``, ``dp_bf16_75``, ``dp_bf16_100``): the
+  same with a *native* bfloat16 plan quantizing ``round(pct/100 * n)``
+  layers: their matmul/convolution runs in bfloat16 (stochastic rounding on
+  the way in by default), nothing simulated. Ratios to ``dp`` (fp32 DP,
+  quantization off) measured in the same run: ``dp_vs_<kind>`` is the
+  speed-up (dp ms / contender ms).
 
 Timing: after warm-up, ``rounds`` rounds; in each round every contender (in an
 order rotated round by round, so machine drift hits all alike) runs ``steps``
@@ -33,7 +39,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-CONTENDERS = ("plain", "tfprivacy", "dp", "dp_quant")
+BF16_CONTENDERS = ("dp_bf16_50", "dp_bf16_75", "dp_bf16_100")
+CONTENDERS = ("plain", "tfprivacy", "dp", "dp_quant") + BF16_CONTENDERS
 MODELS = ("cnn", "small_resnet")
 
 
@@ -49,6 +56,7 @@ class Settings:
   quant_ratio: float = 0.5
   seed: int = 0
   jit_compile: bool = False
+  bf16_rounding: str = "stochastic"
   contenders: Sequence[str] = CONTENDERS
 
 
@@ -80,12 +88,22 @@ def _loss(reduction):
       from_logits=True, reduction=reduction)
 
 
-def _quant_plan(model, ratio: float, seed: int):
+def _quant_plan(model, ratio: float, seed: int, config=None):
   from dpquant_tf import quantization as q  # pylint: disable=g-import-not-at-top
   names = [info.name for info in q.quantizable_layers(model)]
   k = int(round(ratio * len(names)))
   chosen = random.Random(seed).sample(names, k)
-  return q.QuantPlan.select(names, chosen)
+  return q.QuantPlan.select(names, chosen, config=config)
+
+
+def bf16_ratio(kind: str) -> Optional[float]:
+  """The plan ratio of a ``dp_bf16_<pct>`` contender, else None."""
+  if not kind.startswith("dp_bf16_"):
+    return None
+  pct = kind[len("dp_bf16_"):]
+  if not pct.isdigit() or not 0 <= int(pct) <= 100:
+    raise ValueError(f"Expected contender={kind!r} to be dp_bf16_<0..100>.")
+  return int(pct) / 100.0
 
 
 def make_contender(kind: str, model_name: str, batch_size: int,
@@ -108,8 +126,18 @@ def make_contender(kind: str, model_name: str, batch_size: int,
         l2_norm_clip=s.l2_norm_clip, noise_multiplier=s.noise_multiplier,
         num_microbatches=batch_size, learning_rate=s.learning_rate)
     loss = _loss(tf.keras.losses.Reduction.NONE)
-  elif kind in ("dp", "dp_quant"):
-    if kind == "dp_quant":
+  elif kind in ("dp", "dp_quant") or bf16_ratio(kind) is not None:
+    if bf16_ratio(kind) is not None:
+      bf16 = quantization.LayerQuantConfig(fwd_bits=0, bwd_bits=0,
+                                           precision="bf16")
+      model = quantization.quantize_model(base, config=bf16, seed=s.seed,
+                                          rounding=s.bf16_rounding)
+      plan = _quant_plan(model, bf16_ratio(kind), s.seed, config=bf16)
+      quantization.set_plan(model, plan)
+      info["quantized_layers"] = plan.enabled_layers()
+      info["execution"] = quantization.execution_report(model)
+      model = perexample.tap_model(model)
+    elif kind == "dp_quant":
       model = quantization.quantize_model(base, seed=s.seed)
       plan = _quant_plan(model, s.quant_ratio, s.seed)
       quantization.set_plan(model, plan)
@@ -182,8 +210,20 @@ def run_case(model_name: str, batch_size: int, s: Settings,
     if kind != "tfprivacy" and "tfprivacy" in s.contenders:
       case[f"tfprivacy_vs_{kind}"] = round(
           case["tfprivacy_ms"] / case[f"{kind}_ms"], 2)
+    if kind != "dp" and "dp" in s.contenders:
+      # Speed-up over fp32 DP (quantization off), same run.
+      case[f"dp_vs_{kind}"] = round(case["dp_ms"] / case[f"{kind}_ms"], 3)
+      case[f"dp_vs_{kind}_round_median"] = round(statistics.median(
+          b / a for a, b in zip(per_round[kind], per_round["dp"])), 3)
   if "dp_quant" in infos:
     case["dp_quant_layers"] = infos["dp_quant"].get("quantized_layers")
+  for kind in s.contenders:
+    if bf16_ratio(kind) is not None:
+      case[f"{kind}_layers"] = infos[kind]["quantized_layers"]
+      case[f"{kind}_execution"] = {
+          n: r["precision"] + (" (native)" if r["native"] else " (simulated)")
+          for n, r in infos[kind]["execution"].items()
+          if n in infos[kind]["quantized_layers"]}
   return case
 
 
@@ -203,9 +243,34 @@ def run(cases: Sequence[str], s: Settings,
           "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
           "tensorflow": tf.__version__,
       },
+      "bf16_hardware": _bf16_hardware(),
       "settings": dataclasses.asdict(s),
       "cases": results,
   }
+
+
+def _bf16_hardware() -> bool:
+  from dpquant_tf import quantization  # pylint: disable=g-import-not-at-top
+  return bool(quantization.hardware_accelerated("bf16"))
+
+
+def check_bf16_targets(report, *, resnet_100=1.4, resnet_75=1.2,
+                       cnn_256=1.0) -> List[str]:
+  """Issue 13's targets for native bf16 plans: speed-up over fp32 DP."""
+  lines = []
+  for c in report["cases"]:
+    checks = []
+    if c["model"] == "small_resnet":
+      checks = [("dp_vs_dp_bf16_100", resnet_100), ("dp_vs_dp_bf16_75", resnet_75)]
+    elif c["model"] == "cnn" and c["batch_size"] == 256:
+      checks = [(f"dp_vs_{k}", cnn_256) for k in BF16_CONTENDERS]
+    for name, target in checks:
+      value = c.get(name)
+      if value is None:
+        continue
+      lines.append(f"{c['model']} b={c['batch_size']} {name} = {value} "
+                   f"(target >= {target}): {'met' if value >= target else 'MISSED'}")
+  return lines
 
 
 def check_targets(report, *, dp_vs_plain=2.0, dp_quant_vs_plain=3.0,
