@@ -38,10 +38,9 @@ def test_schedule_callback_assigns_bits_under_mirrored_strategy():
 
 
 def test_wrapped_model_under_two_replicas_equals_one_device():
-  """A QuantizedLayer model (taps, quantization off): one device takes the fast
-  per-example path; under 2 local replicas each layer is called once per
-  replica in one trace, so dpquant_tf.perexample falls back to the jacobian.
-  Both give the same update: no tap is mixed across replicas."""
+  """A QuantizedLayer model (taps, quantization off): one device and 2 local
+  replicas (each layer called once per replica in one trace, taps kept per
+  replica) give the same update: no tap is mixed across replicas."""
   x, y = _helpers.data(n=8, d_out=3)
   deltas = []
   for r in (1, 2):
