@@ -27,9 +27,9 @@ import tensorflow as tf
 
 from dpquant_tf import _layer_kinds
 
-__all__ = ["LayerKind", "Tap", "VarSlot", "current_tap", "kind_of", "record_tap",
-           "register_tapped_layer", "registered_slots", "replica_key",
-           "unregister_tapped_layer"]
+__all__ = ["LayerKind", "Tap", "VarSlot", "current_tap", "kind_of",
+           "record_tap", "register_tapped_layer", "registered_slots",
+           "replica_key", "unregister_tapped_layer"]
 
 _LOCK = threading.Lock()
 _TAPPED = weakref.WeakSet()

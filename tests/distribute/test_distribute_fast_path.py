@@ -21,6 +21,9 @@ B = 8
 _LOSS = tf.keras.losses.SparseCategoricalCrossentropy(
     from_logits=True, reduction=tf.keras.losses.Reduction.NONE)
 MODELS = ("dense_conv", "quantized", "groupnorm")
+# Over 10 s on the shared 2-core CPU (tracing two replicas of Keras fit, or of
+# the quantizers' format switch): marked slow.
+_SLOW = pytest.mark.slow
 
 
 def _base(kind):
@@ -58,7 +61,7 @@ def _fallback_lines(caplog):
           if "jacobian fallback" in r.getMessage()]
 
 
-@pytest.mark.parametrize("kind", MODELS)
+@pytest.mark.parametrize("kind", [pytest.param(k, marks=_SLOW) for k in MODELS])
 def test_two_replicas_take_the_fast_path_and_equal_one_device(kind, caplog):
   """DPQuantOptimizer fit (sigma 0, a clip that binds): no layer falls back
   under 2 replicas, and the update equals one device's."""
@@ -83,7 +86,8 @@ def test_two_replicas_take_the_fast_path_and_equal_one_device(kind, caplog):
   assert max(np.abs(d).max() for d in deltas[0]) > 1e-3
 
 
-@pytest.mark.parametrize("kind", MODELS)
+@pytest.mark.parametrize("kind", ["dense_conv", "groupnorm",
+                                  pytest.param("quantized", marks=_SLOW)])
 def test_per_replica_per_example_gradients_equal_one_device(kind, caplog):
   """strategy.run: each replica's per_example_gradients on its half of the
   batch, concatenated, equal one device's on the whole batch."""
