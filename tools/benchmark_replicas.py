@@ -41,6 +41,8 @@ flags.DEFINE_list("replicas", [str(r) for r in _D.replicas],
                   "Replica counts; the first is the baseline (use 1).")
 flags.DEFINE_bool("quantize", _D.quantize,
                   "quantize_model before tapping (QuantizedLayer taps).")
+flags.DEFINE_bool("plain_baseline", False,
+                  "Also plain SGD (no DP): the strategy's own overhead.")
 flags.DEFINE_bool("tiny", False,
                   "Smoke test: cnn on 16x16x1 inputs, batch 8, 2 steps.")
 flags.DEFINE_float("max_ratio", 1.5, "Target: ratio to one device at most.")
@@ -54,12 +56,13 @@ def main(argv):
       model=FLAGS.model, input_shape=tuple(int(v) for v in FLAGS.input_shape),
       num_classes=FLAGS.num_classes, global_batch=FLAGS.global_batch,
       steps=FLAGS.steps, warmup_steps=FLAGS.warmup_steps,
-      replicas=tuple(int(r) for r in FLAGS.replicas), quantize=FLAGS.quantize)
+      replicas=tuple(int(r) for r in FLAGS.replicas), quantize=FLAGS.quantize,
+      plain_baseline=FLAGS.plain_baseline)
   if FLAGS.tiny:
     settings = lib.Settings(
         model="cnn", input_shape=(16, 16, 1), num_classes=3, global_batch=8,
         steps=2, warmup_steps=1, replicas=settings.replicas,
-        quantize=FLAGS.quantize)
+        quantize=FLAGS.quantize, plain_baseline=FLAGS.plain_baseline)
   report = lib.run(settings)
   print(lib.to_json(report) if FLAGS.json else lib.markdown(report))
   missed = lib.check_target(report, max_ratio=FLAGS.max_ratio)

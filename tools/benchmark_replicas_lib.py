@@ -35,6 +35,7 @@ class Settings:
   warmup_steps: int = 2
   replicas: Sequence[int] = (1, 2)
   quantize: bool = False
+  plain_baseline: bool = False   # also plain SGD: the strategy's own overhead
   seed: int = 0
 
 
@@ -83,18 +84,23 @@ def _model(s: Settings):
   return perexample.tap_model(model)
 
 
-def _measure(s: Settings, r: int, x, y) -> Dict[str, object]:
+def _measure(s: Settings, r: int, x, y, dp: bool) -> Dict[str, object]:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from dpquant_tf import optimizers  # pylint: disable=g-import-not-at-top
   strategy = _strategy(r)
   with strategy.scope():
     model = _model(s)
-    model.compile(
-        optimizer=optimizers.DPQuantOptimizer(
-            l2_norm_clip=1.0, noise_multiplier=1.0, learning_rate=0.05,
-            seed=s.seed),
-        loss=tf.keras.losses.SparseCategoricalCrossentropy(
-            from_logits=True, reduction=tf.keras.losses.Reduction.NONE))
+    if dp:
+      optimizer = optimizers.DPQuantOptimizer(
+          l2_norm_clip=1.0, noise_multiplier=1.0, learning_rate=0.05,
+          seed=s.seed)
+      reduction = tf.keras.losses.Reduction.NONE
+    else:
+      optimizer = tf.keras.optimizers.legacy.SGD(learning_rate=0.05)
+      reduction = tf.keras.losses.Reduction.AUTO
+    model.compile(optimizer=optimizer,
+                  loss=tf.keras.losses.SparseCategoricalCrossentropy(
+                      from_logits=True, reduction=reduction))
   handler = _FallbackLines()
   logging.getLogger().addHandler(handler)
   try:
@@ -107,13 +113,17 @@ def _measure(s: Settings, r: int, x, y) -> Dict[str, object]:
     seconds = time.perf_counter() - start
   finally:
     logging.getLogger().removeHandler(handler)
-  return {"replicas": r, "seconds": seconds,
+  return {"optimizer": "dp" if dp else "plain", "replicas": r,
+          "seconds": seconds,
           "seconds_per_example": seconds / len(x),
           "fallback": handler.lines}
 
 
 def run(s: Settings) -> Dict[str, object]:
   """Measures every replica count; ratios are to the first count (R = 1).
+
+  With ``plain_baseline``, plain SGD (no DP) is measured the same way: its
+  ratio is the overhead of the strategy itself on this machine.
 
   Call before TensorFlow's runtime is initialized (the logical devices are
   created here).
@@ -125,17 +135,21 @@ def run(s: Settings) -> Dict[str, object]:
   n = s.steps * s.global_batch
   x = rng.normal(size=(n, *s.input_shape)).astype(np.float32)
   y = rng.integers(0, s.num_classes, size=n).astype(np.int32)
-  rows = [_measure(s, r, x, y) for r in s.replicas]
-  base = rows[0]["seconds_per_example"]
-  for row in rows:
-    row["ratio"] = row["seconds_per_example"] / base
+  rows = []
+  for dp in ((True, False) if s.plain_baseline else (True,)):
+    part = [_measure(s, r, x, y, dp) for r in s.replicas]
+    for row in part:
+      row["ratio"] = row["seconds_per_example"] / part[0]["seconds_per_example"]
+    rows.extend(part)
   return {"settings": dataclasses.asdict(s), "rows": rows}
 
 
 def check_target(report, *, max_ratio=1.5) -> List[str]:
-  """Missed targets: a jacobian fallback, or a ratio above ``max_ratio``."""
+  """Missed targets of the DP rows: a fallback, or a ratio above max_ratio."""
   missed = []
   for row in report["rows"]:
+    if row["optimizer"] != "dp":
+      continue
     if row["fallback"]:
       missed.append(f"R={row['replicas']}: jacobian fallback "
                     f"({row['fallback'][0]})")
@@ -149,12 +163,14 @@ def markdown(report) -> str:
   s = report["settings"]
   lines = [f"model={s['model']} quantize={s['quantize']} "
            f"global_batch={s['global_batch']} steps={s['steps']}",
-           "", "| replicas | ms/example | ratio vs 1 | fast path |",
-           "|---:|---:|---:|:---|"]
+           "", "| optimizer | replicas | ms/example | ratio vs 1 | fast path |",
+           "|:---|---:|---:|---:|:---|"]
   for row in report["rows"]:
-    lines.append(f"| {row['replicas']} | {1e3 * row['seconds_per_example']:.3f}"
-                 f" | {row['ratio']:.2f}x | "
-                 f"{'no (jacobian fallback)' if row['fallback'] else 'yes'} |")
+    fast = "-" if row["optimizer"] != "dp" else (
+        "no (jacobian fallback)" if row["fallback"] else "yes")
+    lines.append(f"| {row['optimizer']} | {row['replicas']} | "
+                 f"{1e3 * row['seconds_per_example']:.3f} | "
+                 f"{row['ratio']:.2f}x | {fast} |")
   return "\n".join(lines)
 
 
