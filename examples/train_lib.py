@@ -59,6 +59,7 @@ from dpquant_tf import data as dp_data
 from dpquant_tf import distribute
 from dpquant_tf import models as dp_models
 from dpquant_tf import presets
+from examples import train_cost_lib
 
 __all__ = ["FormatName", "NativeFormat", "OptimizerName", "PolicyName",
            "TrainConfig", "TrainResult", "base_layer_config", "format_names",
@@ -247,50 +248,6 @@ def _analysis_fraction(cfg: TrainConfig, layers, estimator) -> float:
   total = sum(c.total for c in costs)
   passes = 1 + len(costs) * estimator.repeats
   return cfg.analysis_sampling_rate * passes * fwd / total
-
-
-def _cost_report(cfg, layers, history, base_cfg, analysis_fraction,
-                 step_times=()):
-  """Per-epoch plans, the cost model's speed-ups and the measured step times.
-
-  Returns:
-    (plans per epoch, modelled run speed-up, hardware run speed-up).
-  """
-  plans, costs = [], []
-  times = {t["epoch"]: t for t in step_times}
-  for entry in history:
-    plan = {name: base_cfg.to_dict() for name in entry["quantized"]}
-    frac = analysis_fraction if entry.get("analysis") is not None else 0.0
-    cost = costmodel.epoch_cost(layers, plan, analysis_fraction=frac)
-    costs.append(cost)
-    measured = times.get(entry["epoch"], {})
-    plans.append({"epoch": entry["epoch"], "plan": plan,
-                  "quantized": list(entry["quantized"]),
-                  "analysis_fraction": frac,
-                  "analysis": entry.get("analysis"),
-                  "quantized_fraction": cost.quantized_fraction,
-                  "speedup": cost.speedup,
-                  "hardware_speedup": cost.hardware_speedup,
-                  "native_layers": list(cost.native_layers),
-                  "simulated_layers": list(cost.simulated_layers),
-                  "step_time_s": measured.get("step_time_s"),
-                  "epoch_time_s": measured.get("epoch_time_s")})
-  speedup = costmodel.run_speedup(costs) if costs else 1.0
-  hw = costmodel.run_hardware_speedup(costs) if costs else 1.0
-  return plans, speedup, hw
-
-
-def _execution_summary(cfg, plans) -> Dict[str, Any]:
-  """Which layers ran natively in low precision and which were simulated."""
-  from dpquant_tf import quantization  # pylint: disable=g-import-not-at-top
-  base = base_layer_config(cfg.format)
-  native = sorted({n for p in plans for n in p["native_layers"]})
-  simulated = sorted({n for p in plans for n in p["simulated_layers"]})
-  return {"format": str(cfg.format), "precision": base.precision.name.lower(),
-          "native_precision": base.precision is quantization.Precision.BFLOAT16,
-          "hardware_accelerated": bool(quantization.hardware_accelerated(
-              base.precision)),
-          "native_layers": native, "simulated_layers": simulated}
 
 
 def _write_json(path: str, obj) -> None:
@@ -538,8 +495,8 @@ def train(config: TrainConfig) -> TrainResult:
   history = scheduler.history if scheduler is not None else [
       {"epoch": e, "quantized": [], "analysis": None} for e in range(cfg.epochs)]
   timer = next(c for c in callbacks if isinstance(c, costmodel.StepTimeCallback))
-  plans, speedup, hw_speedup = _cost_report(
-      cfg, layers, history, base_layer_config(cfg.format),
+  plans, speedup, hw_speedup = train_cost_lib.cost_report(
+      layers, history, base_layer_config(cfg.format),
       _analysis_fraction(cfg, layers, estimator), timer.history)
   metrics: Dict[str, Any] = {
       "test_accuracy": float(acc),
@@ -549,7 +506,8 @@ def train(config: TrainConfig) -> TrainResult:
       "dataset": ds.description, "train_size": n, "test_size": len(ds.x_test),
       "theoretical_speedup": speedup,
       "hardware_speedup": hw_speedup,
-      "execution": _execution_summary(cfg, plans),
+      "execution": train_cost_lib.execution_summary(
+          cfg.format, base_layer_config(cfg.format), plans),
       "step_time_s": [t["step_time_s"] for t in timer.history],
       "wall_seconds": time.time() - start, "train_seconds": train_seconds,
       "layers": [dataclasses.asdict(c) for c in costmodel.layer_costs(layers)],

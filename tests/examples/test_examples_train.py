@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 
 from examples import serve_lib
+from examples import train_cost_lib
 from examples import train_lib
 from dpquant_tf import costmodel
 
@@ -88,8 +89,8 @@ def test_simulated_format_reports_simulated_layers_and_formats():
   assert {"bf16", "fp8_e4m3", "luq_fp4"} <= set(train_lib.format_names())
   train_lib.TrainConfig(format="bf16").validate()
   layers = [costmodel.LayerCost("conv1", 10.0, 20.0)]
-  plans, speedup, hw = train_lib._cost_report(  # pylint: disable=protected-access
-      train_lib.TrainConfig(format="luq_fp4"), layers,
+  plans, speedup, hw = train_cost_lib.cost_report(
+      layers,
       [{"epoch": 0, "quantized": ["conv1"], "analysis": None}],
       train_lib.base_layer_config("luq_fp4"), 0.0,
       [{"epoch": 0, "step_time_s": 0.5, "epoch_time_s": 2.0}])
