@@ -145,11 +145,11 @@ def record_tap(layer, tap_input, tap_output) -> None:
     previous = per_replica.get(key)
     calls = 1 if eager or previous is None else previous.calls + 1
     per_replica[key] = Tap(tap_input, tap_output, calls)
-  layer.tap_input = tap_input
-  layer.tap_output = tap_output
-  if not eager:
-    graph = tf.compat.v1.get_default_graph()
-    layer.tap_calls[graph] = layer.tap_calls.get(graph, 0) + 1
+    layer.tap_input = tap_input
+    layer.tap_output = tap_output
+    if not eager:
+      graph = tf.compat.v1.get_default_graph()
+      layer.tap_calls[graph] = layer.tap_calls.get(graph, 0) + 1
 
 
 def current_tap(layer) -> Optional[Tap]:
