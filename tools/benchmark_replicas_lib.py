@@ -133,7 +133,7 @@ def run(s: Settings) -> Dict[str, object]:
   distribute.configure_cpu_devices(max(s.replicas))
   rng = np.random.default_rng(s.seed)
   n = s.steps * s.global_batch
-  x = rng.normal(size=(n, *s.input_shape)).astype(np.float32)
+  x = rng.standard_normal(size=(n, *s.input_shape)).astype(np.float32)
   y = rng.integers(0, s.num_classes, size=n).astype(np.int32)
   rows = []
   for dp in ((True, False) if s.plain_baseline else (True,)):
