@@ -159,7 +159,7 @@ STATEMENT = (
     "this table at family-wise alpha = 0.05. Verdict: holds if the "
     "Holm-adjusted p < 0.05 and the mean is above the margin, does not hold "
     "if the Holm-adjusted p < 0.05 and the mean is below it, otherwise "
-    "undecided at this n.")
+    "undecided at this n (also with fewer than 2 pairs or zero spread).")
 
 
 def markdown_report(records: Sequence[Mapping[str, Any]], *,

@@ -20,7 +20,8 @@ The test (stated in every report):
 * **Verdict**: *holds* when the Holm-adjusted p is below alpha and
   mean(d) > margin; *does not hold* when it is below alpha and mean(d) <
   margin (the data say the difference is on the wrong side of the margin);
-  otherwise *undecided at this n* (also with fewer than 2 pairs). Deciding
+  otherwise *undecided at this n* (also with fewer than 2 pairs, or with
+  zero spread, where the t test is undefined). Deciding
   the direction from a two-sided test keeps the chance of a wrong-direction
   verdict below alpha / 2 per claim.
 
@@ -71,9 +72,11 @@ def paired_t(differences: Sequence[float], *, margin: float = 0.0,
              alpha: float = 0.05) -> Dict[str, Optional[float]]:
   """Mean, sd, the 1-alpha paired t interval and the two-sided p of E[d]=margin.
 
-  Fewer than 2 differences: mean only (sd, interval and p are None). A zero
-  spread gives a zero-width interval and p = 0 (or 1 when the mean equals the
-  margin).
+  Fewer than 2 differences: mean only (sd, interval and p are None). Zero
+  spread (every pair differs by the same amount, e.g. models stuck at chance
+  that predict one class): a zero-width interval and p None, since the t test
+  is undefined; the claim is then undecided, not "proven" by n identical
+  pairs.
   """
   _validation.check_open_unit("alpha", alpha)
   d = [float(x) for x in differences]
@@ -90,9 +93,7 @@ def paired_t(differences: Sequence[float], *, margin: float = 0.0,
   se = sd / math.sqrt(n)
   half = float(stats.t.ppf(1 - alpha / 2, n - 1)) * se
   out.update(sd=sd, ci_low=mean - half, ci_high=mean + half)
-  if se == 0:
-    out["p_value"] = 1.0 if mean == margin else 0.0
-  else:
+  if se > 0:
     t = (mean - margin) / se
     out["p_value"] = float(2 * stats.t.sf(abs(t), n - 1))
   return out

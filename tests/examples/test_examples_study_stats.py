@@ -33,7 +33,10 @@ def test_paired_t_degenerate_cases():
   one = ss.paired_t([2.0])
   assert one["mean"] == 2.0 and one["ci_low"] is None and one["p_value"] is None
   flat = ss.paired_t([1.0, 1.0, 1.0])
-  assert flat["ci_low"] == flat["ci_high"] == 1.0 and flat["p_value"] == 0.0
+  assert flat["ci_low"] == flat["ci_high"] == 1.0 and flat["p_value"] is None
+  # Identical pairs (models at chance) decide nothing, whatever the margin.
+  [same] = ss.decide_claims([{"name": "s", "margin": -2.0, "differences": [0.0] * 5}])
+  assert same.verdict is ss.Verdict.UNDECIDED and same.p_holm is None
   with pytest.raises(ValueError, match="differences"):
     ss.paired_t([1.0, float("nan")])
   with pytest.raises(ValueError, match="alpha"):
