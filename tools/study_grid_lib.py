@@ -37,9 +37,13 @@ _NOISE_BASE, _SAMPLING_BASE = 1_000_000, 2_000_000
 
 
 def available_formats() -> List[str]:
-  """The values `examples/train.py --format` accepts (the library presets)."""
-  from dpquant_tf import presets  # pylint: disable=g-import-not-at-top
-  return [f.value for f in presets.FormatPreset]
+  """The values `examples/train.py --format` accepts (presets and native)."""
+  try:
+    from examples import train_lib  # pylint: disable=g-import-not-at-top
+    return list(train_lib.format_names())
+  except (ImportError, AttributeError):  # an examples/ without native formats
+    from dpquant_tf import presets  # pylint: disable=g-import-not-at-top
+    return [f.value for f in presets.FormatPreset]
 
 
 def default_formats() -> List[str]:

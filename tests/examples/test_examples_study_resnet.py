@@ -85,6 +85,10 @@ def test_grid_validation_and_formats():
   have = sg.available_formats()
   assert "luq_fp4" in have and sg.default_formats()[0] == "luq_fp4"
   assert set(sg.default_formats()) <= set(have)
+  from examples import train_lib  # pylint: disable=import-outside-toplevel
+  assert have == train_lib.format_names()  # what train.py --format accepts
+  assert ("bf16" in sg.default_formats()) == ("bf16" in train_lib.format_names())
+  assert "fp8_e4m3" not in sg.default_formats()  # simulated, not native
   only = _grid(dp_policies=["fp32", "dpquant"], nodp_policies=[])
   assert {sg.run_meta(r)["kind"] for r in only} == {"fp32", "dpquant"}
 
