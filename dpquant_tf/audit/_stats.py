@@ -155,6 +155,25 @@ def _bound_at(scores_d, scores_d_prime, threshold, delta, confidence):
                         fnr_ub, confidence)
 
 
+def _checked_audit_args(scores_d, scores_d_prime, delta, confidence,
+                        selection_fraction, *, same_size):
+  """Validates the threshold audits' arguments; returns them converted."""
+  delta = V.check_probability("delta", delta, allow_zero=True)
+  confidence = V.check_open_unit("confidence", confidence)
+  selection_fraction = V.check_open_unit("selection_fraction",
+                                         selection_fraction)
+  s0 = np.asarray(scores_d, np.float64).ravel()
+  s1 = np.asarray(scores_d_prime, np.float64).ravel()
+  if same_size and (len(s0) != len(s1) or len(s0) < 4):
+    V.fail("scores", (len(s0), len(s1)),
+           "the same number (at least 4) of trials per side")
+  if min(len(s0), len(s1)) < 4:
+    V.fail("scores", (len(s0), len(s1)), "at least 4 trials per side")
+  if not (np.all(np.isfinite(s0)) and np.all(np.isfinite(s1))):
+    V.fail("scores", "non-finite", "finite attack scores")
+  return delta, confidence, selection_fraction, s0, s1
+
+
 def threshold_epsilon_lower_bound(
     scores_d: Sequence[float], scores_d_prime: Sequence[float], *,
     delta: float, confidence: float = 0.95, selection_fraction: float = 0.1,
@@ -188,16 +207,9 @@ def threshold_epsilon_lower_bound(
   Returns:
     A ``ThresholdAudit``.
   """
-  delta = V.check_probability("delta", delta, allow_zero=True)
-  confidence = V.check_open_unit("confidence", confidence)
-  selection_fraction = V.check_open_unit("selection_fraction",
-                                         selection_fraction)
-  s0 = np.asarray(scores_d, np.float64).ravel()
-  s1 = np.asarray(scores_d_prime, np.float64).ravel()
-  if min(len(s0), len(s1)) < 4:
-    V.fail("scores", (len(s0), len(s1)), "at least 4 trials per side")
-  if not (np.all(np.isfinite(s0)) and np.all(np.isfinite(s1))):
-    V.fail("scores", "non-finite", "finite attack scores")
+  delta, confidence, selection_fraction, s0, s1 = _checked_audit_args(
+      scores_d, scores_d_prime, delta, confidence, selection_fraction,
+      same_size=False)
   if threshold is not None:
     return _bound_at(s0, s1, float(threshold), delta, confidence)
   rng = np.random.default_rng(seed)
@@ -338,17 +350,9 @@ def pooled_threshold_epsilon_lower_bound(
   Returns:
     A ``PooledThresholdAudit``.
   """
-  delta = V.check_probability("delta", delta, allow_zero=True)
-  confidence = V.check_open_unit("confidence", confidence)
-  selection_fraction = V.check_open_unit("selection_fraction",
-                                         selection_fraction)
-  s0 = np.asarray(scores_d, np.float64).ravel()
-  s1 = np.asarray(scores_d_prime, np.float64).ravel()
-  if len(s0) != len(s1) or len(s0) < 4:
-    V.fail("scores", (len(s0), len(s1)),
-           "the same number (at least 4) of trials per side")
-  if not (np.all(np.isfinite(s0)) and np.all(np.isfinite(s1))):
-    V.fail("scores", "non-finite", "finite attack scores")
+  delta, confidence, selection_fraction, s0, s1 = _checked_audit_args(
+      scores_d, scores_d_prime, delta, confidence, selection_fraction,
+      same_size=True)
   if (threshold is None) != (mirror_threshold is None):
     V.fail("mirror_threshold", mirror_threshold,
            "given together with threshold (or both None)")
