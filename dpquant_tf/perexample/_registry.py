@@ -126,8 +126,7 @@ def record_tap(layer, tap_input, tap_output) -> None:
   counting the calls of each replica in each trace (a second call by one
   replica in one trace makes the fast path fall back for that layer). Also
   sets ``layer.tap_input`` / ``layer.tap_output`` (the last call's tensors,
-  whichever replica made it) and, while tracing, counts all replicas' calls
-  per graph in ``layer.tap_calls``.
+  whichever replica made it).
 
   Args:
     layer: a registered tapped layer (``QuantizedLayer`` or ``TappedLayer``).
@@ -138,18 +137,12 @@ def record_tap(layer, tap_input, tap_output) -> None:
   eager = tf.executing_eagerly()
   with _LOCK:
     store = _store(create=True)
-    per_replica = store.get(layer)
-    if per_replica is None:
-      per_replica = {}
-      store[layer] = per_replica
+    per_replica = store.setdefault(layer, {})
     previous = per_replica.get(key)
     calls = 1 if eager or previous is None else previous.calls + 1
     per_replica[key] = Tap(tap_input, tap_output, calls)
     layer.tap_input = tap_input
     layer.tap_output = tap_output
-    if not eager:
-      graph = tf.compat.v1.get_default_graph()
-      layer.tap_calls[graph] = layer.tap_calls.get(graph, 0) + 1
 
 
 def current_tap(layer) -> Optional[Tap]:

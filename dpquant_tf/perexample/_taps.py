@@ -9,7 +9,6 @@ ops); it only records the tensors the rules need and applies the activation
 itself so that the tap output is the pre-activation ``z``.
 """
 
-import weakref
 
 import tensorflow as tf
 
@@ -49,7 +48,6 @@ class TappedLayer(tf.keras.layers.Wrapper):
       layer.activation = tf.keras.activations.linear
     self.tap_input = None
     self.tap_output = None
-    self.tap_calls = weakref.WeakKeyDictionary()
     _registry.register_tapped_layer(self)
 
   def build(self, input_shape):
