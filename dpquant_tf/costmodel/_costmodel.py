@@ -343,6 +343,16 @@ def epoch_cost(layers: Sequence[Any], plan: Any, *,
                    simulated_layers=simulated_layers)
 
 
+def _weighted_speedup(epochs, weights, relative_time) -> float:
+  """sum(weights) / sum(w * relative_time(epoch)), with the arguments checked."""
+  if not epochs:
+    _validation.fail("epochs", epochs, "a non-empty sequence of EpochCost")
+  weights = [1.0] * len(epochs) if weights is None else [float(w) for w in weights]
+  if len(weights) != len(epochs):
+    _validation.fail("weights", weights, f"of length {len(epochs)}")
+  return sum(weights) / sum(w * relative_time(e) for w, e in zip(weights, epochs))
+
+
 def run_speedup(epochs: Sequence[EpochCost],
                 weights: Optional[Sequence[float]] = None) -> float:
   """Whole-run speed-up: sum of baseline epoch times over sum of modelled times.
@@ -351,20 +361,10 @@ def run_speedup(epochs: Sequence[EpochCost],
     epochs: the per-epoch costs.
     weights: relative baseline length of each epoch (e.g. steps); equal by default.
   """
-  if not epochs:
-    _validation.fail("epochs", epochs, "a non-empty sequence of EpochCost")
-  weights = [1.0] * len(epochs) if weights is None else [float(w) for w in weights]
-  if len(weights) != len(epochs):
-    _validation.fail("weights", weights, f"of length {len(epochs)}")
-  return sum(weights) / sum(w * e.relative_time for w, e in zip(weights, epochs))
+  return _weighted_speedup(epochs, weights, lambda e: e.relative_time)
 
 
 def run_hardware_speedup(epochs: Sequence[EpochCost],
                          weights: Optional[Sequence[float]] = None) -> float:
   """Like :func:`run_speedup` with each epoch's ``hardware_speedup``."""
-  if not epochs:
-    _validation.fail("epochs", epochs, "a non-empty sequence of EpochCost")
-  weights = [1.0] * len(epochs) if weights is None else [float(w) for w in weights]
-  if len(weights) != len(epochs):
-    _validation.fail("weights", weights, f"of length {len(epochs)}")
-  return sum(weights) / sum(w / e.hardware_speedup for w, e in zip(weights, epochs))
+  return _weighted_speedup(epochs, weights, lambda e: 1.0 / e.hardware_speedup)

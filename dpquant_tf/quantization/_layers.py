@@ -32,7 +32,6 @@ Why not tfmot's ``quantize_apply``: its quantizers act on forward tensors only
 and cannot quantize the gradient at a layer's output, which DPQuant needs.
 """
 
-import weakref
 
 import tensorflow as tf
 
@@ -123,7 +122,6 @@ class QuantizedLayer(_layers.Wrapper):
     self.kind = kind
     self.tap_input = None
     self.tap_output = None
-    self.tap_calls = weakref.WeakKeyDictionary()
     _perexample_registry.register_tapped_layer(self)
 
   def build(self, input_shape):
@@ -157,13 +155,16 @@ class QuantizedLayer(_layers.Wrapper):
 
     One `tf.cond` for both tensors keeps the cost of a disabled layer low.
     """
-    def quantized():
-      return (self._quantize(x, self.fwd_format, self.fwd_bits,
-                             _quantizers.example_axes(x)),
-              self._quantize(kernel, self.fwd_format, self.fwd_bits, weight_axes))
-
-    qx, qk = tf.cond(on, quantized, lambda: (x, kernel))
+    qx, qk = tf.cond(
+        on, lambda: self._quantize_pair(x, kernel, self.fwd_format,
+                                        self.fwd_bits, weight_axes),
+        lambda: (x, kernel))
     return _straight_through(x, kernel, tf.stop_gradient(qx), tf.stop_gradient(qk))
+
+  def _quantize_pair(self, x, kernel, fmt, bits, weight_axes):
+    """Input (per-example scales) and kernel rounded to ``fmt`` with ``bits``."""
+    return (self._quantize(x, fmt, bits, _quantizers.example_axes(x)),
+            self._quantize(kernel, fmt, bits, weight_axes))
 
   def _backward_quantizer(self, z, on):
     """Identity whose gradient is quantized per example."""
@@ -243,10 +244,9 @@ class QuantizedLayer(_layers.Wrapper):
       return tf.cast(xb, tf.float32), tf.cast(self._linear(xb, kb), tf.float32)
 
     def fp8_simulated():
-      fmt = tf.constant(QuantFormat.FP8_E4M3.id, tf.int32)
-      bits = tf.constant(8, tf.int32)
-      x8 = self._quantize(x, fmt, bits, _quantizers.example_axes(x))
-      k8 = self._quantize(kernel, fmt, bits, weight_axes)
+      x8, k8 = self._quantize_pair(
+          x, kernel, tf.constant(QuantFormat.FP8_E4M3.id, tf.int32),
+          tf.constant(8, tf.int32), weight_axes)
       x8, k8 = _straight_through(x, kernel, tf.stop_gradient(x8),
                                  tf.stop_gradient(k8))
       return x8, self._linear(x8, k8)
@@ -268,7 +268,8 @@ class QuantizedLayer(_layers.Wrapper):
     weight_axes = self._weight_axes(kernel)
     qx, qk = self._fake_quant(x, tf.convert_to_tensor(kernel), fwd_on,
                               weight_axes)
-    precision = tf.where(enabled, tf.convert_to_tensor(self.precision), 0)
+    precision = tf.where(enabled, tf.convert_to_tensor(self.precision),
+                         Precision.FLOAT32.id)
     tap_x, z = self._run_op(qx, qk, precision, weight_axes)
     if not tf.executing_eagerly() and self.kind in (LayerKind.CONV1D,
                                                      LayerKind.CONV2D):
