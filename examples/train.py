@@ -16,7 +16,8 @@ selection, 75% of the layers in LUQ-FP4 each epoch). Examples:
 A bad flag value prints one line naming the flag, the value and what was
 expected, and exits with status 2. Research flags (paired runs only; they
 print a warning and the guarantee then holds only while the seeds stay
-secret): --research_noise_seed, --research_sampling_seed.
+secret): --research_noise_seed, --research_sampling_seed,
+--research_estimator_seed.
 
 The logic lives in examples/train_lib.py.
 """
@@ -78,6 +79,10 @@ flags.DEFINE_integer("research_noise_seed", None, "RESEARCH ONLY (paired "
 flags.DEFINE_integer("research_sampling_seed", None, "RESEARCH ONLY (paired "
                      "runs): seed the Poisson sampler. Prints a warning; the "
                      "guarantee holds only while the seed stays secret.")
+flags.DEFINE_integer("research_estimator_seed", None, "RESEARCH ONLY (paired "
+                     "runs): seed the loss-sensitivity estimator's sampling "
+                     "and noise. Prints a warning; the guarantee holds only "
+                     "while the seed stays secret.")
 flags.DEFINE_boolean("dp", True, "Train with DP; --nodp gives the non-private baseline.")
 flags.DEFINE_integer("analysis_period", _D.analysis_period,
                      "Epochs between loss-sensitivity analyses (loss_aware).")
@@ -125,7 +130,8 @@ def config_from_flags() -> "train_lib.TrainConfig":
                      else tuple(FLAGS.static_layers)),
       data_dir=FLAGS.data_dir, tfds_download=FLAGS.tfds_download,
       research_noise_seed=FLAGS.research_noise_seed,
-      research_sampling_seed=FLAGS.research_sampling_seed)
+      research_sampling_seed=FLAGS.research_sampling_seed,
+      research_estimator_seed=FLAGS.research_estimator_seed)
 
 
 def usage_error(error: Exception) -> str:

@@ -36,10 +36,11 @@ and (non-DP runs) the data order. DP noise and Poisson sampling come from
 non-deterministic generators (docs/METHOD.md invariant 3) unless a research
 study asks by name for paired runs (common random numbers):
 ``research_noise_seed`` seeds the optimizer's noise stream (``noise_seed=``)
-and ``research_sampling_seed`` the Poisson sampler. Both print a warning, are
+``research_sampling_seed`` the Poisson sampler and ``research_estimator_seed``
+the loss-sensitivity estimator's sampling and noise. Each prints a warning, is
 recorded in the metrics as ``research.noise_seeded`` /
-``research.sampling_seeded`` (the seed values are withheld), and make the
-guarantee hold only while the seeds stay secret.
+``research.sampling_seeded`` / ``research.estimator_seeded`` (the seed values
+are withheld), and makes the guarantee hold only while the seeds stay secret.
 """
 
 import dataclasses
@@ -62,13 +63,16 @@ from dpquant_tf import presets
 from examples import train_cost_lib
 
 __all__ = ["FormatName", "NativeFormat", "OptimizerName", "PolicyName",
-           "TrainConfig", "TrainResult", "base_layer_config", "format_names",
+           "RESEARCH_SEEDS", "TrainConfig", "TrainResult", "base_layer_config", "format_names",
            "train"]
 
 
 # The names a user passes (--policy, --format) are library presets.
 PolicyName = presets.PolicyName
 FormatName = presets.FormatPreset
+# Research-only seeds of the private random streams (paired studies).
+RESEARCH_SEEDS = ("research_noise_seed", "research_sampling_seed",
+                  "research_estimator_seed")
 
 
 class NativeFormat(enum.Enum):
@@ -152,6 +156,7 @@ class TrainConfig:
   tfds_download: bool = False
   research_noise_seed: Optional[int] = None
   research_sampling_seed: Optional[int] = None
+  research_estimator_seed: Optional[int] = None
 
   def validate(self) -> "TrainConfig":
     """Checks every field; returns self. Raises ValueError/TypeError."""
@@ -171,11 +176,11 @@ class TrainConfig:
                                self.analysis_noise_multiplier)
     _validation.check_positive("analysis_clip", self.analysis_clip)
     _validation.check_non_negative("beta", self.beta)
-    for name in ("seed", "research_noise_seed", "research_sampling_seed"):
+    for name in ("seed",) + RESEARCH_SEEDS:
       if getattr(self, name) is not None:
         _validation.check_int(name, getattr(self, name), low=0)
     if not self.dp:
-      for name in ("research_noise_seed", "research_sampling_seed"):
+      for name in RESEARCH_SEEDS:
         if getattr(self, name) is not None:
           _validation.fail(name, getattr(self, name), "None when dp=False")
     if self.static_layers is not None:
@@ -287,7 +292,7 @@ def _make_estimator(cfg: TrainConfig, ds, policy, loss):
   return schedule.LossSensitivityEstimator(
       ds.x_train, ds.y_train, sampling_rate=cfg.analysis_sampling_rate,
       noise_multiplier=cfg.analysis_noise_multiplier, clip=cfg.analysis_clip,
-      loss=loss)
+      loss=loss, seed=cfg.research_estimator_seed)
 
 
 def _input_pipeline(cfg: TrainConfig, ds, *, batch: int, q: float, estimator,
@@ -330,7 +335,8 @@ def _input_pipeline(cfg: TrainConfig, ds, *, batch: int, q: float, estimator,
 
 def _warn_research_seeds(cfg: TrainConfig) -> None:
   for name, what in (("research_noise_seed", "DP noise"),
-                     ("research_sampling_seed", "Poisson sampling")):
+                     ("research_sampling_seed", "Poisson sampling"),
+                     ("research_estimator_seed", "estimator sampling and noise")):
     if getattr(cfg, name) is not None:
       print(f"WARNING: {name} is set: the {what} stream is seeded (research "
             "runs with common random numbers only). The DP guarantee holds "
@@ -423,13 +429,15 @@ def _report(cfg: TrainConfig, metrics: Dict[str, Any], ledger) -> None:
   metrics["analysis_share"] = float(ledger.analysis_share(cfg.delta))
   metrics["privacy_statement"] = ledger.statement(cfg.delta)
   seeded = [what for name, what in (("research_noise_seed", "noise"),
-                                    ("research_sampling_seed", "sampling"))
+                                    ("research_sampling_seed", "sampling"),
+                                    ("research_estimator_seed", "estimator"))
             if getattr(cfg, name) is not None]
   if seeded:
     metrics["privacy_statement"] += (
         f" Research run: the {' and '.join(seeded)} stream(s) were seeded "
-        "(research_noise_seed / research_sampling_seed); the guarantee holds "
-        "only while the seeds stay secret.")
+        "(research_noise_seed / research_sampling_seed / "
+        "research_estimator_seed); the guarantee holds only while the seeds "
+        "stay secret.")
   print(f"Privacy: epsilon={eps:.3f} at delta={cfg.delta:g} (Poisson "
         f"sampling; analysis share {100 * metrics['analysis_share']:.2f}%)")
   print(metrics["privacy_statement"])
@@ -438,7 +446,7 @@ def _report(cfg: TrainConfig, metrics: Dict[str, Any], ledger) -> None:
 def _public_config(cfg: TrainConfig) -> Dict[str, Any]:
   """The configuration for the metrics, research seed values withheld."""
   out = dataclasses.asdict(cfg)
-  for name in ("research_noise_seed", "research_sampling_seed"):
+  for name in RESEARCH_SEEDS:
     if out[name] is not None:
       out[name] = "set (withheld)"
   return out
@@ -516,6 +524,7 @@ def train(config: TrainConfig) -> TrainResult:
       "research": {
           "noise_seeded": bool(getattr(optimizer, "noise_is_seeded", False)),
           "sampling_seeded": cfg.research_sampling_seed is not None,
+          "estimator_seeded": cfg.research_estimator_seed is not None,
           "sample_sha256": (digest.hexdigest(steps_per_epoch * cfg.epochs)
                             if digest is not None else None),
       },

@@ -33,7 +33,7 @@ DP_POLICIES = {"fp32": "none", "static": "static", "rotation": "rotation",
                "dpquant": "loss_aware"}
 # Formats with a hardware path, taken into the default grid when train.py has them.
 NATIVE_FORMATS = ("bf16",)
-_NOISE_BASE, _SAMPLING_BASE = 1_000_000, 2_000_000
+_NOISE_BASE, _SAMPLING_BASE, _ESTIMATOR_BASE = 1_000_000, 2_000_000, 3_000_000
 
 
 def available_formats() -> List[str]:
@@ -52,12 +52,17 @@ def default_formats() -> List[str]:
   return ["luq_fp4"] + [f for f in NATIVE_FORMATS if f in have]
 
 
-def research_seeds(seed: int) -> Tuple[int, int]:
-  """(research_noise_seed, research_sampling_seed) of pairing seed `seed`."""
+def research_seeds(seed: int) -> Tuple[int, int, int]:
+  """(noise, sampling, estimator) research seeds of pairing seed `seed`.
+
+  Every private random stream of a DP run (optimizer noise, Poisson sampler,
+  the loss-sensitivity estimator's sampling and noise) is seeded, so the
+  policies of one seed are common-random-number pairs.
+  """
   seed = _validation.check_int("seed", seed, low=0)
   if seed >= _NOISE_BASE:
     _validation.fail("seed", seed, f"an int below {_NOISE_BASE}")
-  return _NOISE_BASE + seed, _SAMPLING_BASE + seed
+  return _NOISE_BASE + seed, _SAMPLING_BASE + seed, _ESTIMATOR_BASE + seed
 
 
 def run_meta(spec: run_study_lib.RunSpec) -> Dict[str, Any]:
@@ -123,9 +128,10 @@ def study_grid(*, layer_names: Sequence[str], seeds: Sequence[int],
   n = len(layer_names)
   runs = []
   for seed in seeds:
-    noise_seed, sampling_seed = research_seeds(seed)
+    noise_seed, sampling_seed, estimator_seed = research_seeds(seed)
     dp = dict(common, seed=seed, dp=True, target_epsilon=float(epsilon),
-              research_noise_seed=noise_seed, research_sampling_seed=sampling_seed)
+              research_noise_seed=noise_seed, research_sampling_seed=sampling_seed,
+              research_estimator_seed=estimator_seed)
     nodp = dict(common, seed=seed, dp=False, target_epsilon=None,
                 **dict(nodp_overrides or {}))
     for tag, base, kinds in ((f"eps{epsilon:g}", dp, tuple(dp_policies)),
@@ -164,7 +170,7 @@ def sweep_grid(*, learning_rates: Sequence[float], epochs: Sequence[int],
   """
   _validation.check_positive("epsilon", epsilon)
   common = dict(common or {}, model=(common or {}).get("model", "small_resnet"))
-  noise_seed, sampling_seed = research_seeds(seed)
+  noise_seed, sampling_seed, estimator_seed = research_seeds(seed)
   runs = []
   for lr in learning_rates:
     _validation.check_positive("learning_rates", lr)
@@ -174,5 +180,6 @@ def sweep_grid(*, learning_rates: Sequence[float], epochs: Sequence[int],
           f"sweep-eps{epsilon:g}-fp32-lr{lr:g}-e{e}-s{seed}",
           dict(common, seed=seed, dp=True, target_epsilon=float(epsilon),
                policy="none", learning_rate=float(lr), epochs=int(e),
-               research_noise_seed=noise_seed, research_sampling_seed=sampling_seed)))
+               research_noise_seed=noise_seed, research_sampling_seed=sampling_seed,
+               research_estimator_seed=estimator_seed)))
   return runs

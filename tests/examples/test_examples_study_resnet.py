@@ -32,13 +32,15 @@ def test_grid_pairs_every_policy_of_a_seed_on_the_same_research_seeds():
   for r in dp:
     cfg = r.config
     by_seed.setdefault(cfg["seed"], set()).add(
-        (cfg["research_noise_seed"], cfg["research_sampling_seed"]))
+        (cfg["research_noise_seed"], cfg["research_sampling_seed"],
+         cfg["research_estimator_seed"]))
     assert cfg["target_epsilon"] == 8.0 and cfg["model"] == "small_resnet"
   assert sorted(by_seed) == [0, 1, 2, 3, 4]
   assert all(len(v) == 1 for v in by_seed.values())  # one pair of streams per seed
   streams = [next(iter(v)) for v in by_seed.values()]
   assert len({s[0] for s in streams}) == 5 and len({s[1] for s in streams}) == 5
-  assert all(n != s for n, s in streams)  # noise and sampling streams differ
+  assert len({s[2] for s in streams}) == 5
+  assert all(len(set(s)) == 3 for s in streams)  # noise, sampling, estimator differ
   # Every seed has the four DP policies (with 10 layers ratio 0.9 is 9 of
   # them, so rotation differs from static there, unlike on the 4-layer CNN).
   kinds = {(sg.run_meta(r)["kind"], r.config["seed"]) for r in dp}
@@ -73,6 +75,7 @@ def test_default_cnn_grid_and_plain_runs_stay_unseeded():
   argv = rs.train_argv(paired.config)
   assert "--research_noise_seed=1000000" in argv
   assert "--research_sampling_seed=2000000" in argv
+  assert "--research_estimator_seed=3000000" in argv
 
 
 def test_grid_validation_and_formats():
