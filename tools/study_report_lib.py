@@ -159,7 +159,10 @@ STATEMENT = (
     "this table at family-wise alpha = 0.05. Verdict: holds if the "
     "Holm-adjusted p < 0.05 and the mean is above the margin, does not hold "
     "if the Holm-adjusted p < 0.05 and the mean is below it, otherwise "
-    "undecided at this n (also with fewer than 2 pairs or zero spread).")
+    "undecided at this n (also with fewer than 2 pairs or zero spread); an "
+    "undecided claim gives the number of pairs that would decide it if "
+    "further pairs had the observed mean and sd (Bonferroni at alpha / m, "
+    "the most conservative Holm step).")
 
 
 def markdown_report(records: Sequence[Mapping[str, Any]], *,
@@ -188,6 +191,10 @@ def markdown_report(records: Sequence[Mapping[str, Any]], *,
     for c in results:
       ci = ("n/a" if c.ci_low is None else f"[{c.ci_low:.2f}, {c.ci_high:.2f}]")
       verdict = c.verdict.value
+      if c.verdict.name == "UNDECIDED":
+        verdict += (f" (about {c.pairs_needed} pairs would decide it at this spread)"
+                    if c.pairs_needed is not None else
+                    " (no number of pairs decides it at this spread)")
       lines.append(f"| {c.name} | {c.margin:g} | {c.n} | {_num(c.mean)} | {_num(c.sd)} | "
                    f"{ci} | {_num(c.p_value, '{:.3g}')} | {_num(c.p_holm, '{:.3g}')} | "
                    f"{'**' + verdict + '**' if c.verdict.name != 'UNDECIDED' else verdict} |")

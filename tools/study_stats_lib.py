@@ -38,7 +38,10 @@ from typing import Dict, List, Mapping, Optional, Sequence
 from dpquant_tf import _validation
 
 __all__ = ["ClaimResult", "Verdict", "decide_claims", "holm_adjust",
-           "paired_differences", "paired_t"]
+           "paired_differences", "paired_t", "pairs_to_decide"]
+
+# pairs_to_decide searches up to this many pairs; beyond it returns None.
+MAX_PAIRS = 10_000
 
 
 class Verdict(enum.Enum):
@@ -61,6 +64,10 @@ class ClaimResult:
   p_holm: Optional[float]
   verdict: Verdict
   differences: tuple = ()
+  # Undecided claims: pairs that would decide at the observed mean and sd
+  # (pairs_to_decide); None when decided, or when no n would (zero mean
+  # distance, zero or unknown spread, or more than MAX_PAIRS).
+  pairs_needed: Optional[int] = None
 
 
 def paired_differences(a: Mapping[int, float], b: Mapping[int, float]) -> Dict[int, float]:
@@ -99,6 +106,43 @@ def paired_t(differences: Sequence[float], *, margin: float = 0.0,
   return out
 
 
+def pairs_to_decide(mean: Optional[float], sd: Optional[float], *,
+                    margin: float = 0.0, alpha: float = 0.05,
+                    family_size: int = 1) -> Optional[int]:
+  """Smallest n of pairs that would decide the claim at the observed spread.
+
+  Planning figure, not a test: if further pairs had the observed mean and sd,
+  the claim is decided once the two-sided paired t test of E[d] = margin has
+  p < alpha / family_size (Bonferroni, the most conservative step of Holm),
+  i.e. |mean - margin| / (sd / sqrt(n)) > t_{1 - alpha / (2 m), n - 1}.
+
+  Returns:
+    That n (>= 2), or None when no n decides it: unknown or zero spread, a
+    mean equal to the margin, or more than ``MAX_PAIRS`` pairs.
+  """
+  _validation.check_open_unit("alpha", alpha)
+  family_size = _validation.check_int("family_size", family_size, low=1)
+  if mean is None or sd is None or not sd > 0 or mean == margin:
+    return None
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  level = 1 - alpha / (2 * family_size)
+  distance = abs(float(mean) - float(margin))
+
+  def decides(n: int) -> bool:
+    return distance * math.sqrt(n) / sd > float(stats.t.ppf(level, n - 1))
+
+  if not decides(MAX_PAIRS):
+    return None
+  lo, hi = 2, MAX_PAIRS          # decides(hi) holds; find the smallest such n
+  while lo < hi:
+    mid = (lo + hi) // 2
+    if decides(mid):
+      hi = mid
+    else:
+      lo = mid + 1
+  return lo
+
+
 def holm_adjust(p_values: Sequence[Optional[float]]) -> List[Optional[float]]:
   """Holm-Bonferroni adjusted p values (None entries are left out of the family)."""
   idx = [i for i, p in enumerate(p_values) if p is not None]
@@ -135,8 +179,12 @@ def decide_claims(claims: Sequence[Mapping[str, object]], *,
     verdict = Verdict.UNDECIDED
     if p_holm is not None and p_holm < alpha and t["mean"] != margin:
       verdict = Verdict.HOLDS if t["mean"] > margin else Verdict.DOES_NOT_HOLD
+    needed = None
+    if verdict is Verdict.UNDECIDED:
+      needed = pairs_to_decide(t["mean"], t["sd"], margin=margin, alpha=alpha,
+                               family_size=len(tests))
     out.append(ClaimResult(name=name, margin=margin, n=t["n"], mean=t["mean"],
                            sd=t["sd"], ci_low=t["ci_low"], ci_high=t["ci_high"],
                            p_value=t["p_value"], p_holm=p_holm, verdict=verdict,
-                           differences=tuple(diffs)))
+                           differences=tuple(diffs), pairs_needed=needed))
   return out

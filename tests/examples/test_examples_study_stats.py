@@ -95,3 +95,40 @@ def test_correction_can_turn_a_marginal_claim_undecided():
   assert marginal.p_value == pytest.approx(alone.p_value)
   assert marginal.p_holm == pytest.approx(5 * alone.p_value)
   assert marginal.p_holm > 0.05 and marginal.verdict is V.UNDECIDED
+
+
+def test_pairs_to_decide_is_the_smallest_n_that_decides():
+  from scipy import stats
+  mean, sd, m = 1.0, 2.0, 3
+  n = ss.pairs_to_decide(mean, sd, margin=0.0, alpha=0.05, family_size=m)
+  level = 1 - 0.05 / (2 * m)
+  def t_stat(k):
+    return mean * math.sqrt(k) / sd
+  assert t_stat(n) > stats.t.ppf(level, n - 1)          # n decides ...
+  assert not t_stat(n - 1) > stats.t.ppf(level, n - 2)  # ... n - 1 does not
+  # A simulated study with that many pairs at exactly that mean and sd decides.
+  d = [mean + sd * z for z in _unit_sample(n)]
+  (res,) = ss.decide_claims([{"name": "c", "differences": d, "margin": 0.0}])
+  assert res.verdict is ss.Verdict.HOLDS and res.pairs_needed is None
+  # Larger spread needs more pairs; no spread or mean at the margin: None.
+  assert ss.pairs_to_decide(mean, 2 * sd) > n
+  assert ss.pairs_to_decide(mean, 0.0) is None
+  assert ss.pairs_to_decide(-2.0, 1.0, margin=-2.0) is None
+  assert ss.pairs_to_decide(None, None) is None
+  assert ss.pairs_to_decide(1e-6, 1.0) is None           # beyond MAX_PAIRS
+
+
+def test_undecided_claims_report_the_pairs_needed():
+  (res,) = ss.decide_claims([{"name": "c", "differences": [1.0, -0.5, 2.0],
+                              "margin": 0.0}])
+  assert res.verdict is ss.Verdict.UNDECIDED
+  assert res.pairs_needed == ss.pairs_to_decide(res.mean, res.sd)
+  assert res.pairs_needed > 3
+
+
+def _unit_sample(n):
+  """n values with sample mean exactly 0 and sample sd exactly 1."""
+  import statistics
+  xs = [float(i) for i in range(n)]
+  mu, s = statistics.fmean(xs), statistics.stdev(xs)
+  return [(x - mu) / s for x in xs]
