@@ -24,6 +24,7 @@ On coupling it names the first layer (in the model's layer order) whose output
 is coupled, or "the loss".
 """
 
+import threading
 from typing import Callable, List, Optional, Sequence
 
 import numpy as np
@@ -37,7 +38,7 @@ __all__ = ["batch_coupling_problems", "check_batch_independence",
 PROBE_BATCH = 4
 _FREE_DIM = 5          # size given to unknown non-batch dimensions
 _RTOL = 1e-5           # relative change that counts as a dependence
-_SEED = 20_19
+_SEED = 2019
 
 
 def input_signature(model):
@@ -71,7 +72,7 @@ def _synth(spec, batch: int, rng: np.random.RandomState):
   shape = [batch] + [(_FREE_DIM if d is None else d) for d in spec.shape[1:]]
   dtype = tf.as_dtype(spec.dtype)
   if dtype.is_floating:
-    return tf.constant(rng.normal(size=shape), dtype=dtype)
+    return tf.constant(rng.standard_normal(size=shape), dtype=dtype)
   if dtype.is_integer:
     return tf.constant(rng.randint(0, 2, size=shape), dtype=dtype)
   if dtype == tf.bool:
@@ -127,9 +128,12 @@ def _grad_coupled(fn, x, batch: int, rng) -> bool:
     outs = [tf.cast(tf.reshape(o, [batch, -1]), tf.float32)
             for o in tf.nest.flatten(fn(tf.nest.pack_sequence_as(x, flat_x)))
             if o.dtype.is_floating]
-    weights = [tf.constant(rng.normal(size=o.shape), tf.float32) for o in outs]
+    weights = [tf.constant(rng.standard_normal(size=o.shape), tf.float32) for o in outs]
     rows = [tf.add_n([tf.reduce_sum(o[i] * w[i]) for o, w in zip(outs, weights)])
             for i in range(batch)] if outs else []
+    sentinel = flat_x[0] * 1.0
+  if tape.gradient(sentinel, flat_x[0]) is None:
+    raise RuntimeError("no gradient tape records in this context")
   if not rows:
     return False
   for i, row in enumerate(rows):
@@ -226,13 +230,17 @@ def _label_candidates(pred, rng):
     yield tf.constant(rng.randint(0, 2, size=shape), pred.dtype)
   yield tf.constant(ids % max(classes, 1), tf.int32)
   yield tf.constant((ids % max(classes, 1)).reshape(-1, 1), tf.int32)
-  yield tf.constant(rng.normal(size=shape), pred.dtype)
+  yield tf.constant(rng.standard_normal(size=shape), pred.dtype)
+
+
+class _NotPerExample(ValueError):
+  """The loss does not return one entry per example."""
 
 
 def _loss_vector(fn, y, pred, batch):
   value = tf.convert_to_tensor(fn(y, pred))
   if value.shape.rank == 0:
-    raise ValueError("it returns one number for the whole batch: a DP loss "
+    raise _NotPerExample("it returns one number for the whole batch: a DP loss "
                      "returns one entry per example (reduction NONE)")
   if value.shape[0] != batch:
     raise ValueError(f"it returns {value.shape[0]} entries for a batch of "
@@ -253,6 +261,8 @@ def _loss_problem(loss, pred, y, batch, rng) -> Optional[str]:
         if np.all(np.isfinite(value.numpy())):
           y = candidate
           break
+      except _NotPerExample as e:
+        return f"the loss: {e}"
       except Exception as e:  # pylint: disable=broad-except
         errors.append(f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
     if y is None:
@@ -263,7 +273,7 @@ def _loss_problem(loss, pred, y, batch, rng) -> Optional[str]:
     base = _loss_vector(fn, y, pred, batch)
   except ValueError as e:
     return f"the loss: {e}"
-  other_pred = pred + tf.constant(rng.normal(size=pred.shape.as_list()),
+  other_pred = pred + tf.constant(rng.standard_normal(size=pred.shape.as_list()),
                                   pred.dtype)
   y = tf.convert_to_tensor(y)
   if y.dtype.is_floating:
@@ -334,6 +344,28 @@ def batch_coupling_problems(model, loss=None, *, x=None, y=None,
   saved = [(l.tap_input, l.tap_output) for l in tapped]
   rng = np.random.RandomState(_SEED + 1)
   problems = []
+  # In a thread of its own: eager and with gradient tapes recording even when
+  # called while a training step is traced or under tf.init_scope (which
+  # stops every tape of its thread: the gradient probe would see zeros).
+  result = []
+
+  def run():
+    try:
+      result.append(("ok", _probe(model, loss, x, y, signature, rng, problems,
+                                  tapped, saved)))
+    except BaseException as e:  # pylint: disable=broad-except
+      result.append(("error", e))
+
+  worker = threading.Thread(target=run, name="dpquant_batch_probe")
+  worker.start()
+  worker.join()
+  kind, value = result[0]
+  if kind == "error":
+    raise value
+  return value
+
+
+def _probe(model, loss, x, y, signature, rng, problems, tapped, saved):
   try:
     try:
       x, other, batch = _probe_batch(model, x, signature)
