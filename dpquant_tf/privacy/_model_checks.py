@@ -24,6 +24,16 @@ lists, one line each:
 * Tapped or quantized layers inside ``TimeDistributed``: the wrapper folds
   the time axis into the batch, so the per-example fast path would see one
   row per time step instead of one per example.
+* Keras mixed precision: any layer whose dtype policy computes or stores in
+  float16/bfloat16 (norms and the clipped sum would be formed from
+  low-precision values that do not bound one example's contribution).
+* Keras preprocessing layers with adaptable state (Normalization,
+  TextVectorization, StringLookup, IntegerLookup, Discretization, ...) that
+  are not declared public by name (``public_preprocessing=``, or
+  ``PrivacyLedger(public_state=...)`` through the optimizer).
+* When all of the above pass: examples that are not independent
+  (``_independence``): a layer or the loss whose entry for example i depends
+  on another example of the batch, found by a probe on a synthesized batch.
 
 :func:`check_model_privacy` raises :class:`UnsupportedModelError` (a
 ``ValueError``) listing them all. ``dpquant_tf.quantization.validate_model``,
