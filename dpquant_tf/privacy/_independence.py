@@ -240,11 +240,13 @@ class _NotPerExample(ValueError):
 def _loss_vector(fn, y, pred, batch):
   value = tf.convert_to_tensor(fn(y, pred))
   if value.shape.rank == 0:
-    raise _NotPerExample("it returns one number for the whole batch: a DP loss "
-                     "returns one entry per example (reduction NONE)")
+    raise _NotPerExample("it returns one number for the whole batch: a DP "
+                         "loss returns one entry per input example (Keras "
+                         "reduction NONE)")
   if value.shape[0] != batch:
-    raise ValueError(f"it returns {value.shape[0]} entries for a batch of "
-                     f"{batch}")
+    raise _NotPerExample(f"it returns {value.shape[0]} entries for a batch of "
+                         f"{batch}: a DP loss returns one entry per input "
+                         "example")
   return value
 
 
