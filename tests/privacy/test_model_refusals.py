@@ -120,13 +120,13 @@ def _centering_model():
 
 def test_lambda_batch_centering_is_refused_and_named():
   model = _centering_model()
+  x, y = _data()
+  _refused_before_any_step(model, x, y, "'center'")
+  problems = dpquant_tf.validate_model(model, strict=False)
+  assert len(problems) == 1 and "'center'" in problems[0]
   with pytest.raises(ValueError, match="'center' \\(Lambda\\).*depends on "
                      "other examples"):
     privacy.check_batch_independence(model)
-  problems = dpquant_tf.validate_model(model, strict=False)
-  assert len(problems) == 1 and "'center'" in problems[0]
-  x, y = _data()
-  _refused_before_any_step(model, x, y, "'center'")
 
 
 def test_lambda_batch_centering_is_refused_under_jit_and_with_tap_model():
@@ -171,14 +171,14 @@ def _in_batch_contrastive_loss(y_true, z):
                                   _in_batch_contrastive_loss])
 def test_losses_that_couple_examples_are_refused(loss):
   model = _dense()
+  x, y = _data()
+  # model.fit probes the compiled loss.
+  _refused_before_any_step(model, x, y, "the loss", loss=loss)
   with pytest.raises(ValueError, match="the loss: example i's loss entry "
                      "depends on other examples"):
     privacy.check_batch_independence(model, loss)
   with pytest.raises(privacy.UnsupportedModelError, match="the loss"):
     privacy.check_model_privacy(model, loss=loss)
-  x, y = _data()
-  # model.fit probes the compiled loss.
-  _refused_before_any_step(model, x, y, "the loss", loss=loss)
 
 
 class _CentredLoss(tf.keras.losses.Loss):
