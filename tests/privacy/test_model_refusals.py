@@ -167,13 +167,24 @@ def _in_batch_contrastive_loss(y_true, z):
       tf.range(tf.shape(z)[0]), logits, from_logits=True)
 
 
+class _PerExample(tf.keras.losses.Loss):
+  """A loss function as a Keras Loss with reduction NONE (what DP needs)."""
+
+  def __init__(self, fn):
+    super().__init__(reduction=tf.keras.losses.Reduction.NONE)
+    self.fn = fn
+
+  def call(self, y_true, y_pred):
+    return self.fn(y_true, y_pred)
+
+
 @pytest.mark.parametrize("loss", [_centred_logits_loss,
                                   _in_batch_contrastive_loss])
 def test_losses_that_couple_examples_are_refused(loss):
   model = _dense()
   x, y = _data()
   # model.fit probes the compiled loss.
-  _refused_before_any_step(model, x, y, "the loss", loss=loss)
+  _refused_before_any_step(model, x, y, "the loss", loss=_PerExample(loss))
   with pytest.raises(ValueError, match="the loss: example i's loss entry "
                      "depends on other examples"):
     privacy.check_batch_independence(model, loss)
