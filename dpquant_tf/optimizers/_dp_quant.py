@@ -125,6 +125,8 @@ class _DPQuantMixin(_state.DPStateMixin):
           "stays secret, and a run restarted with the same seed replays the "
           "same noise. Use a seed for tests and paired studies only.",
           self._name)
+    # Preprocessing layers the ledger declares public (the model check).
+    self._dp_public_state = tuple(getattr(ledger, "public_state", ()))
     if ledger is not None:
       ledger.attach(self)
       if sampling_probability is None and dataset_size is None:

@@ -11,10 +11,13 @@ from dpquant_tf.privacy._events import EventTableOverflowError
 from dpquant_tf.privacy._events import gaussian_event
 from dpquant_tf.privacy._events import sampled_gaussian_event
 from dpquant_tf.privacy._events import UnknownSamplingProbabilityError
+from dpquant_tf.privacy._independence import check_batch_independence
 from dpquant_tf.privacy._ledger import EventKind
 from dpquant_tf.privacy._ledger import PrivacyLedger
 from dpquant_tf.privacy._ledger import SamplingMethod
 from dpquant_tf.privacy._mechanisms import SensitivityMode
+from dpquant_tf.privacy._model_checks import check_model_privacy
+from dpquant_tf.privacy._model_checks import UnsupportedModelError
 from dpquant_tf.privacy._sampling import poisson_dataset
 from dpquant_tf.privacy._sampling import poisson_max_batch_size
 from dpquant_tf.privacy._sampling import sampling_rate_of
@@ -35,9 +38,12 @@ __all__ = [
     "SamplingMethod",
     "SensitivityMode",
     "UnknownSamplingProbabilityError",
+    "UnsupportedModelError",
     "add_gaussian_noise",
     "budget_guards",
     "calibrate_noise_multiplier",
+    "check_batch_independence",
+    "check_model_privacy",
     "clip_per_example",
     "gaussian_event",
     "planned_epsilon",

@@ -22,6 +22,7 @@ from dpquant_tf import _validation as V
 from dpquant_tf import _tf_utils
 from dpquant_tf.privacy import _accounting
 from dpquant_tf.privacy import _events
+from dpquant_tf.privacy import _model_checks
 
 __all__ = ["EventKind", "PrivacyLedger", "SamplingMethod"]
 
@@ -87,12 +88,17 @@ class PrivacyLedger(tf.Module):
       fixed batches) or ``POISSON`` (``poisson_dataset``).
     accountant: ``Accountant.RDP`` (default) or ``PLD``.
     dataset_size: N, only used in the statement.
+    public_state: names of preprocessing layers (Normalization,
+      TextVectorization, lookups, ...) whose state the user declares public
+      (adapted on public data, not on the private training set). The model
+      check refuses undeclared ones; the statement lists the declared ones.
     name: module name.
   """
 
   def __init__(self, *, sampling_method=SamplingMethod.SHUFFLED,
                accountant=_accounting.Accountant.RDP,
-               dataset_size: Optional[int] = None, name="privacy_ledger"):
+               dataset_size: Optional[int] = None, public_state=(),
+               name="privacy_ledger"):
     super().__init__(name=name)
     self.sampling_method = V.check_enum("sampling_method", sampling_method,
                                         SamplingMethod)
@@ -100,6 +106,8 @@ class PrivacyLedger(tf.Module):
                                    _accounting.Accountant)
     self.dataset_size = (None if dataset_size is None else
                          V.check_int("dataset_size", dataset_size, low=1))
+    self.public_state = _model_checks.check_public_names("public_state",
+                                                         public_state)
     # Host-side state: never mirrored (MultiWorkerMirroredStrategy cannot
     # broadcast strings), also when the ledger is created in a strategy scope.
     self._records = _tf_utils.local_variable(
@@ -324,6 +332,12 @@ class PrivacyLedger(tf.Module):
         "drop the 'loss' and metric entries from the logs (or do not keep "
         "History); only the weights, epsilon and the schedule's logged "
         "values are covered.", width=80))
+    if self.public_state:
+      paras.append(textwrap.fill(
+          "Preprocessing state declared public by the user (not covered by "
+          "this guarantee; adapted on public data, not on the private "
+          "training set): " + ", ".join(repr(n) for n in self.public_state)
+          + ".", width=80))
     if any(getattr(o, "noise_is_seeded", False)
            for o in self._attached.optimizers):
       paras.append(textwrap.fill(

@@ -24,6 +24,16 @@ lists, one line each:
 * Tapped or quantized layers inside ``TimeDistributed``: the wrapper folds
   the time axis into the batch, so the per-example fast path would see one
   row per time step instead of one per example.
+* Keras mixed precision: any layer whose dtype policy computes or stores in
+  float16/bfloat16 (norms and the clipped sum would be formed from
+  low-precision values that do not bound one example's contribution).
+* Keras preprocessing layers with adaptable state (Normalization,
+  TextVectorization, StringLookup, IntegerLookup, Discretization, ...) that
+  are not declared public by name (``public_preprocessing=``, or
+  ``PrivacyLedger(public_state=...)`` through the optimizer).
+* When all of the above pass: examples that are not independent
+  (``_independence``): a layer or the loss whose entry for example i depends
+  on another example of the batch, found by a probe on a synthesized batch.
 
 :func:`check_model_privacy` raises :class:`UnsupportedModelError` (a
 ``ValueError``) listing them all. ``dpquant_tf.quantization.validate_model``,
@@ -37,9 +47,12 @@ import tensorflow as tf
 
 from dpquant_tf import _layer_kinds
 from dpquant_tf import _validation
+from dpquant_tf.privacy import _independence
 
 __all__ = ["UnsupportedModelError", "check_model_privacy",
            "model_privacy_problems"]
+
+_LOW_PRECISION = ("float16", "bfloat16")
 
 _RANGE_TRACKING = ("MovingAverageQuantizer", "AllValuesQuantizer")
 _ASSIGN_OPS = frozenset({
@@ -103,28 +116,7 @@ def _quantizers_of(module):
 
 # -- (b) state assigned during a training step --------------------------------
 
-def _input_signature(model):
-  """TensorSpecs (batch dim None) of the model's inputs, or None if unknown."""
-  inputs = getattr(model, "inputs", None)
-  if inputs:
-    structure = getattr(model, "input", inputs)
-    return tf.nest.map_structure(
-        lambda t: tf.TensorSpec([None] + list(t.shape[1:]), t.dtype), structure)
-  save_spec = getattr(model, "save_spec", None)
-  if save_spec is not None:
-    try:
-      spec = save_spec(dynamic_batch=True)
-    except Exception:  # pylint: disable=broad-except
-      spec = None
-    if spec is not None and spec[0]:
-      args = spec[0]
-      return args[0] if len(args) == 1 else tuple(args)
-  shape = getattr(model, "_build_input_shape", None)
-  if shape is not None and isinstance(shape, (tuple, list, tf.TensorShape)):
-    dims = tf.TensorShape(shape).as_list()
-    if dims:
-      return tf.TensorSpec([None] + dims[1:], tf.float32)
-  return None
+_input_signature = _independence.input_signature
 
 
 class _GraphWrites:
@@ -309,6 +301,99 @@ def _state_problems(model, skip: Set[int], signature) -> List[str]:
       for layer, names in per_layer.values()]
 
 
+# -- (d) mixed precision, (e) preprocessing state ---------------------------------
+
+def low_precision_layers(model) -> List[tf.keras.layers.Layer]:
+  """Layers whose Keras dtype policy computes or stores in float16/bfloat16."""
+  out = []
+  for layer in _all_layers(model):
+    policy = getattr(layer, "dtype_policy", None)
+    dtypes = {getattr(policy, "compute_dtype", None),
+              getattr(policy, "variable_dtype", None)}
+    if dtypes & set(_LOW_PRECISION):
+      out.append(layer)
+  return out
+
+
+def mixed_precision_message(layer) -> str:
+  policy = getattr(layer, "dtype_policy", None)
+  name = getattr(policy, "name", str(policy))
+  return (
+      f"layer {layer.name!r} ({type(layer).__name__}) runs under the Keras "
+      f"dtype policy {name!r}: its activations and gradients are float16/"
+      "bfloat16, so per-example norms and the clipped sum would be computed "
+      "from low-precision values that do not bound one example's contribution "
+      "by the clip norm; build the model under the 'float32' policy "
+      "(tf.keras.mixed_precision.set_global_policy('float32') before creating "
+      "the layers, or dtype='float32' on the layer); for low-precision "
+      "arithmetic use dpquant_tf.quantization.quantize_model, whose layers keep "
+      "float32 taps")
+
+
+def _is_stateful_preprocessing(layer) -> bool:
+  """Keras preprocessing layers that carry adaptable state (Normalization,
+  TextVectorization, StringLookup, IntegerLookup, Discretization, ...).
+
+  Decided by class (they all have ``adapt``/``is_adapted``), not by
+  ``is_adapted``: a clone or a loaded model forgets that flag but keeps the
+  state. Stateless ones (Hashing, Rescaling, Resizing) have no ``adapt``.
+  """
+  return (isinstance(layer, tf.keras.layers.Layer) and
+          callable(getattr(type(layer), "adapt", None)) and
+          hasattr(type(layer), "is_adapted"))
+
+
+def _preprocessing_problems(model, public: Tuple[str, ...]) -> List[str]:
+  problems, inside = [], set()
+  for layer in _all_layers(model):
+    if id(layer) in inside or not _is_stateful_preprocessing(layer):
+      continue
+    for sub in _all_layers(layer):   # e.g. TextVectorization's StringLookup
+      inside.add(id(sub))
+    if layer.name in public:
+      continue
+    problems.append(
+        f"layer {layer.name!r} ({type(layer).__name__}) holds preprocessing "
+        "state (a mean, variance, vocabulary or bin edges) that is released "
+        "with the model without noise; if it was adapted on the private "
+        "training data it leaks individual records. Adapt it on public data "
+        "and declare it public by name: PrivacyLedger(public_state="
+        f"({layer.name!r},)) with DPQuantOptimizer(ledger=...), or "
+        f"check_model_privacy(model, public_preprocessing=({layer.name!r},)); "
+        "the privacy statement then lists it. Otherwise preprocess outside "
+        "the model with statistics computed under DP")
+  return problems
+
+
+def check_public_names(name: str, value) -> Tuple[str, ...]:
+  """Validates a collection of layer names declared public (a tuple)."""
+  if value is None:
+    return ()
+  if isinstance(value, str):
+    value = (value,)
+  try:
+    names = tuple(value)
+  except TypeError:
+    names = None
+  if names is None or not all(isinstance(n, str) and n for n in names):
+    _validation.fail(name, value, "a tuple of layer names (non-empty "
+                     "strings)", TypeError)
+  return names
+
+
+def _declared_public(model) -> Tuple[str, ...]:
+  """Names declared public through the model's DP optimizer (from the
+  ``PrivacyLedger(public_state=...)`` it was constructed with)."""
+  optimizer = getattr(model, "optimizer", None)
+  return tuple(getattr(optimizer, "_dp_public_state", ()) or ())
+
+
+def _compiled_loss(model):
+  return getattr(model, "compiled_loss", None)
+
+
+# -- the check -----------------------------------------------------------------
+
 # -- the check -----------------------------------------------------------------
 
 def _class_problems(model) -> Tuple[List[str], Set[int]]:
@@ -341,7 +426,9 @@ def _class_problems(model) -> Tuple[List[str], Set[int]]:
   return problems, batch_norms
 
 
-def model_privacy_problems(model, *, input_signature=None) -> List[str]:
+def model_privacy_problems(model, *, input_signature=None, loss=None, x=None,
+                           y=None, public_preprocessing=None,
+                           probe_batch: bool = True) -> List[str]:
   """Lists every DP problem of a Keras model at once (empty when fine).
 
   Args:
@@ -349,33 +436,70 @@ def model_privacy_problems(model, *, input_signature=None) -> List[str]:
       have been called once, or pass `input_signature`).
     input_signature: optional ``tf.TensorSpec`` (or nest of them) of one
       batch of inputs, for models whose input shape Keras does not know.
+    loss: the per-example loss to probe for batch independence together with
+      the model (default: the model's compiled loss, if compiled).
+    x: optional probe inputs for the batch-independence check (default:
+      synthesized from the input specs; no private data is needed).
+    y: optional probe labels (default: synthesized to match the loss).
+    public_preprocessing: names of preprocessing layers (Normalization,
+      TextVectorization, lookups, ...) whose state the caller declares public
+      (adapted on public data). Default: the names declared by the model's
+      optimizer's ledger (``PrivacyLedger(public_state=...)``).
+    probe_batch: run the batch-independence probe (default True).
 
   Returns:
-    The problems, one line each, in layer order (state updates last).
+    The problems, one line each, in layer order (state updates, then batch
+    coupling last).
   """
   _validation.check_type("model", model, tf.keras.layers.Layer,
                          "a tf.keras model")
+  public = (check_public_names("public_preprocessing", public_preprocessing)
+            if public_preprocessing is not None else _declared_public(model))
   problems, skip = _class_problems(model)
+  problems += [mixed_precision_message(l) for l in low_precision_layers(model)]
+  problems += _preprocessing_problems(model, public)
   signature = input_signature if input_signature is not None else (
       _input_signature(model))
   key = (tuple(id(v) for v in model.variables), repr(signature))
   per_model = _CACHE.setdefault(model, {})
   if key not in per_model:
     per_model[key] = _state_problems(model, skip, signature)
-  return problems + list(per_model[key])
+  problems += list(per_model[key])
+  if probe_batch and not problems:
+    loss = loss if loss is not None else _compiled_loss(model)
+    probe_key = ("batch", key, id(loss), id(x), id(y))
+    if x is not None or y is not None or probe_key not in per_model:
+      found = _independence.batch_coupling_problems(
+          model, loss, x=x, y=y, signature=signature)
+      if x is not None or y is not None:
+        return problems + found
+      per_model[probe_key] = (loss, found)   # keeps id(loss) alive
+    problems += list(per_model[probe_key][1])
+  return problems
 
 
-def check_model_privacy(model, *, input_signature=None) -> None:
-  """Raises if `model` has any layer that breaks per-example DP.
+def check_model_privacy(model, *, input_signature=None, loss=None, x=None,
+                        y=None, public_preprocessing=None) -> None:
+  """Raises if `model` (with `loss`) breaks per-example DP.
+
+  Runs every rule of :func:`model_privacy_problems`, then (when those pass)
+  the batch-independence probe through the model and the loss.
 
   Args:
     model: any tf.keras model.
     input_signature: see :func:`model_privacy_problems`.
+    loss: per-example loss to probe (default: the compiled loss, if any).
+    x: optional probe inputs (default synthesized).
+    y: optional probe labels (default synthesized).
+    public_preprocessing: preprocessing layer names declared public (default:
+      those of the optimizer's ``PrivacyLedger(public_state=...)``).
 
   Raises:
     UnsupportedModelError: a ``ValueError`` listing every problem.
   """
-  problems = model_privacy_problems(model, input_signature=input_signature)
+  problems = model_privacy_problems(
+      model, input_signature=input_signature, loss=loss, x=x, y=y,
+      public_preprocessing=public_preprocessing)
   if problems:
     raise UnsupportedModelError(
         f"The model has {len(problems)} problem(s) for differentially private "

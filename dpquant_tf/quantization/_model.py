@@ -8,6 +8,7 @@ import tensorflow as tf
 from dpquant_tf import _layer_kinds
 from dpquant_tf import _validation
 from dpquant_tf.quantization import _layers
+from dpquant_tf.privacy import _model_checks
 from dpquant_tf.quantization import _plan
 from dpquant_tf.quantization._formats import Rounding, ScaleMode
 from dpquant_tf.quantization._layers import LayerKind, QuantizedLayer
@@ -44,6 +45,24 @@ def _check_graph_model(model, what):
             if isinstance(model, tf.keras.Sequential) else
             f"a subclassed model ({type(model).__name__})")
     raise ValueError(f"{what} supports {SUPPORTED_MODELS}; got {kind}.")
+
+
+def _check_float32_policy(model) -> None:
+  """Refuses Keras mixed precision: the wrappers tap float32 values only."""
+  policy = tf.keras.mixed_precision.global_policy()
+  if policy.compute_dtype != "float32" or policy.variable_dtype != "float32":
+    _validation.fail(
+        "tf.keras.mixed_precision.global_policy()", policy.name,
+        "'float32' while quantize_model runs and during DP training: a "
+        "mixed-precision policy computes activations and gradients in "
+        "float16/bfloat16, which does not bound one example's contribution by "
+        "the clip norm; call tf.keras.mixed_precision.set_global_policy("
+        "'float32') and rebuild the model (low-precision arithmetic is what "
+        "quantize_model's QuantizedLayer precisions are for)")
+  low = _model_checks.low_precision_layers(model)
+  if low:
+    raise ValueError("quantize_model needs a float32 model: " +
+                     _model_checks.mixed_precision_message(low[0]))
 
 
 def _walk(model) -> List[tf.keras.layers.Layer]:
@@ -144,9 +163,11 @@ def quantize_model(model, *, layers: Optional[Iterable[str]] = None,
     The clone, with the original weights; compile it before training.
 
   Raises:
-    ValueError: subclassed or unbuilt models, unknown or unsupported names.
+    ValueError: subclassed or unbuilt models, unknown or unsupported names,
+      a Keras mixed-precision policy (global or on a layer of `model`).
   """
   _check_graph_model(model, "quantize_model")
+  _check_float32_policy(model)
   config = config or _plan.LayerQuantConfig()
   _validation.check_type("config", config, _plan.LayerQuantConfig,
                          "a LayerQuantConfig")

@@ -3,8 +3,10 @@
 `validate_model` is the one model check of dpquant_tf
 (``dpquant_tf.privacy._model_checks``, also used by ``DPQuantOptimizer`` and
 the callbacks): BatchNormalization by class, any layer whose state a training
-step assigns from the batch, range-tracking tfmot quantizers and tapped layers
-inside ``TimeDistributed`` (METHOD.md invariants 1, 8 and 11). `fix_model`
+step assigns from the batch, range-tracking tfmot quantizers, tapped layers
+inside ``TimeDistributed``, Keras mixed-precision policies, undeclared
+preprocessing state and layers or losses that couple the examples of a batch
+(METHOD.md invariants 1, 8 and 11). `fix_model`
 replaces BatchNormalization with GroupNormalization, which normalizes within
 each example; the other problems have no automatic fix.
 """
@@ -21,8 +23,8 @@ from dpquant_tf.quantization import _model
 UnsupportedModelError = _model_checks.UnsupportedModelError
 
 
-def validate_model(model, *, strict: bool = True,
-                   input_signature=None) -> List[str]:
+def validate_model(model, *, strict: bool = True, input_signature=None,
+                   loss=None, public_preprocessing=None) -> List[str]:
   """Lists every DP problem of a Keras model at once.
 
   Args:
@@ -32,6 +34,10 @@ def validate_model(model, *, strict: bool = True,
       False returns the list.
     input_signature: optional ``tf.TensorSpec`` (or nest) of one input batch,
       for models whose input shape Keras does not know.
+    loss: per-example loss probed for batch independence with the model
+      (default: the compiled loss, if any).
+    public_preprocessing: names of preprocessing layers declared public
+      (default: those of the optimizer's ``PrivacyLedger(public_state=)``).
 
   Returns:
     The problems, one line each (empty when the model is fine).
@@ -41,10 +47,13 @@ def validate_model(model, *, strict: bool = True,
   """
   _validation.check_type("model", model, tf.keras.layers.Layer, "a tf.keras model")
   if strict:
-    _model_checks.check_model_privacy(model, input_signature=input_signature)
+    _model_checks.check_model_privacy(
+        model, input_signature=input_signature, loss=loss,
+        public_preprocessing=public_preprocessing)
     return []
-  return _model_checks.model_privacy_problems(model,
-                                              input_signature=input_signature)
+  return _model_checks.model_privacy_problems(
+      model, input_signature=input_signature, loss=loss,
+      public_preprocessing=public_preprocessing)
 
 
 def _groups_for(channels: int, groups: Optional[int]) -> int:
