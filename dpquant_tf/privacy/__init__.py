@@ -17,7 +17,6 @@ from dpquant_tf.privacy._ledger import SamplingMethod
 from dpquant_tf.privacy._mechanisms import SensitivityMode
 from dpquant_tf.privacy._sampling import poisson_dataset
 from dpquant_tf.privacy._sampling import poisson_max_batch_size
-from dpquant_tf.privacy._sampling import sampling_rate_of
 from dpquant_tf.privacy._sampling import steps_per_epoch
 from dpquant_tf.privacy._mechanisms import add_gaussian_noise
 from dpquant_tf.privacy._mechanisms import clip_per_example
@@ -48,6 +47,5 @@ __all__ = [
     "quantize_per_example",
     "quantize_update",
     "sampled_gaussian_event",
-    "sampling_rate_of",
     "steps_per_epoch",
 ]

@@ -1,7 +1,11 @@
 """Poisson-sampled tf.data input pipeline with fixed padded batch shape.
 
-Each step includes every example independently with probability q, so the
-ledger may account the steps as ``PoissonSampledDpEvent(q, ...)``. Batches are
+Each step includes every example independently with probability q. The
+library claims amplification by sampling (``PoissonSampledDpEvent(q, ...)``)
+only where it made the sampler and feeds it to ``fit`` itself
+(``dpquant_tf.make_private``); a ``poisson_dataset`` handed to ``model.fit``
+by the user may have been transformed on the way, so its steps are recorded
+without amplification (q = 1). Batches are
 padded to ``max_batch_size`` rows with a 0/1 mask used as the Keras sample
 weight: padded rows have loss 0 and contribute exactly zero gradient, and the
 shape never changes (no XLA retrace). Train with
@@ -10,7 +14,6 @@ by the expected, data-independent batch size.
 """
 
 import math
-import weakref
 from typing import Optional
 
 import numpy as np
@@ -20,13 +23,7 @@ from scipy import stats
 from dpquant_tf import _validation as V
 from dpquant_tf.privacy import _random
 
-__all__ = ["poisson_dataset", "poisson_max_batch_size",
-           "register_sampling_rate", "sampling_rate_of", "steps_per_epoch"]
-
-# Rate of every dataset poisson_dataset returned, keyed by the dataset object
-# (weak keys: the entry goes away with the dataset). PrivacyCallback reads it
-# to refuse a dataset whose rate differs from the optimizer's.
-_RATES = weakref.WeakKeyDictionary()
+__all__ = ["poisson_dataset", "poisson_max_batch_size", "steps_per_epoch"]
 
 
 def steps_per_epoch(dataset_size: int, sampling_rate: float) -> int:
@@ -48,19 +45,6 @@ def steps_per_epoch(dataset_size: int, sampling_rate: float) -> int:
   q = V.check_probability("sampling_rate", sampling_rate)
   batch = q * n
   return max(1, int(math.ceil(n / batch - 1e-9)))
-
-
-def register_sampling_rate(dataset, sampling_rate: float) -> None:
-  """Records that `dataset` yields Poisson samples at `sampling_rate`."""
-  _RATES[dataset] = V.check_probability("sampling_rate", sampling_rate)
-
-
-def sampling_rate_of(dataset) -> Optional[float]:
-  """The rate q of a dataset made by ``poisson_dataset`` (else None)."""
-  try:
-    return _RATES.get(dataset)
-  except TypeError:  # Not weak-referenceable: not one of ours.
-    return None
 
 
 def poisson_max_batch_size(dataset_size: int, sampling_rate: float,
@@ -141,9 +125,7 @@ def poisson_dataset(x, y, sampling_rate: float,
     mask = tf.ensure_shape(mask, [max_batch_size])
     return xb, yb, mask
 
-  dataset = tf.data.Dataset.range(steps).map(sample)
-  register_sampling_rate(dataset, q)
-  return dataset
+  return tf.data.Dataset.range(steps).map(sample)
 
 
 def expected_batch_size(dataset_size: int, sampling_rate: float) -> float:
