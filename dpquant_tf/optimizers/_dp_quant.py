@@ -49,7 +49,7 @@ class _DPQuantMixin(_state.DPStateMixin):
   # set only by dp_step for the duration of its minimize call.
   _step_binding = None
   # q recorded for the bound step: the library's sampler's rate when the
-  # step is fed by it (training.make_private), else 1.0 (no amplification).
+  # batch's seal proves it (training._step), else 1.0 (no amplification).
   _bound_sampling_probability = 1.0
 
   def __init__(self,
@@ -239,8 +239,10 @@ class _DPQuantMixin(_state.DPStateMixin):
     return self._owned_step(model, x, loss, tape, 1.0)
 
   def _owned_step(self, model, x, loss, tape, sampling_probability):
+    """`dp_step` recording `sampling_probability` (a float64 tensor that the
+    owned train step derives from the library sampler's seal, else 1)."""
     binding = _guards.StepBinding(model, x)
-    q = V.check_probability("sampling_probability", sampling_probability)
+    q = sampling_probability
     previous = (self._step_binding, self._bound_sampling_probability)
     self._step_binding, self._bound_sampling_probability = binding, q
     try:
@@ -420,8 +422,11 @@ class _DPQuantMixin(_state.DPStateMixin):
     with tf.control_dependencies(list(runtime_checks)):
       # q comes from the owned step (the library's own sampler), else 1:
       # never from the loss length or a declared rate.
-      record = self._record_privacy_event(
-          tf.constant(q, tf.float64), z, tf.shape(loss)[0])
+      q = tf.cast(q, tf.float64)
+      record = tf.group(
+          self._record_privacy_event(q, z, tf.shape(loss)[0]),
+          # Budget projections (PrivacyCallback) follow the recorded q.
+          self.sampling_probability_var.assign(q))
     # Global expected batch size, or the global number of microbatches.
     normalizer = _dist.global_normalizer(nmb, self._expected_batch_size)
     with tf.control_dependencies([record] + list(runtime_checks) +

@@ -66,10 +66,10 @@ class PrivacyCallback(tf.keras.callbacks.Callback):
 
   ``set_model`` installs the owned train step (``install_dp_train_step``)
   on a model that has none: every step of the fit then goes through the
-  optimizer's ``dp_step`` and is recorded with q = 1 (fit's data is not the
-  library's sampler, so no amplification by sampling is claimed; only
-  ``make_private`` feeds the library's sampler). ``on_train_begin`` also
-  refuses (before any step): an optimizer that is not a DPQuant optimizer
+  optimizer's ``dp_step``; a step is recorded at the sampler's q only when
+  its batch carries the seal of the library's ``poisson_dataset``, consumed
+  as drawn, else at q = 1 (no amplification by sampling). ``on_train_begin``
+  also refuses (before any step): an optimizer that is not a DPQuant optimizer
   attached to `ledger` (e.g. after ``load_model`` or a recompile); models
   that break per-example DP (``check_model``).
 
@@ -123,10 +123,9 @@ class PrivacyCallback(tf.keras.callbacks.Callback):
   def _check_sampling(self, opt) -> float:
     """Returns the q of the first step; raises if it is unknown.
 
-    The owned step records q: the library's sampler's rate under
-    ``make_private``, else 1 (``install_dp_train_step``). fit's data is never
-    inspected: whatever it is (arrays, generators, tf.data transformations,
-    ``validation_split``), it is accounted without amplification.
+    The owned step records q per step from the batch (the library sampler's
+    seal, else 1); until the first step this is the optimizer's declared q,
+    or 1 when none was declared. fit's arguments are never inspected.
     """
     q, _ = opt.current_event_parameters(self.model.trainable_variables, None)
     if q < 0:
@@ -135,7 +134,7 @@ class PrivacyCallback(tf.keras.callbacks.Callback):
 
   # ------------------------------------------------------------ owned step
   def set_model(self, model):
-    """Installs the owned DP train step (q = 1) unless one is installed.
+    """Installs the owned DP train step unless one is installed.
 
     Keras calls this before it builds the train function, so every step of
     this fit goes through ``DPQuantOptimizer.dp_step``'s checks.
@@ -143,7 +142,7 @@ class PrivacyCallback(tf.keras.callbacks.Callback):
     super().set_model(model)
     # pylint: disable-next=g-import-not-at-top
     from dpquant_tf.training import _step
-    if _step.installed_sampling_probability(model) is None:
+    if not _step.has_owned_step(model):
       _step.install_dp_train_step(model)
 
   # ------------------------------------------------------------ projection

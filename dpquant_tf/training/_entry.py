@@ -8,7 +8,8 @@ it is made), a DP optimizer whose noise is calibrated for the training steps
 AND the loss-sensitivity estimator's releases (their number counted from the
 policy), the ledger, the scheduler and a ``PrivacyCallback`` whose budget is
 the target. The steps run through the owned train step, which records the
-sampler's q; nothing else in the library claims amplification by sampling.
+sampler's q only for batches whose seal proves they are the sampler's draws,
+consumed as drawn; nothing else is accounted with amplification by sampling.
 """
 
 import numpy as np
@@ -28,10 +29,6 @@ from dpquant_tf.training import _step
 __all__ = ["DPTraining", "make_private", "planned_analysis_count"]
 
 _OPTIMIZERS = {"sgd": DPQuantOptimizer, "adam": DPQuantAdamOptimizer}
-# Realized batch sizes: a run whose total sampled examples leaves
-# T*q*N +- Z * sqrt(T*q*N*(1-q)) (+1) is stopped. For a true Binomial the
-# chance of a false stop is below 1e-11 per step (Chernoff/normal tail at 7).
-_Z_REALIZED = 7.0
 
 
 def planned_analysis_count(policy, epochs: int) -> int:
@@ -46,24 +43,17 @@ def planned_analysis_count(policy, epochs: int) -> int:
   return sum(1 for e in range(epochs) if policy.analysis_due(e))
 
 
-def _realized_check(count, total, steps, expected, q):
-  """Runtime check of the realized batch sizes against q * N."""
-  new_total = total.assign_add(tf.cast(count, tf.float64))
-  new_steps = steps.assign_add(1.0)
-  mean = new_steps * expected
-  spread = _Z_REALIZED * tf.sqrt(mean * (1.0 - q)) + 1.0
-  return tf.debugging.assert_less_equal(
-      tf.abs(new_total - mean), spread,
-      message=("Realized Poisson batch sizes are far from q * N: the "
-               "batches fit iterates are not the library's sampler at the "
-               "accounted rate; training stopped"))
-
-
 class DPTraining:
   """What ``make_private`` returns: call ``fit()``.
 
+  ``fit()`` is ``model.fit(dataset, epochs=epochs, callbacks=callbacks)``;
+  the pieces are public for users who call ``model.fit`` themselves (pass
+  ``dataset`` untransformed: any transformation is accounted at q = 1).
+
   Attributes:
-    model: the user's model (trained in place; evaluate/predict with it).
+    model: the user's model, compiled with the DP optimizer and the owned
+      train step (trained in place; evaluate/predict with it).
+    dataset: the library's Poisson sampler over the records (sealed batches).
     optimizer: the DP optimizer (noise multiplier calibrated).
     ledger: the ``PrivacyLedger`` (POISSON: the library's sampler).
     callbacks: the callbacks ``fit`` passes (scheduler, PrivacyCallback).
@@ -71,12 +61,11 @@ class DPTraining:
     target_epsilon, analyses: the calibrated plan.
   """
 
-  def __init__(self, *, model, train_model, dataset, optimizer, ledger,
+  def __init__(self, *, model, dataset, optimizer, ledger,
                callbacks, noise_multiplier, sampling_probability, batch_size,
                epochs, delta, target_epsilon, analyses):
     self.model = model
-    self._train_model = train_model
-    self._dataset = dataset
+    self.dataset = dataset
     self.optimizer = optimizer
     self.ledger = ledger
     self.callbacks = list(callbacks)
@@ -99,7 +88,7 @@ class DPTraining:
       The Keras ``History`` (``epsilon`` per epoch, loss and metrics over
       real rows only).
     """
-    return self._train_model.fit(self._dataset, epochs=self.epochs,
+    return self.model.fit(self.dataset, epochs=self.epochs,
                                  verbose=verbose,
                                  callbacks=self.callbacks + list(callbacks))
 
@@ -129,8 +118,8 @@ def make_private(model, x, y, *, target_epsilon: float, delta: float,
   """Makes `model` train on (`x`, `y`) with (target_epsilon, delta)-DP.
 
   Args:
-    model: a built Sequential or Functional ``tf.keras.Model`` (use
-      ``quantize_model`` first for quantization policies). Trained in place.
+    model: a ``tf.keras.Model`` (use ``quantize_model`` first for
+      quantization policies). Compiled here and trained in place.
     x, y: the private records (arrays or tensors with N rows). The library
       samples them itself (Poisson, q = batch_size / N).
     target_epsilon: epsilon for the whole run, the estimator's analysis
@@ -155,9 +144,6 @@ def make_private(model, x, y, *, target_epsilon: float, delta: float,
   """
   if not isinstance(model, tf.keras.Model):
     V.fail("model", type(model).__name__, "a tf.keras.Model", TypeError)
-  if not getattr(model, "inputs", None):
-    V.fail("model", model.name, "a built Sequential or Functional model "
-           "(with inputs); build it or give it an Input layer")
   n = _rows("x", x)
   if _rows("y", y) != n:
     V.fail("y", f"{_rows('y', y)} rows", f"one label per record of x ({n})")
@@ -189,27 +175,9 @@ def make_private(model, x, y, *, target_epsilon: float, delta: float,
       l2_norm_clip=l2_norm_clip, noise_multiplier=noise, ledger=ledger,
       expected_batch_size=q * n, sampling_probability=q,
       learning_rate=learning_rate, **optimizer_kwargs)
-  # A Functional model sharing the user's layers; only it carries the step
-  # that records the sampler's q, and only the sampler below feeds it.
-  train_model = tf.keras.Model(model.inputs, model.outputs,
-                               name=f"dp_{model.name}")
-  train_model.compile(optimizer=opt, loss=loss, metrics=metrics)
+  model.compile(optimizer=opt, loss=loss, metrics=metrics)
+  _step.install_dp_train_step(model, loss=loss)
   dataset = poisson_dataset(np.asarray(x), np.asarray(y), q)
-  total = tf.Variable(0.0, dtype=tf.float64, trainable=False)
-  steps = tf.Variable(0.0, dtype=tf.float64, trainable=False)
-  expected = float(q * n)
-
-  def step(data):
-    _, _, weight = tf.keras.utils.unpack_x_y_sample_weight(data)
-    count_real = tf.reduce_sum(tf.cast(weight > 0, tf.int32))
-    check = _realized_check(count_real, total, steps, expected, q)
-    with tf.control_dependencies([check]):
-      data = tf.nest.map_structure(tf.identity, data)
-    return _step.owned_train_step(train_model, data,
-                                  sampling_probability=q, loss=loss)
-
-  _step.install_dp_train_step(train_model, sampling_probability=q, loss=loss)
-  object.__setattr__(train_model, "train_step", step)
   callbacks = []
   if policy is not None:
     callbacks.append(schedule.DPQuantScheduler(
@@ -217,7 +185,7 @@ def make_private(model, x, y, *, target_epsilon: float, delta: float,
   callbacks.append(PrivacyCallback(ledger, delta,
                                    budget_epsilon=target_epsilon))
   return DPTraining(
-      model=model, train_model=train_model, dataset=dataset, optimizer=opt,
+      model=model, dataset=dataset, optimizer=opt,
       ledger=ledger, callbacks=callbacks, noise_multiplier=noise,
       sampling_probability=q, batch_size=batch_size, epochs=epochs,
       delta=delta, target_epsilon=target_epsilon, analyses=analyses)
