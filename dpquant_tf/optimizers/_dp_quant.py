@@ -6,6 +6,7 @@ multiplier, bit widths, generator, event table) and calls the pure mechanisms
 of ``dpquant_tf.privacy`` in order. See docs/PRIVACY.md.
 """
 
+import contextlib
 import enum
 import logging
 import weakref
@@ -241,12 +242,19 @@ class _DPQuantMixin(_state.DPStateMixin):
   def _owned_step(self, model, x, loss, tape, sampling_probability):
     """`dp_step` recording `sampling_probability` (a float64 tensor that the
     owned train step derives from the library sampler's seal, else 1)."""
-    binding = _guards.StepBinding(model, x)
-    q = sampling_probability
-    previous = (self._step_binding, self._bound_sampling_probability)
-    self._step_binding, self._bound_sampling_probability = binding, q
-    try:
+    with self._bind(model, x, sampling_probability):
       return self.minimize(loss, model.trainable_variables, tape=tape)
+
+  @contextlib.contextmanager
+  def _bind(self, model, x, sampling_probability=1.0):
+    """Hands `model` and its batch `x` to ``_compute_gradients`` (trace
+    time, this thread's Python call only); restored on exit."""
+    binding = _guards.StepBinding(model, x)
+    previous = (self._step_binding, self._bound_sampling_probability)
+    self._step_binding = binding
+    self._bound_sampling_probability = sampling_probability
+    try:
+      yield binding
     finally:
       self._step_binding, self._bound_sampling_probability = previous
 

@@ -137,12 +137,24 @@ def per_example_loss(model, y, y_pred, sample_weight=None, *, loss=None):
   padding row contributes a zero gradient.
   """
   fn = _loss_function(model, loss)
-  values = fn(y, y_pred)
-  values = tf.convert_to_tensor(values)
-  if values.shape.rank is not None and values.shape.rank > 1:
-    values = tf.reduce_sum(tf.reshape(values, [tf.shape(values)[0], -1]),
-                           axis=1)
-  values = tf.cast(values, tf.float32)
+  values = tf.convert_to_tensor(fn(y, y_pred))
+  if values.shape.rank != 1:
+    V.fail("loss", values.shape, "a per-example loss vector of shape [batch] "
+           "(one entry per input example): build the Keras loss with "
+           "reduction=tf.keras.losses.Reduction.NONE and reduce any other "
+           "axes per example")
+  rows = tf.nest.flatten(y_pred)[0]
+  static = (values.shape[0], rows.shape[0])
+  if None not in static and static[0] != static[1]:
+    V.fail("loss", values.shape, f"one entry per input example ({static[1]} "
+           "rows): a loss that keeps a batch mean or folds examples makes one "
+           "example move many entries")
+  checks = [tf.debugging.assert_equal(
+      tf.shape(values)[0], tf.shape(rows)[0],
+      message="Expected the per-example loss to have one entry per input "
+      "example; build the loss with Reduction.NONE")]
+  with tf.control_dependencies(checks):
+    values = tf.cast(values, tf.float32)
   if sample_weight is None:
     weight = tf.ones_like(values)
   else:
@@ -225,6 +237,8 @@ def install_dp_train_step(model, *, loss=None):
   """
   if not isinstance(model, tf.keras.Model):
     V.fail("model", type(model).__name__, "a tf.keras.Model", TypeError)
+  if getattr(model, _STATE, None) is not None and loss is None:
+    return model  # Installed already (the same step, its train function).
   if getattr(model, _STATE, None) is None:
     object.__setattr__(model, _STATE, _SealState(model))
   step = functools.partial(owned_train_step, model, loss=loss)

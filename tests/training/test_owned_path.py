@@ -182,8 +182,9 @@ _TRANSFORMS = {
 }
 
 
-@pytest.mark.parametrize("names", [("shuffle", "cache", "rebatch"),
-                                   ("filter", "skip", "seal_dropped")])
+@pytest.mark.parametrize("names", [
+    ("shuffle", "cache", "rebatch"),
+    pytest.param(("filter", "skip", "seal_dropped"), marks=pytest.mark.slow)])
 def test_a_transformed_sampler_loses_its_amplification(names):
   x, y = _data()
   q = 0.125
@@ -199,7 +200,8 @@ def test_a_transformed_sampler_loses_its_amplification(names):
     assert _steps_at(opt, 1.0) > before, name
 
 
-@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("jit_compile", [
+    False, pytest.param(True, marks=pytest.mark.slow)])
 def test_the_sampler_consumed_as_drawn_keeps_its_amplification(jit_compile):
   x, y = _data()
   q = 0.125
@@ -305,6 +307,7 @@ def test_make_private_meets_the_target_with_the_library_sampler():
   assert abs(hist.history["accuracy"][-1] - acc) <= 0.1
 
 
+@pytest.mark.slow
 def test_make_private_counts_the_estimators_releases_from_the_policy():
   from dpquant_tf import quantization, schedule  # pylint: disable=g-import-not-at-top
   x, y = _data()
