@@ -134,7 +134,7 @@ class PrivacyCallback(tf.keras.callbacks.Callback):
 
   # ------------------------------------------------------------ owned step
   def set_model(self, model):
-    """Installs the owned DP train step unless one is installed.
+    """Installs the owned DP train step (kept if installed already).
 
     Keras calls this before it builds the train function, so every step of
     this fit goes through ``DPQuantOptimizer.dp_step``'s checks.
@@ -142,8 +142,7 @@ class PrivacyCallback(tf.keras.callbacks.Callback):
     super().set_model(model)
     # pylint: disable-next=g-import-not-at-top
     from dpquant_tf.training import _step
-    if not _step.has_owned_step(model):
-      _step.install_dp_train_step(model)
+    _step.install_dp_train_step(model)
 
   # ------------------------------------------------------------ projection
   def _next_execution(self):

@@ -237,15 +237,14 @@ def install_dp_train_step(model, *, loss=None):
   """
   if not isinstance(model, tf.keras.Model):
     V.fail("model", type(model).__name__, "a tf.keras.Model", TypeError)
-  if getattr(model, _STATE, None) is not None and loss is None:
-    return model  # Installed already (the same step, its train function).
-  if getattr(model, _STATE, None) is None:
-    object.__setattr__(model, _STATE, _SealState(model))
-  step = functools.partial(owned_train_step, model, loss=loss)
-  # Plain attributes (no Keras tracking): the step is not saved state.
-  object.__setattr__(model, "train_step", step)
-  # A train function traced before used the old step: rebuild it.
-  object.__setattr__(model, "train_function", None)
+  if getattr(model, _STATE, None) is None or loss is not None:
+    if getattr(model, _STATE, None) is None:
+      object.__setattr__(model, _STATE, _SealState(model))
+    step = functools.partial(owned_train_step, model, loss=loss)
+    # Plain attributes (no Keras tracking): the step is not saved state.
+    object.__setattr__(model, "train_step", step)
+    # A train function traced before used the old step: rebuild it.
+    object.__setattr__(model, "train_function", None)
   opt = getattr(model, "optimizer", None)
   var = getattr(opt, "sampling_probability_var", None)
   if var is not None and float(var.numpy()) < 0:
