@@ -54,8 +54,9 @@ class _SealState:
   """
 
   def __init__(self, model):
-    strategy = getattr(model, "distribute_strategy", None) or \
-        tf.distribute.get_strategy()
+    strategy = getattr(model, "distribute_strategy", None)
+    if not isinstance(strategy, tf.distribute.Strategy):
+      strategy = tf.distribute.get_strategy()
     with strategy.scope():
       kwargs = dict(trainable=False, dtype=tf.float64,
                     aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
