@@ -1,6 +1,7 @@
 """DPQuantOptimizer, its Adam variant, the ledger and the schedule callback
 under MirroredStrategy (logical CPU devices)."""
 
+import dpquant_tf
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -20,6 +21,8 @@ def _fit(num_replicas, make_optimizer, *, epochs=2, n=8):
     model = tf.keras.Sequential([tf.keras.layers.Dense(3, input_shape=(5,))])
     optimizer = make_optimizer()
     model.compile(optimizer=optimizer, loss=_helpers.per_example_mse())
+  if hasattr(optimizer, "dp_step"):  # DP: the owned train step
+    dpquant_tf.install_dp_train_step(model)
   before = [w.copy() for w in model.get_weights()]
   model.fit(x, y, batch_size=n, epochs=epochs, shuffle=False, verbose=0)
   deltas = [a - b for a, b in zip(model.get_weights(), before)]
