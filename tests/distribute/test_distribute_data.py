@@ -13,7 +13,7 @@ from tests.distribute import _helpers
 
 
 def _ids(batch):
-  x, _, mask = batch
+  x, _, mask = batch[:3]  # (x, y, mask, seal)
   return x.numpy()[mask.numpy() > 0, 0].astype(int).tolist()
 
 
