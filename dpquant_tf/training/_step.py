@@ -20,7 +20,8 @@ import tensorflow as tf
 
 from dpquant_tf import _validation as V
 
-__all__ = ["install_dp_train_step", "owned_train_step", "per_example_loss"]
+__all__ = ["has_owned_step", "install_dp_train_step", "owned_train_step",
+           "per_example_loss", "sealed_sampling_probability"]
 
 _log = logging.getLogger(__name__)
 
