@@ -90,7 +90,10 @@ def test_canaries_are_poisson_sampled_at_the_optimizer_q():
   def one():
     with tf.GradientTape() as tape:
       loss = 0.0 * tf.reshape(model(x), [-1])
-    opt.dp_step(model, x, loss, tape)
+    # White-box: the step as the owned train step takes it for a sealed
+    # sampler batch at q = 0.3 (dp_step, a custom loop, records q = 1 and
+    # the canaries would follow it).
+    opt._owned_step(model, x, loss, tape, tf.constant(0.3, tf.float64))
   with audit.gradient_canaries(opt, model.trainable_variables, canaries=4,
                                seed=2, sampling_seed=3) as cans:
     w0 = cans.flat_weights()
