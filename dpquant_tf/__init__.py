@@ -15,6 +15,8 @@ Subpackages (the architecture, one concern each):
   estimator, the ``DPQuantScheduler`` callback.
 * ``dpquant_tf.data``, ``dpquant_tf.models``: offline datasets, model builders.
 * ``dpquant_tf.distribute``: ``tf.distribute`` support.
+* ``dpquant_tf.training``: the owned entry ``make_private`` and the owned
+  train step every DP step goes through.
 """
 
 from dpquant_tf import _env
@@ -54,6 +56,9 @@ from dpquant_tf.schedule import LossSensitivityEstimator
 from dpquant_tf.schedule import NormAdaptiveBitsPolicy
 from dpquant_tf.schedule import RotationPolicy
 from dpquant_tf.schedule import StaticPolicy
+from dpquant_tf.training import DPTraining
+from dpquant_tf.training import install_dp_train_step
+from dpquant_tf.training import make_private
 
 __all__ = [
     "Accountant",
@@ -62,6 +67,7 @@ __all__ = [
     "DPQuantAdamOptimizer",
     "DPQuantOptimizer",
     "DPQuantScheduler",
+    "DPTraining",
     "DepthBitsPolicy",
     "LayerQuantConfig",
     "LossAwarePolicy",
@@ -82,6 +88,8 @@ __all__ = [
     "calibrate_noise_multiplier",
     "fix_model",
     "get_plan",
+    "install_dp_train_step",
+    "make_private",
     "poisson_dataset",
     "quantizable_layers",
     "quantize_model",

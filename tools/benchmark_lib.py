@@ -152,6 +152,9 @@ def make_contender(kind: str, model_name: str, batch_size: int,
   else:
     raise ValueError(f"Expected contender={kind!r} to be one of {CONTENDERS}.")
   model.compile(optimizer=opt, loss=loss, jit_compile=s.jit_compile)
+  if hasattr(opt, "dp_step"):  # DPQuant: the owned train step (docs/PRIVACY.md)
+    from dpquant_tf import training  # pylint: disable=g-import-not-at-top
+    training.install_dp_train_step(model)
   return model, info
 
 

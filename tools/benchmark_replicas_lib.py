@@ -101,6 +101,9 @@ def _measure(s: Settings, r: int, x, y, dp: bool) -> Dict[str, object]:
     model.compile(optimizer=optimizer,
                   loss=tf.keras.losses.SparseCategoricalCrossentropy(
                       from_logits=True, reduction=reduction))
+  if hasattr(model.optimizer, "dp_step"):  # DPQuant: the owned train step
+    from dpquant_tf import training  # pylint: disable=g-import-not-at-top
+    training.install_dp_train_step(model)
   handler = _FallbackLines()
   logging.getLogger().addHandler(handler)
   try:

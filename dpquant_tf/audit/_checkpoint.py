@@ -43,9 +43,9 @@ def _build(dims, l2_norm_clip, noise_multiplier, batch_size, optimizer_cls,
     def step():
       before = tf.identity(kernel[0, 0])
 
-      def loss_fn():
-        return -tf.reshape(model(batch, training=True), [-1])
-      optimizer.minimize(loss_fn, model.trainable_variables)
+      with tf.GradientTape() as tape:
+        loss = -tf.reshape(model(batch, training=True), [-1])
+      optimizer.dp_step(model, batch, loss, tape)
       return kernel[0, 0] - before
     return step
 

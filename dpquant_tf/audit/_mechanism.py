@@ -201,9 +201,9 @@ def audit_mechanism(
       V.fail("optimizer_cls", optimizer_cls, "an SGD or Adam optimizer")
 
   def replica_step(x):
-    def loss_fn():
-      return -tf.reshape(model(x, training=True), [-1])
-    optimizer.minimize(loss_fn, weights)
+    with tf.GradientTape() as tape:
+      loss = -tf.reshape(model(x, training=True), [-1])
+    optimizer.dp_step(model, x, loss, tape)
 
   def shard(batch):
     rows = batch_size // replicas

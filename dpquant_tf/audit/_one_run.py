@@ -30,6 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from dpquant_tf import _validation as V
+from dpquant_tf import training
 from dpquant_tf.audit import _gradient_canaries
 from dpquant_tf.audit import _stats
 from dpquant_tf.optimizers import DPQuantOptimizer
@@ -166,6 +167,7 @@ def audit_one_run(
   loss = tf.keras.losses.SparseCategoricalCrossentropy(
       from_logits=True, reduction=tf.keras.losses.Reduction.NONE)
   model.compile(optimizer=optimizer, loss=loss)
+  training.install_dp_train_step(model)
   if gradient:
     scores, included = _gradient_canaries.fit_with_gradient_canaries(
         model, optimizer,

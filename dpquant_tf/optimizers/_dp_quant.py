@@ -6,6 +6,7 @@ multiplier, bit widths, generator, event table) and calls the pure mechanisms
 of ``dpquant_tf.privacy`` in order. See docs/PRIVACY.md.
 """
 
+import contextlib
 import enum
 import logging
 import weakref
@@ -45,6 +46,12 @@ class _DPQuantMixin(_state.DPStateMixin):
   # tensors added to the clipped per-example sum before noise. Set and
   # removed only by ``dpquant_tf.audit.gradient_canaries`` (docs/AUDIT.md).
   _audit_hook = None
+  # The model and batch of the owned step being traced (guards.StepBinding),
+  # set only by dp_step for the duration of its minimize call.
+  _step_binding = None
+  # q recorded for the bound step: the library's sampler's rate when the
+  # batch's seal proves it (training._step), else 1.0 (no amplification).
+  _bound_sampling_probability = 1.0
 
   def __init__(self,
                l2_norm_clip: float,
@@ -207,6 +214,52 @@ class _DPQuantMixin(_state.DPStateMixin):
       self.check_model(model)
     self._checked_models.add(model)
 
+  # ----------------------------------------------------- the owned step
+  def dp_step(self, model, x, loss, tape):
+    """One DP step of `model` on the batch `x`: the only way to train.
+
+    The owned ``train_step`` (``dpquant_tf.make_private``, or the one
+    ``PrivacyCallback`` installs) and custom loops call this instead of
+    ``minimize``/``apply_gradients``. The model is checked by layer class
+    (``privacy.check_model_privacy``), the loss must have one entry per row
+    of `x`, and the step is recorded WITHOUT amplification by sampling
+    (q = 1: every record may be in every step, at most once) unless the
+    library's own sampler feeds it.
+
+    Args:
+      model: the ``tf.keras.Model`` whose forward pass computed `loss`.
+      x: the step's input batch (the rows the loss must match).
+      loss: per-example loss, shape [rows of x], computed under `tape`.
+      tape: the ``tf.GradientTape`` that recorded the forward pass.
+
+    Returns:
+      The optimizer's update op (``apply_gradients``' result).
+
+    Raises:
+      ValueError: a model that breaks per-example DP, a loss that is not one
+        entry per input row.
+    """
+    return self._owned_step(model, x, loss, tape, 1.0)
+
+  def _owned_step(self, model, x, loss, tape, sampling_probability):
+    """`dp_step` recording `sampling_probability` (a float64 tensor that the
+    owned train step derives from the library sampler's seal, else 1)."""
+    with self._bind(model, x, sampling_probability):
+      return self.minimize(loss, model.trainable_variables, tape=tape)
+
+  @contextlib.contextmanager
+  def _bind(self, model, x, sampling_probability=1.0):
+    """Hands `model` and its batch `x` to ``_compute_gradients`` (trace
+    time, this thread's Python call only); restored on exit."""
+    binding = _guards.StepBinding(model, x)
+    previous = (self._step_binding, self._bound_sampling_probability)
+    self._step_binding = binding
+    self._bound_sampling_probability = sampling_probability
+    try:
+      yield binding
+    finally:
+      self._step_binding, self._bound_sampling_probability = previous
+
   # --------------------------------------------------- per-example grads
   def _jacobian_per_example_gradients(self, loss, var_list, tape,
                                       num_microbatches):
@@ -268,10 +321,15 @@ class _DPQuantMixin(_state.DPStateMixin):
         var_list = var_list()
     var_list = tf.nest.flatten(var_list)
     loss = tf.convert_to_tensor(loss)
-    model, x = _guards.calling_model(self)
-    self._check_calling_model(model)
-    runtime_checks = self._check_loss(loss, x)
-    self.build(var_list, check_names=model is None)
+    binding = self._step_binding
+    if binding is None:
+      V.fail("optimizer step", f"{self._name} called without a model and "
+             "batch (Keras' default train_step, minimize or "
+             "_compute_gradients in a custom loop)", _guards.UNATTRIBUTED_FIX,
+             _guards.UnattributedStepError)
+    self._check_calling_model(binding.model)
+    runtime_checks = self._check_loss(loss, binding.x)
+    self.build(var_list, check_names=False)
     with tf.keras.backend.name_scope(self._name + "/gradients"):
       nmb = self._microbatch_count(loss)
       taps = self._per_example_taps(loss, var_list, tape, nmb)
@@ -284,7 +342,8 @@ class _DPQuantMixin(_state.DPStateMixin):
         summed = [t + tf.cast(e, t.dtype)
                   for t, e in zip(summed, self._audit_hook(var_list))]
       final = self._noise_and_normalize(summed, loss, nmb, sens_ratio,
-                                        runtime_checks)
+                                        runtime_checks,
+                                        q=self._bound_sampling_probability)
     self._issued.issue(final)
     return list(zip(final, var_list))
 
@@ -361,7 +420,7 @@ class _DPQuantMixin(_state.DPStateMixin):
                                        self._var_sizes, bits, clip)
 
   def _noise_and_normalize(self, summed, loss, nmb, sens_ratio,
-                           runtime_checks=()):
+                           runtime_checks=(), q=1.0):
     sigma = self.noise_multiplier_var
     stddev = tf.cast(sigma, tf.float32) * self.l2_norm_clip_var
     stddev = self._per_replica_noise_stddev(stddev)
@@ -371,8 +430,13 @@ class _DPQuantMixin(_state.DPStateMixin):
       rows = tf.shape(loss)[0] // self._num_microbatches
     z = M.effective_noise_multiplier(sigma, sens_ratio, rows)
     with tf.control_dependencies(list(runtime_checks)):
-      record = self._record_privacy_event(
-          self._step_sampling_probability(loss), z, tf.shape(loss)[0])
+      # q comes from the owned step (the library's own sampler), else 1:
+      # never from the loss length or a declared rate.
+      q = tf.cast(q, tf.float64)
+      record = tf.group(
+          self._record_privacy_event(q, z, tf.shape(loss)[0]),
+          # Budget projections (PrivacyCallback) follow the recorded q.
+          self.sampling_probability_var.assign(q))
     # Global expected batch size, or the global number of microbatches.
     normalizer = _dist.global_normalizer(nmb, self._expected_batch_size)
     with tf.control_dependencies([record] + list(runtime_checks) +

@@ -1,8 +1,9 @@
 """Trace-time guards of the DP step (METHOD.md section 4, invariants 8, 10).
 
-* :func:`calling_model` finds the Keras model whose ``train_step`` called the
-  optimizer, and that step's inputs ``x``, so the optimizer can check the
-  per-example loss against the input batch and the model's layers.
+* :class:`StepBinding`: the model and input batch of the owned step, handed
+  to the optimizer explicitly (``DPQuantOptimizer.dp_step``), so it checks
+  the per-example loss against the input batch and the model's layers. A
+  step without one is refused (:class:`UnattributedStepError`).
 * :func:`check_loss_rows`: the per-example loss has exactly one entry per
   input example (rank 1, length = rows of ``x``).
 * :class:`IssuedGradients`: every update ``apply_gradients`` applies must be
@@ -13,19 +14,16 @@
   ``assert``, which ``python -O`` removes.
 """
 
-import sys
-from typing import Any, List, Optional, Tuple
+from typing import List
 
 import tensorflow as tf
 
 from dpquant_tf import _validation as V
 
-__all__ = ["IssuedGradients", "UnrecordedUpdateError", "calling_model",
+__all__ = ["IssuedGradients", "StepBinding", "UNATTRIBUTED_FIX",
+           "UnattributedStepError", "UnrecordedUpdateError",
            "check_loss_rows"]
 
-# _compute_gradients <- minimize <- Model.train_step is 3 frames up; a few
-# more allow a wrapper (LossScaleOptimizer, a user's train_step override).
-_MAX_FRAMES = 8
 _MAX_ISSUED = 4096
 
 
@@ -37,45 +35,45 @@ class UnrecordedUpdateError(RuntimeError):
   __init__ = Exception.__init__
 
 
-def _optimizer_of(model) -> Any:
-  opt = getattr(model, "optimizer", None)
-  return getattr(opt, "inner_optimizer", None), opt
+class UnattributedStepError(ValueError):
+  """A DP step was asked for outside the owned step (no model, no batch)."""
+
+  # As UnrecordedUpdateError: autograph re-raises this type from a trace.
+  __init__ = Exception.__init__
 
 
-def calling_model(optimizer) -> Tuple[Optional[tf.keras.Model], Any]:
-  """``(model, x)`` of the ``tf.keras.Model`` whose train step called us.
+class StepBinding:
+  """The model and input batch of one owned DP step, handed over explicitly.
 
-  Walks at most a few Python frames up from the caller looking for a frame
-  whose ``self`` is a ``tf.keras.Model`` compiled with `optimizer` (directly
-  or wrapped); ``x`` is that frame's ``x`` (``Model.train_step``), else the
-  first element of its ``data``, else None. Outside Keras ``fit`` (a custom
-  loop calling ``minimize``) this returns ``(None, None)``: the caller then
-  checks what it can without the model.
+  ``DPQuantOptimizer.dp_step`` creates one for the duration of its
+  ``minimize`` call (at trace time); ``_compute_gradients`` reads it. Nothing
+  is guessed: no stack frames are read and no side table maps data to rates.
 
-  Args:
-    optimizer: the optimizer doing the DP step.
-
-  Returns:
-    ``(model or None, x or None)``.
+  Attributes:
+    model: the ``tf.keras.Model`` whose forward pass produced the loss.
+    x: that forward pass's inputs (the loss must have one entry per row).
   """
-  frame = sys._getframe(1)  # pylint: disable=protected-access
-  for _ in range(_MAX_FRAMES):
-    frame = frame.f_back
-    if frame is None:
-      break
-    owner = frame.f_locals.get("self")
-    if not isinstance(owner, tf.keras.Model):
-      continue
-    if not any(o is optimizer for o in _optimizer_of(owner)):
-      continue
-    local = frame.f_locals
-    x = local.get("x")
-    if x is None and isinstance(local.get("data"), (tuple, list)):
-      x = local["data"][0] if local["data"] else None
-    elif x is None:
-      x = local.get("data")
-    return owner, x
-  return None, None
+
+  __slots__ = ("model", "x")
+
+  def __init__(self, model, x):
+    if not isinstance(model, tf.keras.Model):
+      V.fail("model", type(model).__name__, "a tf.keras.Model (the model "
+             "whose forward pass computed the per-example loss)", TypeError)
+    if x is None or _input_rows(x) is None:
+      V.fail("x", x, "the input batch of the step (a tensor or a structure "
+             "of tensors with a batch axis)")
+    self.model = model
+    self.x = x
+
+
+UNATTRIBUTED_FIX = (
+    "a DP step through the owned step, which hands the model and batch to "
+    "the optimizer: use dpquant_tf.make_private(...), or pass "
+    "dpquant_tf.PrivacyCallback(ledger, delta) to model.fit (it installs the "
+    "owned train step), or call dpquant_tf.training.install_dp_train_step("
+    "model) before fit; in a custom loop call optimizer.dp_step(model, x, "
+    "per_example_loss, tape) instead of minimize/apply_gradients")
 
 
 def _input_rows(x):
@@ -92,7 +90,7 @@ def check_loss_rows(loss: tf.Tensor, x=None) -> List[tf.Operation]:
 
   Args:
     loss: the loss handed to the optimizer.
-    x: the step's model inputs when known (see :func:`calling_model`).
+    x: the step's model inputs when known (see :class:`StepBinding`).
 
   Returns:
     Runtime checks (control dependencies for the update) when the number of

@@ -20,7 +20,6 @@ from dpquant_tf.privacy._model_checks import check_model_privacy
 from dpquant_tf.privacy._model_checks import UnsupportedModelError
 from dpquant_tf.privacy._sampling import poisson_dataset
 from dpquant_tf.privacy._sampling import poisson_max_batch_size
-from dpquant_tf.privacy._sampling import sampling_rate_of
 from dpquant_tf.privacy._sampling import steps_per_epoch
 from dpquant_tf.privacy._mechanisms import add_gaussian_noise
 from dpquant_tf.privacy._mechanisms import clip_per_example
@@ -54,6 +53,5 @@ __all__ = [
     "quantize_per_example",
     "quantize_update",
     "sampled_gaussian_event",
-    "sampling_rate_of",
     "steps_per_epoch",
 ]

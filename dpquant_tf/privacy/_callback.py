@@ -1,10 +1,9 @@
 """PrivacyCallback: the proven epsilon in Keras logs and a hard privacy budget.
 
-Before the first step the callback checks that the model's optimizer is a
-DPQuant optimizer attached to its ledger, that the sampling probability q the
-optimizer will record is the one of the data ``fit`` actually iterates (a
-``validation_split`` or a ``poisson_dataset`` of another rate is refused), and
-that the first execution fits the budget. Before every later execution it
+The callback installs the owned train step on the model (``set_model``, before
+Keras builds the train function). Before the first step it checks that the
+model's optimizer is a DPQuant optimizer attached to its ledger and that the
+first execution fits the budget. Before every later execution it
 projects the next FULL execution (``steps_per_execution`` steps, also across an
 epoch end) plus the analyses that the ledger's planners (``DPQuantScheduler``)
 will release at the next epoch's beginning; the scheduler in turn asks the
@@ -12,7 +11,6 @@ callback (through the ledger) before it releases anything, so the two
 cooperate in any order of the ``callbacks=[...]`` list.
 """
 
-import inspect
 import math
 import weakref
 from typing import Optional
@@ -21,7 +19,6 @@ import tensorflow as tf
 
 from dpquant_tf import _validation as V
 from dpquant_tf.privacy import _events
-from dpquant_tf.privacy import _sampling
 
 __all__ = ["BudgetExceededError", "PrivacyCallback", "budget_guards"]
 
@@ -43,38 +40,6 @@ def budget_guards(model) -> list:
 
 class BudgetExceededError(RuntimeError):
   """Training could not take even one more step within the budget."""
-
-
-def _fit_locals(model) -> Optional[dict]:
-  """The local variables of the running ``model.fit`` (None if not found).
-
-  Keras gives callbacks only ``params`` (epochs, steps, verbose); the data
-  ``fit`` iterates (after ``validation_split``) and its ``batch_size`` are
-  read from fit's frame so that q is checked before the first step.
-  """
-  frame = inspect.currentframe()
-  try:
-    while frame is not None:
-      if (frame.f_code.co_name == "fit" and
-          frame.f_locals.get("self") is model):
-        return dict(frame.f_locals)
-      frame = frame.f_back
-    return None
-  finally:
-    del frame
-
-
-def _num_rows(x) -> Optional[int]:
-  """Rows of array-like fit input (arrays, tensors, lists/dicts of them)."""
-  if isinstance(x, dict):
-    x = next(iter(x.values()), None)
-  elif isinstance(x, (list, tuple)) and x and hasattr(x[0], "shape"):
-    x = x[0]
-  shape = getattr(x, "shape", None)
-  if shape is None or isinstance(x, tf.data.Dataset) or not len(shape):
-    return None
-  rows = shape[0]
-  return None if rows is None else int(rows)
 
 
 class PrivacyCallback(tf.keras.callbacks.Callback):
@@ -99,12 +64,14 @@ class PrivacyCallback(tf.keras.callbacks.Callback):
   * ``check_release`` is called by ``DPQuantScheduler`` before it releases an
     analysis or changes bit widths at an epoch's beginning.
 
-  ``on_train_begin`` also refuses (before any step): an optimizer that is not
-  a DPQuant optimizer attached to `ledger` (e.g. after ``load_model`` or a
-  recompile); an unknown q; a q that differs from the data iterated
-  (``validation_split``, a ``poisson_dataset`` of another rate, fewer steps
-  per epoch than the optimizer's q implies); models that break per-example
-  DP (``check_model``).
+  ``set_model`` installs the owned train step (``install_dp_train_step``)
+  on a model that has none: every step of the fit then goes through the
+  optimizer's ``dp_step``; a step is recorded at the sampler's q only when
+  its batch carries the seal of the library's ``poisson_dataset``, consumed
+  as drawn, else at q = 1 (no amplification by sampling). ``on_train_begin``
+  also refuses (before any step): an optimizer that is not a DPQuant optimizer
+  attached to `ledger` (e.g. after ``load_model`` or a recompile); models
+  that break per-example DP (``check_model``).
 
   Args:
     ledger: the ``PrivacyLedger`` the optimizer is attached to.
@@ -154,50 +121,27 @@ class PrivacyCallback(tf.keras.callbacks.Callback):
         "optimizer.set_sampling_probability() before fit.")
 
   def _check_sampling(self, opt) -> float:
-    """Returns the q of the first step; raises if it is unknown or wrong."""
-    variables = self.model.trainable_variables
-    fit = _fit_locals(self.model) or {}
-    x = fit.get("x")
-    rate = _sampling.sampling_rate_of(x) if x is not None else None
-    if rate is not None:
-      q, _ = opt.current_event_parameters(variables, None)
-      if q < 0 or not math.isclose(q, rate, rel_tol=1e-9):
-        V.fail("optimizer sampling_probability", q,
-               f"the rate of the poisson_dataset fit iterates ({rate:g}): "
-               "the ledger would record the wrong q. Use the same rate "
-               "(optimizer.set_sampling_probability(rate))")
-      return q
-    rows = _num_rows(x)
-    if rows is not None:
-      batch = min(int(fit.get("batch_size") or 32), rows)
-      self._batch_size = batch
-      q, _ = opt.current_event_parameters(variables, batch)
-      if q < 0:
-        self._unknown_q("no sampling_probability or dataset_size")
-      true_q = batch / rows
-      if q < true_q * (1 - 1e-9):
-        V.fail("optimizer q", q,
-               f">= batch_size / training examples = {batch}/{rows} = "
-               f"{true_q:.6g}, the q of the data fit iterates (a "
-               "validation_split or a dataset_size larger than the training "
-               "set?): give the optimizer dataset_size= the number of "
-               "examples actually trained on")
-      return q
-    q, _ = opt.current_event_parameters(variables, None)
-    n, steps = getattr(opt, "_dataset_size", None), self._steps
-    if q < 0 and n is not None and steps:
-      # Fixed batches B with ceil(N / B) == steps: the largest such B.
-      b_max = n if steps == 1 else max(1, (n - 1) // (steps - 1))
-      q = min(1.0, b_max / n)
+    """Returns the q of the first step; raises if it is unknown.
+
+    The owned step records q per step from the batch (the library sampler's
+    seal, else 1); until the first step this is the optimizer's declared q,
+    or 1 when none was declared. fit's arguments are never inspected.
+    """
+    q, _ = opt.current_event_parameters(self.model.trainable_variables, None)
     if q < 0:
-      self._unknown_q("no batch size is known before the first step")
-    if (n is not None and steps and self.ledger.sampling_method.value ==
-        "shuffled" and steps < _sampling.steps_per_epoch(n, q)):
-      V.fail("steps per epoch", steps,
-             f">= steps_per_epoch(dataset_size={n}, q={q:.6g}) = "
-             f"{_sampling.steps_per_epoch(n, q)}: fit iterates fewer "
-             "examples than the optimizer's dataset_size (validation_split?)")
+      self._unknown_q("no owned train step is installed")
     return q
+
+  # ------------------------------------------------------------ owned step
+  def set_model(self, model):
+    """Installs the owned DP train step (kept if installed already).
+
+    Keras calls this before it builds the train function, so every step of
+    this fit goes through ``DPQuantOptimizer.dp_step``'s checks.
+    """
+    super().set_model(model)
+    from dpquant_tf import training  # pylint: disable=g-import-not-at-top
+    training.install_dp_train_step(model)
 
   # ------------------------------------------------------------ projection
   def _next_execution(self):

@@ -1,7 +1,11 @@
 """Poisson-sampled tf.data input pipeline with fixed padded batch shape.
 
-Each step includes every example independently with probability q, so the
-ledger may account the steps as ``PoissonSampledDpEvent(q, ...)``. Batches are
+Each step includes every example independently with probability q. The
+library claims amplification by sampling (``PoissonSampledDpEvent(q, ...)``)
+only where it made the sampler and feeds it to ``fit`` itself
+(``dpquant_tf.make_private``); a ``poisson_dataset`` handed to ``model.fit``
+by the user may have been transformed on the way, so its steps are recorded
+without amplification (q = 1). Batches are
 padded to ``max_batch_size`` rows with a 0/1 mask used as the Keras sample
 weight: padded rows have loss 0 and contribute exactly zero gradient, and the
 shape never changes (no XLA retrace). Train with
@@ -10,23 +14,23 @@ by the expected, data-independent batch size.
 """
 
 import math
-import weakref
+import secrets
 from typing import Optional
 
 import numpy as np
 import tensorflow as tf
 from scipy import stats
 
+from dpquant_tf import _tf_utils
 from dpquant_tf import _validation as V
 from dpquant_tf.privacy import _random
 
-__all__ = ["poisson_dataset", "poisson_max_batch_size",
-           "register_sampling_rate", "sampling_rate_of", "steps_per_epoch"]
+__all__ = ["SEAL_WIDTH", "poisson_dataset", "poisson_max_batch_size",
+           "steps_per_epoch"]
 
-# Rate of every dataset poisson_dataset returned, keyed by the dataset object
-# (weak keys: the entry goes away with the dataset). PrivacyCallback reads it
-# to refuse a dataset whose rate differs from the optimizer's.
-_RATES = weakref.WeakKeyDictionary()
+# Columns of the seal every sampled batch carries: (sampler id, draw index,
+# q, N), the same on every row (so it splits across replicas like the rows).
+SEAL_WIDTH = 4
 
 
 def steps_per_epoch(dataset_size: int, sampling_rate: float) -> int:
@@ -50,19 +54,6 @@ def steps_per_epoch(dataset_size: int, sampling_rate: float) -> int:
   return max(1, int(math.ceil(n / batch - 1e-9)))
 
 
-def register_sampling_rate(dataset, sampling_rate: float) -> None:
-  """Records that `dataset` yields Poisson samples at `sampling_rate`."""
-  _RATES[dataset] = V.check_probability("sampling_rate", sampling_rate)
-
-
-def sampling_rate_of(dataset) -> Optional[float]:
-  """The rate q of a dataset made by ``poisson_dataset`` (else None)."""
-  try:
-    return _RATES.get(dataset)
-  except TypeError:  # Not weak-referenceable: not one of ours.
-    return None
-
-
 def poisson_max_batch_size(dataset_size: int, sampling_rate: float,
                            overflow_probability: float = 1e-9) -> int:
   """Smallest m with P(Binomial(N, q) > m) <= overflow_probability."""
@@ -82,7 +73,7 @@ def poisson_dataset(x, y, sampling_rate: float,
                     max_batch_size: Optional[int] = None, *,
                     steps: Optional[int] = None, seed: Optional[int] = None
                     ) -> tf.data.Dataset:
-  """Poisson-sampled batches ``(x, y, mask)`` of fixed shape.
+  """Poisson-sampled batches ``(x, y, mask, seal)`` of fixed shape.
 
   Args:
     x: features, array with N rows.
@@ -96,8 +87,13 @@ def poisson_dataset(x, y, sampling_rate: float,
     seed: seeds the sampling (tests); None = non-deterministic.
 
   Returns:
-    A ``tf.data.Dataset`` yielding ``(x_batch, y_batch, mask)`` with
-    ``mask`` float32 of shape [max_batch_size] (1 = real, 0 = padding).
+    A ``tf.data.Dataset`` yielding ``(x_batch, y_batch, mask, seal)`` with
+    ``mask`` float32 of shape [max_batch_size] (1 = real, 0 = padding; the
+    Keras sample weight) and ``seal`` float64 of shape [max_batch_size, 4]:
+    (sampler id, draw index, q, N) on every row. The owned train step claims
+    amplification at q only for batches whose seals show they came from one
+    sampler, in the order it drew them (any reordering, repetition,
+    filtering, caching or re-batching on the way is accounted at q = 1).
   """
   x = np.asarray(x)
   y = np.asarray(y)
@@ -116,8 +112,14 @@ def poisson_dataset(x, y, sampling_rate: float,
       seed=None if seed is None else V.check_int("seed", seed))
   x_t = tf.constant(x)
   y_t = tf.constant(y)
+  # Identity of this sampler (not a secret: the sampling randomness is the
+  # generator's) and the number of batches it has drawn, across passes.
+  sampler_id = float(secrets.randbits(52) + 1)
+  drawn = _tf_utils.local_variable(tf.constant(0, tf.int64),
+                                   name="poisson_draws")
 
   def sample(_):
+    index = drawn.assign_add(1) - 1
     chosen = gen.uniform([n], dtype=tf.float64) < q
     idx = tf.cast(tf.where(chosen)[:, 0], tf.int32)
     count = tf.shape(idx)[0]
@@ -139,11 +141,14 @@ def poisson_dataset(x, y, sampling_rate: float,
     xb = tf.ensure_shape(xb, [max_batch_size] + list(x.shape[1:]))
     yb = tf.ensure_shape(yb, [max_batch_size] + list(y.shape[1:]))
     mask = tf.ensure_shape(mask, [max_batch_size])
-    return xb, yb, mask
+    seal = tf.stack([tf.constant(sampler_id, tf.float64),
+                     tf.cast(index, tf.float64),
+                     tf.constant(q, tf.float64),
+                     tf.constant(float(n), tf.float64)])
+    seal = tf.tile(seal[None, :], [max_batch_size, 1])
+    return xb, yb, mask, seal
 
-  dataset = tf.data.Dataset.range(steps).map(sample)
-  register_sampling_rate(dataset, q)
-  return dataset
+  return tf.data.Dataset.range(steps).map(sample)
 
 
 def expected_batch_size(dataset_size: int, sampling_rate: float) -> float:

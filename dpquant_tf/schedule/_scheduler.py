@@ -98,6 +98,14 @@ class DPQuantScheduler(tf.keras.callbacks.Callback):
 
   # -- Keras hooks -------------------------------------------------------------
 
+  def set_model(self, model):
+    """With a DPQuant optimizer, installs the owned DP train step (Keras
+    calls this before it builds the train function)."""
+    super().set_model(model)
+    if _is_dpquant_optimizer(getattr(model, "optimizer", None)):
+      from dpquant_tf import training  # pylint: disable=g-import-not-at-top
+      training.install_dp_train_step(model)
+
   def on_train_begin(self, logs=None):
     # Privacy guards run here, not at the caller's discretion.
     from dpquant_tf import distribute  # pylint: disable=g-import-not-at-top

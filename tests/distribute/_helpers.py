@@ -1,5 +1,6 @@
 """Shared pieces of the distribute tests: strategies, tiny models, updates."""
 
+import dpquant_tf
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -40,6 +41,8 @@ def one_step_update(strategy, make_optimizer, x, y, *, units, use_bias=True,
                               use_bias=use_bias,
                               kernel_initializer=kernel_initializer)])
     model.compile(optimizer=make_optimizer(), loss=per_example_mse())
+  if hasattr(model.optimizer, "dp_step"):  # DP: the owned train step
+    dpquant_tf.install_dp_train_step(model)
   before = [w.copy() for w in model.get_weights()]
   model.fit(x, y, batch_size=len(x), epochs=steps, shuffle=False, verbose=0)
   return [a - b for a, b in zip(model.get_weights(), before)]

@@ -70,6 +70,7 @@ def run_poisson(strategy):
         l2_norm_clip=1.0, noise_multiplier=1.0, learning_rate=0.1,
         expected_batch_size=q * n, dataset_size=n)
     model.compile(optimizer=optimizer, loss=_helpers.per_example_mse())
+  dpquant_tf.install_dp_train_step(model)
   model.fit(data, epochs=1, steps_per_epoch=steps, verbose=0)
   return {"weights": [w.tolist() for w in model.get_weights()],
           "events": _events(optimizer)}

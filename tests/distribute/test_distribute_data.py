@@ -2,6 +2,7 @@
 
 import math
 
+import dpquant_tf
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -12,7 +13,7 @@ from tests.distribute import _helpers
 
 
 def _ids(batch):
-  x, _, mask = batch
+  x, _, mask = batch[:3]  # (x, y, mask, seal)
   return x.numpy()[mask.numpy() > 0, 0].astype(int).tolist()
 
 
@@ -62,6 +63,7 @@ def test_poisson_input_under_mirrored_strategy_trains_with_global_q():
         l2_norm_clip=1.0, noise_multiplier=1.0, learning_rate=0.1,
         expected_batch_size=q * n, dataset_size=n)
     model.compile(optimizer=optimizer, loss=_helpers.per_example_mse())
+  dpquant_tf.install_dp_train_step(model)
   model.fit(data, epochs=1, steps_per_epoch=3, verbose=0)
   (event, count), = optimizer.dp_events()
   assert count == 3

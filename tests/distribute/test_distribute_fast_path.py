@@ -7,6 +7,7 @@ gradients are those of one device for the same examples.
 
 import logging
 
+import dpquant_tf
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -74,6 +75,7 @@ def test_two_replicas_take_the_fast_path_and_equal_one_device(kind, caplog):
       optimizer = optimizers.DPQuantOptimizer(
           l2_norm_clip=0.05, noise_multiplier=0.0, learning_rate=1.0, seed=1)
       model.compile(optimizer=optimizer, loss=_LOSS)
+    dpquant_tf.install_dp_train_step(model)
     before = [w.numpy().copy() for w in model.trainable_variables]
     caplog.clear()
     with caplog.at_level(logging.WARNING):

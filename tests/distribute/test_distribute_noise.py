@@ -2,6 +2,7 @@
 
 import math
 
+import dpquant_tf
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -93,6 +94,8 @@ def test_generator_outside_scope_raises(kind):
   with strategy.scope():
     model = tf.keras.Sequential([tf.keras.layers.Dense(3, input_shape=(5,))])
     model.compile(optimizer=optimizer, loss=_helpers.per_example_mse())
+  if hasattr(optimizer, "dp_step"):  # DP: the owned train step
+    dpquant_tf.install_dp_train_step(model)
   with pytest.raises(RuntimeError, match="strategy.scope"):
     model.fit(x, y, batch_size=4, epochs=1, verbose=0)
 

@@ -1,6 +1,7 @@
 """Quantized (QuantizedLayer) models and the DPQuantScheduler callback under
 MirroredStrategy (logical CPU devices)."""
 
+import dpquant_tf
 import numpy as np
 import tensorflow as tf
 
@@ -56,6 +57,7 @@ def test_wrapped_model_under_two_replicas_equals_one_device():
       optimizer = optimizers.DPQuantOptimizer(
           l2_norm_clip=0.3, noise_multiplier=0.0, learning_rate=1.0, seed=1)
       model.compile(optimizer=optimizer, loss=_helpers.per_example_mse())
+    dpquant_tf.install_dp_train_step(model)
     before = [w.numpy().copy() for w in model.trainable_variables]
     model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
     deltas.append([w.numpy() - b

@@ -7,6 +7,7 @@ import tensorflow as tf
 from tensorflow_privacy.privacy.optimizers import dp_optimizer_keras
 
 from dpquant_tf import privacy
+from dpquant_tf import training
 from dpquant_tf.optimizers import DPQuantAdamOptimizer
 from dpquant_tf.optimizers import DPQuantOptimizer
 from dpquant_tf.optimizers import PerExampleMethod
@@ -21,8 +22,12 @@ HUGE_CLIP = 2.0**20  # C * (1 / C) == 1 exactly: clipping is a no-op.
 def _grads(opt, model, x, y):
   with tf.GradientTape() as tape:
     loss = _loss()(y, model(x))
-  return [g.numpy() for g, _ in
-          opt._compute_gradients(loss, model.trainable_variables, tape=tape)]
+  if not hasattr(opt, "_bind"):  # TF-Privacy's optimizer
+    return [g.numpy() for g, _ in opt._compute_gradients(
+        loss, model.trainable_variables, tape=tape)]
+  with opt._bind(model, x):
+    return [g.numpy() for g, _ in opt._compute_gradients(
+        loss, model.trainable_variables, tape=tape)]
 
 
 def test_is_tf_privacy_subclass():
@@ -59,6 +64,8 @@ def _one_fit_step(optimizer, loss):
   x, y = _data()
   model = _model()
   model.compile(optimizer=optimizer, loss=loss)
+  if isinstance(optimizer, DPQuantOptimizer):
+    training.install_dp_train_step(model)
   model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
   return [w.numpy() for w in model.trainable_variables]
 
@@ -135,9 +142,10 @@ def test_events_constant_run_and_ledger_equals_dp_accounting():
   x, y = _data(64)
   model = _model()
   model.compile(optimizer=opt, loss=_loss())
-  model.fit(x, y, batch_size=8, epochs=2, verbose=0)
+  training.install_dp_train_step(model).fit(x, y, batch_size=8, epochs=2, verbose=0)
+  # fit's arrays are not the library's sampler: no amplification (q = 1).
   event = dp_accounting.PoissonSampledDpEvent(
-      8 / 64, dp_accounting.GaussianDpEvent(1.1))
+      1.0, dp_accounting.GaussianDpEvent(1.1))
   assert opt.dp_events() == [(event, 16)]
   acc = dp_accounting.rdp.RdpAccountant()
   acc.compose(dp_accounting.SelfComposedDpEvent(event, 16))
@@ -160,13 +168,15 @@ def test_event_table_overflow_raises_never_approximates():
     ledger.epsilon(1e-5)
 
 
-def test_unknown_sampling_probability_raises():
+def test_a_step_without_the_library_sampler_is_recorded_at_q_one():
+  # Formerly "unknown q": the owned step never guesses q; a batch that is not
+  # the library sampler's is accounted without amplification.
   x, y = _data()
   model = _model()
-  opt = DPQuantOptimizer(1.0, 1.0)
+  opt = DPQuantOptimizer(1.0, 1.0, sampling_probability=0.01)
   _grads(opt, model, x, y)
-  with pytest.raises(privacy.UnknownSamplingProbabilityError):
-    opt.dp_events()
+  (event, count), = opt.dp_events()
+  assert (event.sampling_probability, count) == (1.0, 1)
 
 
 def test_microbatches_of_several_examples_halve_recorded_noise():
@@ -185,9 +195,9 @@ def test_gradient_accumulation_records_every_call():
   opt = DPQuantOptimizer(1.0, 1.0, gradient_accumulation_steps=2,
                          dataset_size=32)
   model.compile(optimizer=opt, loss=_loss())
-  model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+  training.install_dp_train_step(model).fit(x, y, batch_size=8, epochs=1, verbose=0)
   (event, count), = opt.dp_events()
-  assert (event.sampling_probability, count) == (0.25, 4)
+  assert (event.sampling_probability, count) == (1.0, 4)
 
 
 def test_errors_before_any_step():
@@ -207,13 +217,13 @@ def test_errors_before_any_step():
   model.compile(optimizer=DPQuantOptimizer(1.0, 1.0),
                 loss=_loss("sum_over_batch_size"))
   with pytest.raises(ValueError, match="Reduction.NONE"):
-    model.fit(x, y, batch_size=8, verbose=0)
+    training.install_dp_train_step(model).fit(x, y, batch_size=8, verbose=0)
   w0 = [w.numpy() for w in model.weights]
   model = _model()
   model.compile(optimizer=DPQuantOptimizer(1.0, 1.0, num_microbatches=3),
                 loss=_loss())
   with pytest.raises(ValueError, match="a divisor of the batch size 8"):
-    model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(
+    training.install_dp_train_step(model).fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(
         8, drop_remainder=True), verbose=0)
   assert len(w0) == 4
 
@@ -230,7 +240,7 @@ def test_batchnorm_model_rejected():
   model.compile(optimizer=opt, loss=_loss())
   before = [w.numpy() for w in model.weights]
   with pytest.raises(ValueError, match="BatchNormalization"):
-    model.fit(x, y, batch_size=8, verbose=0)
+    training.install_dp_train_step(model).fit(x, y, batch_size=8, verbose=0)
   for a, b in zip(before, model.weights):
     np.testing.assert_array_equal(a, b.numpy())
 
@@ -255,7 +265,9 @@ def test_custom_training_loop_minimize_in_tf_function():
 
   @tf.function
   def step(xb, yb):
-    opt.minimize(lambda: _loss()(yb, model(xb)), model.trainable_variables)
+    with tf.GradientTape() as tape:
+      loss = _loss()(yb, model(xb, training=True))
+    opt.dp_step(model, xb, loss, tape)
 
   before = [w.numpy() for w in model.trainable_variables]
   step(x[:8], y[:8])
@@ -283,8 +295,9 @@ def test_auto_path_on_quantized_conv_model_equals_jacobian():
     with tf.GradientTape() as tape:
       loss = tf.keras.losses.SparseCategoricalCrossentropy(
           from_logits=True, reduction="none")(y, model(x, training=True))
-    return [g.numpy() for g, _ in opt._compute_gradients(
-        loss, model.trainable_variables, tape=tape)]
+    with opt._bind(model, x):
+      return [g.numpy() for g, _ in opt._compute_gradients(
+          loss, model.trainable_variables, tape=tape)]
 
   for a, b in zip(grads("auto"), grads("jacobian")):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from dpquant_tf import training
 from dpquant_tf.optimizers import DPQuantOptimizer
 from dpquant_tf.optimizers import UnrecordedUpdateError
 from tests.optimizers._helpers import make_data as _data
@@ -43,6 +44,7 @@ def test_loss_without_one_entry_per_example_is_refused_under_fit(loss):
   model = _model()
   opt = DPQuantOptimizer(1.0, 1.0, dataset_size=16)
   model.compile(optimizer=opt, loss=loss())
+  training.install_dp_train_step(model)
   before = [w.numpy() for w in model.weights]
   with pytest.raises((ValueError, tf.errors.InvalidArgumentError),
                      match="one entry per input example"):
@@ -59,7 +61,7 @@ def test_rank_two_loss_is_refused():
   with tf.GradientTape() as tape:
     loss = tf.stack([_loss()(y, model(x))] * 2, axis=1)  # [B, 2]
   with pytest.raises(ValueError, match="Expected loss=.*per-example loss"):
-    opt.minimize(loss, model.trainable_variables, tape=tape)
+    opt.dp_step(model, x, loss, tape)
 
 
 def test_raw_apply_gradients_is_refused_after_a_dp_step_and_when_fresh():
@@ -67,6 +69,7 @@ def test_raw_apply_gradients_is_refused_after_a_dp_step_and_when_fresh():
   model = _model()
   opt = DPQuantOptimizer(1.0, 1.0, dataset_size=16)
   model.compile(optimizer=opt, loss=_loss(), jit_compile=False)
+  training.install_dp_train_step(model)
   model.fit(x, y, batch_size=8, epochs=1, verbose=0)
   with tf.GradientTape() as tape:
     raw_loss = tf.reduce_mean(_loss()(y, model(x)))
@@ -96,7 +99,8 @@ def test_dp_gradients_apply_once_and_not_after_modification():
   opt = DPQuantOptimizer(1.0, 0.5, dataset_size=8)
   with tf.GradientTape() as tape:
     loss = _loss()(y, model(x))
-  pairs = opt._compute_gradients(loss, model.trainable_variables, tape=tape)
+  with opt._bind(model, x):
+    pairs = opt._compute_gradients(loss, model.trainable_variables, tape=tape)
   with pytest.raises(RuntimeError, match="DP step"):
     opt.apply_gradients([(2.0 * g, v) for g, v in pairs])
   opt.apply_gradients(pairs)  # the DP step's own output: fine, once
@@ -114,7 +118,10 @@ def test_get_config_stores_the_current_sampling_probability():
       None)
   again = DPQuantOptimizer.from_config(opt.get_config())
   model = _model()
+  assert again.get_config()["sampling_probability"] == 0.2
   model.compile(optimizer=again, loss=_loss())
+  training.install_dp_train_step(model)
   model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+  # fit's arrays are not the library's sampler: a declared q is not trusted.
   (event, count), = again.dp_events()
-  assert (event.sampling_probability, count) == (0.2, 1)
+  assert (event.sampling_probability, count) == (1.0, 1)

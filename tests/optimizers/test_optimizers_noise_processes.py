@@ -32,6 +32,7 @@ opt = DPQuantOptimizer(1.0, 1.0, learning_rate=0.5, gradient_bits=4,
 model.compile(optimizer=opt, jit_compile=True,
               loss=tf.keras.losses.SparseCategoricalCrossentropy(
                   from_logits=True, reduction="none"))
+dpquant_tf.install_dp_train_step(model)
 model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
 np.save(sys.argv[2], np.concatenate([w.numpy().ravel()
                                      for w in model.weights]))

@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 from dpquant_tf import privacy
+from dpquant_tf import training
 from dpquant_tf.optimizers import DPQuantAdamOptimizer
 from dpquant_tf.optimizers import DPQuantOptimizer
 from dpquant_tf.privacy import _mechanisms as M
@@ -37,7 +38,7 @@ def test_bound_mode_records_effective_noise_and_changes_without_retrace(jit):
         opt.set_noise_multiplier(1.5)
 
   switch = Switch()
-  model.fit(x, y, batch_size=8, epochs=3, verbose=0, callbacks=[switch])
+  training.install_dp_train_step(model).fit(x, y, batch_size=8, epochs=3, verbose=0, callbacks=[switch])
   # Bits and noise changed twice: no retrace after the first epoch.
   assert model.train_function.experimental_get_tracing_count() == (
       switch.traces)
@@ -47,7 +48,7 @@ def test_bound_mode_records_effective_noise_and_changes_without_retrace(jit):
   events = sorted(((e.sampling_probability, e.event.noise_multiplier), c)
                   for e, c in opt.dp_events())
   assert [k for _, k in events] == [4, 4, 4]
-  assert [q for (q, _), _ in events] == [0.25] * 3
+  assert [q for (q, _), _ in events] == [1.0] * 3  # arrays: q = 1
   zs = [z for (_, z), _ in events]
   assert zs[0] == pytest.approx(2.0 / sens, rel=1e-12)
   assert zs[1:] == [1.5, 2.0]
@@ -83,7 +84,7 @@ def test_checkpoint_restores_model_optimizer_ledger_not_generator(tmp_path):
     return model, opt, ledger
 
   model, opt, ledger = make()
-  model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+  training.install_dp_train_step(model).fit(x, y, batch_size=8, epochs=1, verbose=0)
   ledger.record(dp_accounting.GaussianDpEvent(10.0))
   ckpt = tf.train.Checkpoint(model=model, optimizer=opt, ledger=ledger)
   path = ckpt.save(str(tmp_path / "ckpt"))
@@ -91,7 +92,7 @@ def test_checkpoint_restores_model_optimizer_ledger_not_generator(tmp_path):
   state = opt.generator.state.numpy()
 
   model2, opt2, ledger2 = make()
-  model2.fit(x[:8], y[:8], batch_size=8, epochs=1, verbose=0)  # build
+  training.install_dp_train_step(model2).fit(x[:8], y[:8], batch_size=8, epochs=1, verbose=0)  # build
   tf.train.Checkpoint(model=model2, optimizer=opt2,
                       ledger=ledger2).restore(path)
   assert ledger2.epsilon(1e-5) == eps
@@ -99,7 +100,7 @@ def test_checkpoint_restores_model_optimizer_ledger_not_generator(tmp_path):
   assert not np.array_equal(opt2.generator.state.numpy(), state)
   for a, b in zip(model.weights, model2.weights):
     np.testing.assert_array_equal(a.numpy(), b.numpy())
-  model2.fit(x, y, batch_size=8, epochs=1, verbose=0)
+  training.install_dp_train_step(model2).fit(x, y, batch_size=8, epochs=1, verbose=0)
   assert opt2.dp_event_steps() == 8
   assert ledger2.epsilon(1e-5) > eps
 
@@ -109,9 +110,9 @@ def test_steps_per_execution_counts_every_step():
   model = _model()
   opt = DPQuantOptimizer(1.0, 1.0, dataset_size=64)
   model.compile(optimizer=opt, loss=_loss(), steps_per_execution=4)
-  model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+  training.install_dp_train_step(model).fit(x, y, batch_size=8, epochs=1, verbose=0)
   (event, count), = opt.dp_events()
-  assert (event.sampling_probability, count) == (0.125, 8)
+  assert (event.sampling_probability, count) == (1.0, 8)  # arrays: q = 1
 
 
 def test_bits_set_before_first_step_apply_and_round_trip():
@@ -124,7 +125,7 @@ def test_bits_set_before_first_step_apply_and_round_trip():
   assert DPQuantOptimizer.from_config(config).gradient_bits() == (
       opt.gradient_bits())
   model.compile(optimizer=opt, loss=_loss())
-  model.fit(x, y, batch_size=8, verbose=0)
+  training.install_dp_train_step(model).fit(x, y, batch_size=8, verbose=0)
   assert opt.gradient_bits() == {"dense/kernel:0": 6, "dense/bias:0": 0,
                                  "dense_1/kernel:0": 3, "dense_1/bias:0": 3}
   with pytest.raises(ValueError, match="Expected bits key='conv'"):
@@ -138,7 +139,7 @@ def test_adam_variant_trains_and_records_events():
   opt = DPQuantAdamOptimizer(1.0, 0.5, learning_rate=0.02, gradient_bits=8,
                              dataset_size=64, ledger=ledger, seed=0)
   model.compile(optimizer=opt, loss=_loss())
-  hist = model.fit(x, y, batch_size=16, epochs=8, verbose=0)
+  hist = training.install_dp_train_step(model).fit(x, y, batch_size=16, epochs=8, verbose=0)
   assert hist.history["loss"][-1] < hist.history["loss"][0]
   assert opt.dp_event_steps() == 32
   assert np.isfinite(ledger.epsilon(1e-5))

@@ -94,6 +94,7 @@ def test_time_distributed_fit_is_refused_or_matches_the_jacobian_path():
         l2_norm_clip=C, noise_multiplier=0.0, per_example_method=method,
         learning_rate=1.0, sampling_probability=0.5)
     model.compile(optimizer=opt, loss=_LOSS, jit_compile=True)
+    dpquant_tf.install_dp_train_step(model)
     try:
       model.fit(x, y, batch_size=B, epochs=1, shuffle=False, verbose=0)
     except ValueError as e:   # refused by the model check, before any step

@@ -130,6 +130,8 @@ def test_quantized_fast_path_runs_under_xla():
 
 def _train_one_step(model, opt, x, y, jit=False):
   model.compile(optimizer=opt, loss=_LOSS, jit_compile=jit)
+  if hasattr(opt, "dp_step"):  # DP: the owned train step
+    dpquant_tf.install_dp_train_step(model)
   model.train_on_batch(x, y)
   return model.get_weights()
 

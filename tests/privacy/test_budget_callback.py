@@ -38,6 +38,12 @@ def _same(a, b):
   return all(np.array_equal(u, v) for u, v in zip(a, b))
 
 
+def _gaussian_eps(z, steps):
+  acc = dp_accounting.rdp.RdpAccountant()
+  acc.compose(dp_accounting.GaussianDpEvent(z), steps)
+  return acc.get_epsilon(DELTA)
+
+
 def _poisson_eps(q, z, steps):
   acc = dp_accounting.rdp.RdpAccountant()
   acc.compose(dp_accounting.SelfComposedDpEvent(
@@ -55,8 +61,11 @@ def test_shuffled_batches_log_the_proven_epsilon_and_poisson_beside_it():
   hist = model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[cb])
   eps, poisson = hist.history["epsilon"], hist.history["epsilon_if_poisson"]
   assert eps[-1] == pytest.approx(ledger.epsilon_without_amplification(DELTA))
-  assert poisson[-1] == pytest.approx(_poisson_eps(0.125, 2.0, 16), rel=1e-9)
-  assert eps[-1] > 2 * poisson[-1]  # The proven bound is much larger.
+  # fit's arrays are not the library's sampler: every step is a Gaussian
+  # mechanism on every record (q = 1), never the Poisson figure of q = 1/8.
+  assert eps[-1] == pytest.approx(_gaussian_eps(2.0, 16), rel=1e-9)
+  assert poisson[-1] == pytest.approx(eps[-1], rel=1e-9)
+  assert eps[-1] >= _gaussian_eps(2.0, 2)  # each record once per epoch
   # A Poisson ledger logs the Poisson figure (and nothing beside it).
   ledger_p = privacy.PrivacyLedger(sampling_method="poisson")
   opt_p = DPQuantOptimizer(1.0, 2.0, ledger=ledger_p, dataset_size=64,
@@ -81,54 +90,47 @@ def test_shuffled_budget_uses_the_proven_bound():
   assert _poisson_eps(0.125, 2.0, 24) < budget
   cb = privacy.PrivacyCallback(ledger, DELTA, budget_epsilon=budget)
   model.fit(x, y, batch_size=8, epochs=3, verbose=0, callbacks=[cb])
-  assert cb.stopped_for_budget and opt.dp_event_steps() == 8
+  # Each step on fit's arrays costs a full Gaussian (q = 1): one fits.
+  assert cb.stopped_for_budget and opt.dp_event_steps() == 1
   assert ledger.proven_epsilon(DELTA) <= budget
 
 
-def test_validation_split_is_refused_before_the_first_step():
+def test_validation_split_is_accounted_without_amplification():
+  # Formerly refused by reading fit's frame; now fit's data is never read:
+  # every step on it is recorded at q = 1, whatever dataset_size says.
   x, y = _data()
   ledger = privacy.PrivacyLedger()
   opt = DPQuantOptimizer(1.0, 1.0, ledger=ledger, dataset_size=64)
   model = _model(opt)
-  before = _weights(model)
-  with pytest.raises(ValueError, match="validation_split"):
-    model.fit(x, y, batch_size=8, epochs=1, validation_split=0.5, verbose=0,
-              callbacks=[privacy.PrivacyCallback(ledger, DELTA)])
-  assert opt.dp_event_steps() == 0 and _same(before, model.get_weights())
-  # Telling the optimizer the training set's size is accepted.
-  ledger2 = privacy.PrivacyLedger()
-  opt2 = DPQuantOptimizer(1.0, 1.0, ledger=ledger2, dataset_size=32)
-  _model(opt2).fit(x, y, batch_size=8, epochs=1, validation_split=0.5,
-                   verbose=0, callbacks=[privacy.PrivacyCallback(ledger2,
-                                                                 DELTA)])
-  assert ledger2.events("train")[0][0].sampling_probability == 0.25
+  model.fit(x, y, batch_size=8, epochs=1, validation_split=0.5, verbose=0,
+            callbacks=[privacy.PrivacyCallback(ledger, DELTA)])
+  (event, count), = ledger.events("train")
+  assert (event.sampling_probability, count) == (1.0, 4)
 
 
-def test_poisson_dataset_of_another_rate_is_refused_before_the_first_step():
+def test_poisson_dataset_records_its_own_rate_not_the_declared_one():
   x, y = _data()
   ledger = privacy.PrivacyLedger(sampling_method="poisson")
   opt = DPQuantOptimizer(1.0, 1.0, ledger=ledger, dataset_size=64,
                          expected_batch_size=8.0, sampling_probability=0.125)
   model = _model(opt)
-  before = _weights(model)
   ds = privacy.poisson_dataset(x, y, 0.25, 40, steps=2, seed=0)
-  assert privacy.sampling_rate_of(ds) == 0.25
-  with pytest.raises(ValueError, match="poisson_dataset"):
-    model.fit(ds, epochs=1, verbose=0,
-              callbacks=[privacy.PrivacyCallback(ledger, DELTA)])
-  assert opt.dp_event_steps() == 0 and _same(before, model.get_weights())
+  model.fit(ds, epochs=1, verbose=0,
+            callbacks=[privacy.PrivacyCallback(ledger, DELTA)])
+  (event, count), = opt.dp_events()
+  assert (event.sampling_probability, count) == (0.25, 2)
 
 
-def test_unknown_q_is_refused_before_the_first_step():
+def test_neither_q_nor_n_is_accounted_at_q_one():
   x, y = _data()
   ledger = privacy.PrivacyLedger()
   opt = DPQuantOptimizer(1.0, 1.0, ledger=ledger)  # Neither q nor N.
   model = _model(opt)
   ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
-  with pytest.raises(privacy.UnknownSamplingProbabilityError):
-    model.fit(ds, epochs=1, verbose=0,
-              callbacks=[privacy.PrivacyCallback(ledger, DELTA)])
-  assert opt.dp_event_steps() == 0
+  model.fit(ds, epochs=1, verbose=0,
+            callbacks=[privacy.PrivacyCallback(ledger, DELTA)])
+  (event, count), = opt.dp_events()
+  assert (event.sampling_probability, count) == (1.0, 8)
 
 
 def test_unattached_optimizer_is_refused_before_the_first_step():

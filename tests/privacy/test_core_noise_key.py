@@ -35,6 +35,7 @@ def _compiled(**kwargs):
                          per_example_method="jacobian", **kwargs)
   model.compile(optimizer=opt, loss=tf.keras.losses.SparseCategoricalCrossentropy(
       from_logits=True, reduction="none"))
+  dpquant_tf.install_dp_train_step(model)
   return model, opt
 
 

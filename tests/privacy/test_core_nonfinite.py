@@ -42,6 +42,7 @@ def _step(x, y, *, tapped, method="auto", bits=None, weights=None,
                          seed=0)
   model.compile(optimizer=opt, loss=tf.keras.losses.SparseCategoricalCrossentropy(
       from_logits=True, reduction="none"))
+  dpquant_tf.install_dp_train_step(model)
   model.train_on_batch(x, y, sample_weight=weights)
   return [w.numpy() for w in model.trainable_variables]
 
@@ -101,7 +102,7 @@ def test_poisson_padding_contributes_zero_whatever_example_zero_holds(
   y = rng.integers(0, 3, size=40)
   x[0] = np.nan
   ds = privacy.poisson_dataset(x, y, 0.15, 16, steps=50, seed=4)
-  for xb, yb, mask in ds:
+  for xb, yb, mask, _ in ds:
     xb, yb, mask = xb.numpy(), yb.numpy(), mask.numpy()
     k = int(mask.sum())
     if k < 16 and not np.isnan(xb[:k]).any():

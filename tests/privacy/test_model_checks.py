@@ -155,6 +155,7 @@ def test_fit_refuses_the_running_mean_layer_before_any_step():
           sampling_probability=0.5),
       loss=tf.keras.losses.SparseCategoricalCrossentropy(
           from_logits=True, reduction=tf.keras.losses.Reduction.NONE))
+  dpquant_tf.install_dp_train_step(model)
   x = np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32)
   with pytest.raises(ValueError, match="rm.*batch_mean"):
     model.fit(x, np.zeros(8, np.int32), batch_size=4, epochs=1, verbose=0)

@@ -229,6 +229,7 @@ def test_dp_training_with_bfloat16_layers_trains_on_fast_path(jit):
                                     learning_rate=0.5, seed=2)
   model.compile(optimizer=opt, loss=tf.keras.losses.SparseCategoricalCrossentropy(
       from_logits=True, reduction="none"), jit_compile=jit)
+  dpquant_tf.install_dp_train_step(model)
   handler = _FallbackLog()
   logging.getLogger("absl").addHandler(handler)
   try:

@@ -1,0 +1,17 @@
+"""The owned entry and training step (``make_private``, ``DPTraining``)."""
+
+from dpquant_tf.training._entry import DPTraining
+from dpquant_tf.training._entry import make_private
+from dpquant_tf.training._entry import planned_analysis_count
+from dpquant_tf.training._step import install_dp_train_step
+from dpquant_tf.training._step import owned_train_step
+from dpquant_tf.training._step import per_example_loss
+
+__all__ = [
+    "DPTraining",
+    "install_dp_train_step",
+    "make_private",
+    "owned_train_step",
+    "per_example_loss",
+    "planned_analysis_count",
+]

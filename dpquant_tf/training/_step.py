@@ -1,0 +1,260 @@
+"""The owned training step: the one path every DP step takes.
+
+``owned_train_step(model, data)`` is Keras' ``train_step`` with three
+differences:
+
+* the per-example loss is computed here and handed, with the model and the
+  input batch, to ``optimizer._owned_step`` (no stack frames are read);
+* rows whose sample weight is 0 (the padding of Poisson batches) are excluded
+  from the displayed loss and from every compiled metric (the weight is
+  passed to the metrics as a mask), and their loss is exactly 0 even where the
+  model gives them NaN (``Embedding(mask_zero=True)`` on an all-zero row);
+* the step records the q of the library's own sampler when the batch's seal
+  proves it is that sampler's next draw (``sealed_sampling_probability``),
+  else 1 (no amplification by sampling).
+"""
+
+import functools
+import logging
+import tensorflow as tf
+
+from dpquant_tf import _validation as V
+
+__all__ = ["has_owned_step", "install_dp_train_step", "owned_train_step",
+           "per_example_loss", "sealed_sampling_probability"]
+
+_log = logging.getLogger(__name__)
+
+# Attribute holding the seal state of a model with the owned step installed.
+_STATE = "_dpquant_seal_state"
+
+
+def _unpack(data):
+  """(x, y, sample_weight, seal): the seal of the library's sampler or None."""
+  if isinstance(data, (tuple, list)) and len(data) == 4:
+    x, y, weight, seal = data
+    return x, y, weight, seal
+  x, y, weight = tf.keras.utils.unpack_x_y_sample_weight(data)
+  return x, y, weight, None
+
+
+# Realized batch sizes: a sealed run whose total sampled examples leaves
+# T*q*N +- Z * sqrt(T*q*N*(1-q)) + 1 is stopped. For the Binomial(N, q)
+# batches of a true sampler a false stop has probability below 1e-11 per step
+# (normal tail at 7; the Chernoff bound is of the same order).
+_Z_REALIZED = 7.0
+_SEEN_IDS = 8
+
+
+class _SealState:
+  """Per-model state of the seal check (variables of the model's strategy).
+
+  ``state`` = (sampler id, next draw index, real rows so far, steps so far)
+  of the sampler being consumed; ``seen`` = the last sampler ids (a sampler
+  whose first batch comes twice, e.g. through ``.cache()``, is not fresh).
+  """
+
+  def __init__(self, model):
+    strategy = getattr(model, "distribute_strategy", None)
+    if not isinstance(strategy, tf.distribute.Strategy):
+      strategy = tf.distribute.get_strategy()
+    with strategy.scope():
+      kwargs = dict(trainable=False, dtype=tf.float64,
+                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+      self.state = tf.Variable([-1.0, 0.0, 0.0, 0.0], name="dp_seal_state",
+                               **kwargs)
+      self.seen = tf.Variable([-1.0] * _SEEN_IDS, name="dp_seal_seen",
+                              **kwargs)
+
+
+def _global_count(real):
+  count = tf.reduce_sum(tf.cast(real, tf.float64))
+  ctx = tf.distribute.get_replica_context()
+  if ctx is not None:
+    count = ctx.all_reduce(tf.distribute.ReduceOp.SUM, count)
+  return count
+
+
+def sealed_sampling_probability(state: _SealState, seal, real):
+  """q of this step: the sampler's q if its seal proves the batch is the next
+  draw of one library sampler, consumed as drawn; else 1.0.
+
+  Also checks the realized batch sizes of a sealed run against q * N and
+  stops the run (InvalidArgumentError) when they are too far off.
+  """
+  if seal is None:
+    return tf.constant(1.0, tf.float64)
+  seal = tf.cast(tf.convert_to_tensor(seal), tf.float64)
+  if seal.shape.rank != 2 or seal.shape[-1] != 4:
+    return tf.constant(1.0, tf.float64)
+  first = seal[0]
+  sid, index, q, n = first[0], first[1], first[2], first[3]
+  old = state.state.read_value()
+  same_draw = tf.reduce_all(tf.equal(seal, first[None, :]))
+  fresh = tf.logical_and(tf.equal(index, 0.0),
+                         tf.logical_not(tf.reduce_any(
+                             tf.equal(state.seen.read_value(), sid))))
+  continuing = tf.logical_and(tf.equal(sid, old[0]), tf.equal(index, old[1]))
+  valid_q = tf.logical_and(q > 0.0, q <= 1.0)
+  ok = tf.reduce_all([same_draw, tf.logical_or(fresh, continuing), valid_q,
+                      n >= 1.0])
+  zero = tf.constant(0.0, tf.float64)
+  total = tf.where(fresh, zero, old[2]) + _global_count(real)
+  steps = tf.where(fresh, zero, old[3]) + 1.0
+  mean = steps * q * n
+  spread = _Z_REALIZED * tf.sqrt(tf.maximum(mean * (1.0 - q), 0.0)) + 1.0
+  size_ok = tf.logical_or(tf.logical_not(ok),
+                          tf.abs(total - mean) <= spread)
+  check = tf.debugging.Assert(size_ok, [
+      "Realized Poisson batch sizes are far from q * N (real rows so far, "
+      "expected): the batches are not the sampler's draws at the accounted "
+      "rate; training stopped.", total, mean])
+  with tf.control_dependencies([check]):
+    new_state = tf.where(ok, tf.stack([sid, index + 1.0, total, steps]),
+                         tf.constant([-1.0, 0.0, 0.0, 0.0], tf.float64))
+    seen = tf.where(fresh, tf.concat([sid[None], state.seen[:-1]], 0),
+                    state.seen.read_value())
+    updates = [state.state.assign(new_state), state.seen.assign(seen)]
+  with tf.control_dependencies(updates):
+    return tf.where(ok, q, tf.constant(1.0, tf.float64))
+
+
+def _loss_function(model, loss):
+  """The per-example loss callable: `loss`, else the compiled one."""
+  loss = loss if loss is not None else getattr(model, "loss", None)
+  if isinstance(loss, (dict, list, tuple)):
+    V.fail("loss", loss, "one loss for a single-output model (the owned DP "
+           "step supports one per-example loss)")
+  if loss is None:
+    V.fail("loss", None, "a per-example loss: compile the model with "
+           "loss=... (reduction=tf.keras.losses.Reduction.NONE) or pass loss=")
+  return tf.keras.losses.get(loss)
+
+
+def per_example_loss(model, y, y_pred, sample_weight=None, *, loss=None):
+  """(per-example loss [rows], real-row mask [rows]) of one batch.
+
+  Rows with sample weight 0 (padding) get exactly 0, whatever the model
+  returns for them; regularization losses are added to real rows only, so a
+  padding row contributes a zero gradient.
+  """
+  fn = _loss_function(model, loss)
+  values = tf.convert_to_tensor(fn(y, y_pred))
+  if values.shape.rank != 1:
+    V.fail("loss", values.shape, "a per-example loss vector of shape [batch] "
+           "(one entry per input example): build the Keras loss with "
+           "reduction=tf.keras.losses.Reduction.NONE and reduce any other "
+           "axes per example")
+  rows = tf.nest.flatten(y_pred)[0]
+  static = (values.shape[0], rows.shape[0])
+  if None not in static and static[0] != static[1]:
+    V.fail("loss", values.shape, f"one entry per input example ({static[1]} "
+           "rows): a loss that keeps a batch mean or folds examples makes one "
+           "example move many entries")
+  checks = [tf.debugging.assert_equal(
+      tf.shape(values)[0], tf.shape(rows)[0],
+      message="Expected the per-example loss to have one entry per input "
+      "example; build the loss with Reduction.NONE")]
+  with tf.control_dependencies(checks):
+    values = tf.cast(values, tf.float32)
+  if sample_weight is None:
+    weight = tf.ones_like(values)
+  else:
+    weight = tf.reshape(tf.cast(sample_weight, values.dtype), [-1])
+  real = weight > 0
+  regularization = (tf.cast(tf.add_n(model.losses), values.dtype)
+                    if model.losses else tf.zeros([], values.dtype))
+  safe = tf.where(real, values, tf.zeros_like(values))
+  return tf.where(real, safe * weight + regularization,
+                  tf.zeros_like(values)), real
+
+
+def _masked(y_pred, real):
+  """`y_pred` whose Keras mask excludes padding rows (metrics honour it)."""
+  out = tf.identity(y_pred)
+  mask = real
+  old = getattr(y_pred, "_keras_mask", None)
+  if old is not None:
+    mask = tf.logical_and(
+        tf.cast(old, tf.bool),
+        tf.reshape(real, [-1] + [1] * (old.shape.rank - 1)))
+  out._keras_mask = mask  # pylint: disable=protected-access
+  return out
+
+
+def owned_train_step(model, data, *, loss=None):
+  """One owned DP training step of `model` on `data`.
+
+  `data` is ``(x, y[, sample_weight])`` or a sealed batch of the library's
+  sampler ``(x, y, mask, seal)``.
+  """
+  x, y, sample_weight, seal = _unpack(data)
+  optimizer = model.optimizer
+  if not hasattr(optimizer, "_owned_step"):
+    V.fail("model.optimizer", type(optimizer).__name__,
+           "a DPQuant optimizer (DPQuantOptimizer or DPQuantAdamOptimizer)",
+           TypeError)
+  state = getattr(model, _STATE, None)
+  if state is None:
+    V.fail("model", model.name, "a model prepared with install_dp_train_step")
+  with tf.GradientTape() as tape:
+    y_pred = model(x, training=True)
+    losses, real = per_example_loss(model, y, y_pred, sample_weight,
+                                    loss=loss)
+  q = sealed_sampling_probability(state, seal, real)
+  optimizer._owned_step(model, x, losses, tape, q)  # pylint: disable=protected-access
+  # Displayed loss: mean over real rows (padding excluded).
+  count = tf.reduce_sum(tf.cast(real, tf.float32))
+  tracker = None
+  if model.compiled_loss is not None:
+    if not model.compiled_loss.built:
+      model.compiled_loss.build(y_pred)
+    if model.compiled_loss.metrics:
+      tracker = model.compiled_loss.metrics[0]
+  if tracker is not None:
+    tracker.update_state(tf.reduce_sum(losses) / tf.maximum(count, 1.0),
+                         sample_weight=count)
+  if model.compiled_metrics is not None:
+    model.compiled_metrics.update_state(y, _masked(y_pred, real), None)
+  return model.get_metrics_result()
+
+
+def install_dp_train_step(model, *, loss=None):
+  """Makes `model.fit` take every step through the owned DP step.
+
+  ``PrivacyCallback`` calls this (``set_model``, before Keras builds the
+  train function) and so does ``make_private``; call it yourself to fit
+  without either. Steps on batches of the library's sampler
+  (``poisson_dataset``) consumed as drawn are recorded at its q; any other
+  batch (arrays, generators, a transformed sampler, ``validation_split``) at
+  q = 1: no amplification by sampling, each record counted in every step,
+  at most once per step.
+
+  Args:
+    model: a compiled ``tf.keras.Model`` with a DPQuant optimizer.
+    loss: per-example loss (default: the compiled loss).
+
+  Returns:
+    `model`.
+  """
+  if not isinstance(model, tf.keras.Model):
+    V.fail("model", type(model).__name__, "a tf.keras.Model", TypeError)
+  if getattr(model, _STATE, None) is None or loss is not None:
+    if getattr(model, _STATE, None) is None:
+      object.__setattr__(model, _STATE, _SealState(model))
+    step = functools.partial(owned_train_step, model, loss=loss)
+    # Plain attributes (no Keras tracking): the step is not saved state.
+    object.__setattr__(model, "train_step", step)
+    # A train function traced before used the old step: rebuild it.
+    object.__setattr__(model, "train_function", None)
+  opt = getattr(model, "optimizer", None)
+  var = getattr(opt, "sampling_probability_var", None)
+  if var is not None and float(var.numpy()) < 0:
+    # Until the first step shows a seal, project budgets at q = 1.
+    opt.set_sampling_probability(1.0)
+  return model
+
+
+def has_owned_step(model) -> bool:
+  """Whether `install_dp_train_step` prepared `model`."""
+  return getattr(model, _STATE, None) is not None
