@@ -192,3 +192,48 @@ def test_presets_and_build_model():
     models.transformer_classifier((8,), 2, vocab_size=9, hidden=10, num_heads=4)
   with pytest.raises(ValueError, match="preset"):
     models.transformer_classifier((8,), 2, vocab_size=9, preset="huge")
+
+
+def test_schedule_picks_among_the_encoder_projections():
+  from dpquant_tf import schedule  # pylint: disable=g-import-not-at-top
+  layers = quantization.quantizable_layers(_tiny(num_layers=2))
+  names = [l.name for l in layers]
+  rng = np.random.default_rng(0)
+  rotation = schedule.RotationPolicy(ratio=0.5)
+  seen = set()
+  for epoch in range(12):
+    chosen = rotation.decide(epoch, layers, schedule.Releases(), rng).quantized
+    assert len(chosen) == schedule._base.num_quantized(0.5, len(names))  # pylint: disable=protected-access
+    assert set(chosen) <= set(names)
+    seen |= set(chosen)
+  assert seen == set(names)   # every projection of every block is drawn
+  # Loss-aware: a released sensitivity steers the choice away from a layer.
+  estimates = {n: 0.0 for n in names}
+  estimates["b2_value"] = 10.0
+  released = schedule.Releases(
+      sensitivities=[schedule.SensitivityRelease(0, estimates)])
+  aware = schedule.LossAwarePolicy(ratio=0.75, beta=50.0)
+  for epoch in range(3):
+    chosen = aware.decide(epoch, layers, released, rng).quantized
+    assert len(chosen) == schedule._base.num_quantized(0.75, len(names))  # pylint: disable=protected-access
+    assert "b2_value" not in chosen
+
+
+def test_cost_model_counts_attention_products():
+  from dpquant_tf import costmodel  # pylint: disable=g-import-not-at-top
+  d = 8
+  model = _tiny(num_layers=2, hidden=d)
+  att = costmodel.attention_costs(model)
+  assert [c.name for c in att] == ["b1_attention", "b2_attention"]
+  assert att[0].fwd_macs == 2 * T * T * d     # Q K^T and A V
+  assert att[0].bwd_macs == 2 * att[0].fwd_macs
+  costs = costmodel.model_layer_costs(model)
+  assert [c.name for c in costs[-2:]] == ["b1_attention", "b2_attention"]
+  proj = [c for c in costs if c.name not in ("b1_attention", "b2_attention")]
+  # Quantizing every projection leaves the attention products in fp32.
+  all_on = {c.name: "fp4" for c in proj}
+  cost = costmodel.epoch_cost(costs, all_on)
+  total = sum(c.total for c in costs)
+  assert cost.quantized_fraction == pytest.approx(
+      sum(c.total for c in proj) / total)
+  assert costmodel.attention_costs(models.tutorial_cnn()) == []
