@@ -116,6 +116,7 @@ def test_every_layer_kind_matches_jacobian(jit, caplog):
   _assert_close(model, fast, slow)
 
 
+@pytest.mark.slow
 def test_dp_fit_takes_fast_path_for_every_variable(caplog):
   model = _wrapped(_tiny(preset="tiny", num_layers=2, hidden=16))
   opt = optimizers.DPQuantOptimizer(l2_norm_clip=1.0, noise_multiplier=0.5,
@@ -237,3 +238,33 @@ def test_cost_model_counts_attention_products():
   assert cost.quantized_fraction == pytest.approx(
       sum(c.total for c in proj) / total)
   assert costmodel.attention_costs(models.tutorial_cnn()) == []
+
+
+_SERVE = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import tensorflow as tf
+    fn = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
+    ids = np.load(sys.argv[2])
+    probs = fn(token_ids=tf.constant(ids))["probabilities"].numpy()
+    assert "dpquant_tf" not in sys.modules
+    np.save(sys.argv[3], probs)
+""")
+
+
+def test_export_serves_token_ids_without_dpquant_tf(tmp_path):
+  from examples import serve_lib  # pylint: disable=g-import-not-at-top
+  model = _wrapped(_tiny(num_layers=1))
+  x, _ = _data()
+  expected = tf.nn.softmax(model(x)).numpy()
+  serve_lib.export_for_serving(model, str(tmp_path / "export"))
+  np.save(tmp_path / "ids.npy", x.numpy())
+  script = tmp_path / "serve.py"
+  script.write_text(_SERVE)
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+  subprocess.run([sys.executable, str(script), str(tmp_path / "export"),
+                  str(tmp_path / "ids.npy"), str(tmp_path / "probs.npy")],
+                 check=True, env=env, cwd=str(tmp_path), timeout=300)
+  np.testing.assert_allclose(np.load(tmp_path / "probs.npy"), expected,
+                             rtol=1e-5, atol=1e-6)
