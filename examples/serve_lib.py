@@ -68,13 +68,18 @@ class _Servable:
     self.module = tf.Module(name="dpquant_servable")
     self.module.model = model
     spec = tf.TensorSpec([None, *model.input_shape[1:]], tf.float32, name="images")
+    if model.inputs[0].dtype.is_integer:   # text models: token ids
+      spec = tf.TensorSpec([None, *model.input_shape[1:]], tf.int32,
+                           name="token_ids")
 
-    @tf.function(input_signature=[spec])
-    def serve(images):
-      logits = model(images, training=False)
+    def serve(inputs):
+      logits = model(inputs, training=False)
       return {"probabilities": tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)}
 
-    self.module.serve = serve
+    # The signature's input is named like the spec (images or token_ids).
+    self.module.serve = tf.function(
+        (lambda images: serve(images)) if spec.name == "images"
+        else (lambda token_ids: serve(token_ids)), input_signature=[spec])
 
 
 def export_for_serving(model, export_dir: str) -> str:

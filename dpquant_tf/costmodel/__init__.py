@@ -4,12 +4,13 @@ The modelled speed-up of a run from the per-layer MACs of the plans it ran.
 MACs come from `dpquant_tf.quantization.quantizable_layers` (the library's one
 MAC counter). Public names: `LayerCost`, `EpochCost`, `DEFAULT_SPEEDUPS`,
 `cost_model_time`, `epoch_cost`, `format_key`, `layer_costs`,
-`model_layer_costs`, `plan_to_dict`, `run_speedup`, `speedup_for`, and for
+`model_layer_costs` (with `attention_costs`: the attention products), `plan_to_dict`, `run_speedup`, `speedup_for`, and for
 native execution precisions `BF16_HARDWARE_SPEEDUP`, `native_speedups`,
 `run_hardware_speedup` (EpochCost.hardware_speedup / native_layers /
 simulated_layers); `StepTimeCallback` measures each epoch's step time.
 """
 
+from dpquant_tf.costmodel._costmodel import attention_costs
 from dpquant_tf.costmodel._costmodel import BF16_HARDWARE_SPEEDUP
 from dpquant_tf.costmodel._costmodel import cost_model_time
 from dpquant_tf.costmodel._costmodel import DEFAULT_SPEEDUPS
@@ -32,6 +33,7 @@ __all__ = [
     "EpochCost",
     "LayerCost",
     "StepTimeCallback",
+    "attention_costs",
     "cost_model_time",
     "epoch_cost",
     "format_key",

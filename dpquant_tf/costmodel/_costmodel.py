@@ -29,7 +29,12 @@ listed as ``native_layers`` / ``simulated_layers``.
 
 MACs come from the library's one MAC counter: the ``fwd_macs`` / ``bwd_macs``
 of ``dpquant_tf.quantization.quantizable_layers(model)`` (see
-:func:`model_layer_costs`); this module counts nothing itself.
+:func:`model_layer_costs`). Attention: the weight-free matrix products of a
+self-attention layer (``Q K^T`` and ``A V``, ``2 T^2 D`` forward MACs per
+example, twice that backward) are matrix-multiply compute too, but no plan
+quantizes them: :func:`attention_costs` lists them (from the layer's own
+``attention_macs()``), :func:`model_layer_costs` appends them, and
+:func:`epoch_cost` counts them at full precision.
 
 Example:
   >>> from dpquant_tf import costmodel, models
@@ -43,7 +48,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 from dpquant_tf import _validation
 
 __all__ = ["BF16_HARDWARE_SPEEDUP", "DEFAULT_SPEEDUPS", "EpochCost", "LayerCost",
-           "cost_model_time", "epoch_cost", "format_key", "layer_costs",
+           "attention_costs", "cost_model_time", "epoch_cost", "format_key", "layer_costs",
            "model_layer_costs", "native_speedups", "plan_to_dict",
            "run_hardware_speedup", "run_speedup", "speedup_for"]
 
@@ -201,21 +206,56 @@ def layer_costs(layers: Iterable[Any]) -> List[LayerCost]:
   return out
 
 
+def attention_costs(model) -> List[LayerCost]:
+  """Per-example MACs of the model's attention products (never quantized).
+
+  Every layer with an ``attention_macs()`` method (such as
+  ``dpquant_tf.models.MultiHeadDotProductAttention``, built and called)
+  gives one entry ``<layer name>`` with ``fwd_macs`` = its ``Q K^T`` plus
+  ``A V`` multiply-adds (``2 T^2 D``) and ``bwd_macs = 2 * fwd_macs`` (the
+  gradients with respect to both operands of each product). Nested models
+  are searched; tapping wrappers are seen through.
+
+  Args:
+    model: a built Keras model.
+
+  Returns:
+    One :class:`LayerCost` per attention layer, in model order (empty for
+    models without attention).
+  """
+  out = []
+
+  def walk(layers):
+    for layer in layers:
+      inner = getattr(layer, "layer", None) if hasattr(layer, "tap_output") else None
+      layer = inner or layer
+      if hasattr(layer, "layers") and not hasattr(layer, "attention_macs"):
+        walk(layer.layers)
+      elif callable(getattr(layer, "attention_macs", None)):
+        fwd = float(layer.attention_macs())
+        out.append(LayerCost(layer.name, fwd, 2 * fwd))
+  walk(getattr(model, "layers", []))
+  return out
+
+
 def model_layer_costs(model) -> List[LayerCost]:
-  """Per-example MACs of a model's quantizable layers (forward and backward).
+  """Per-example MACs of a model's quantizable layers and attention products.
 
   The counts are those of ``dpquant_tf.quantization.quantizable_layers``
   (the library's one MAC counter): wrapped ``QuantizedLayer``s if the model
-  has any, otherwise every layer ``quantize_model`` could wrap.
+  has any, otherwise every layer ``quantize_model`` could wrap; followed by
+  :func:`attention_costs` (full-precision work no plan names).
 
   Args:
     model: a built Sequential or Functional Keras model.
 
   Returns:
-    One :class:`LayerCost` per quantizable layer, in model order.
+    One :class:`LayerCost` per quantizable layer, in model order, then one
+    per attention layer.
   """
   from dpquant_tf import quantization  # pylint: disable=g-import-not-at-top
-  return layer_costs(quantization.quantizable_layers(model))
+  return (layer_costs(quantization.quantizable_layers(model))
+          + attention_costs(model))
 
 
 def plan_to_dict(plan: Any) -> Dict[str, Dict[str, Any]]:

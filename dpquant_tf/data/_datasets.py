@@ -17,9 +17,18 @@ Specs understood by :func:`load_dataset`:
 * ``"npz:<path>"``: a user's own ``.npz`` with ``x_train``, ``y_train``,
   ``x_test``, ``y_test``. Images of shape (N, H, W) get a channel axis;
   integer images are divided by 255; float images are used as they are.
+  Text: 2-D integer ``x_*`` are token ids (N, T), 0 = padding, with an
+  optional ``vocab_size`` entry (see ``dpquant_tf.data._text``).
+* ``"synthetic_text"``: the offline text default, a SYNTHETIC seeded
+  sentiment task where a text-opening 'not' flips the label and word order decides it (no
+  labelled text corpus is available offline; see ``_text``).
+* ``"tfds:ag_news_subset"``, ``"tfds:imdb_reviews"``: tfds text sets, prepared
+  locally as for images, tokenized without a learned vocabulary
+  (``HashingTokenizer``, 8192 ids, 128 tokens).
 
-Every loader returns float32 images of shape (N, H, W, C) in [0, 1] (for the
-packaged sets) and int32 labels in [0, num_classes).
+Image loaders return float32 images of shape (N, H, W, C) in [0, 1] (for the
+packaged sets); text loaders int32 token ids (N, T) and ``vocab_size``. Labels
+are int32 in [0, num_classes).
 """
 
 import dataclasses
@@ -30,6 +39,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from dpquant_tf import _validation
+from dpquant_tf.data import _text
 
 __all__ = ["Dataset", "DatasetKind", "load_dataset", "parse_spec", "stratified_split"]
 
@@ -40,6 +50,7 @@ class DatasetKind(enum.Enum):
   DIGITS = "digits"
   TFDS = "tfds"
   NPZ = "npz"
+  SYNTHETIC_TEXT = "synthetic_text"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +66,7 @@ class Dataset:
     num_classes: number of classes (max label + 1 over both splits, or the
       source's declared count).
     description: one line saying where the data came from and how it was split.
+    vocab_size: token vocabulary size for text (token-id) data, else None.
   """
   name: str
   x_train: np.ndarray
@@ -63,10 +75,16 @@ class Dataset:
   y_test: np.ndarray
   num_classes: int
   description: str
+  vocab_size: Optional[int] = None
 
   @property
   def input_shape(self) -> Tuple[int, ...]:
     return tuple(self.x_train.shape[1:])
+
+  @property
+  def is_text(self) -> bool:
+    """True for token-id data (``vocab_size`` set)."""
+    return self.vocab_size is not None
 
 
 def parse_spec(spec: str) -> Tuple[DatasetKind, Optional[str]]:
@@ -76,8 +94,8 @@ def parse_spec(spec: str) -> Tuple[DatasetKind, Optional[str]]:
     ValueError: for an unknown spec or a missing argument.
   """
   _validation.check_type("dataset", spec, str, "a string")
-  expectation = ("'mnist', 'digits', 'tfds:<name>' or 'npz:<path to .npz with "
-                 "x_train, y_train, x_test, y_test>'")
+  expectation = ("'mnist', 'digits', 'synthetic_text', 'tfds:<name>' or "
+                 "'npz:<path to .npz with x_train, y_train, x_test, y_test>'")
   if ":" in spec:
     prefix, arg = spec.split(":", 1)
     prefix = prefix.strip().lower()
@@ -87,7 +105,7 @@ def parse_spec(spec: str) -> Tuple[DatasetKind, Optional[str]]:
       return DatasetKind(prefix), arg.strip()
     _validation.fail("dataset", spec, expectation)
   name = spec.strip().lower()
-  if name in ("mnist", "digits"):
+  if name in ("mnist", "digits", "synthetic_text"):
     return DatasetKind(name), None
   _validation.fail("dataset", spec, expectation)
 
@@ -205,6 +223,18 @@ def _load_npz(path: str) -> Dataset:
       _validation.fail(f"keys of {path}", sorted(data.files),
                        f"containing x_train, y_train, x_test, y_test "
                        f"(missing {missing})")
+    x = np.asarray(data["x_train"])
+    if x.ndim == 2 and np.issubdtype(x.dtype, np.integer):   # token ids
+      tokens = _text.load_token_npz(path, data)
+      y_train = _to_labels("y_train", data["y_train"], len(tokens["x_train"]))
+      y_test = _to_labels("y_test", data["y_test"], len(tokens["x_test"]))
+      return Dataset(
+          name=f"npz:{path}", x_train=tokens["x_train"], y_train=y_train,
+          x_test=tokens["x_test"], y_test=y_test,
+          num_classes=max(int(max(y_train.max(), y_test.max())) + 1, 2),
+          description=(f"user token ids from {path}: {len(y_train)} train / "
+                       f"{len(y_test)} test, vocab {tokens['vocab_size']}"),
+          vocab_size=tokens["vocab_size"])
     x_train = _to_images("x_train", data["x_train"])
     x_test = _to_images("x_test", data["x_test"])
     y_train = _to_labels("y_train", data["y_train"], len(x_train))
@@ -250,6 +280,18 @@ def _load_tfds(name: str, *, data_dir: Optional[str],
   retries for minutes before failing).
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  if name in _text.TEXT_TFDS:
+    t = _text.load_text_tfds(name, data_dir=data_dir, download=download,
+                             not_prepared=_tfds_not_prepared)
+    return Dataset(
+        name=f"tfds:{name}", x_train=t["x_train"],
+        y_train=_to_labels("y_train", t["y_train"], len(t["x_train"])),
+        x_test=t["x_test"],
+        y_test=_to_labels("y_test", t["y_test"], len(t["x_test"])),
+        num_classes=t["num_classes"], vocab_size=t["vocab_size"],
+        description=(f"tensorflow_datasets {name}: {len(t['x_train'])} train "
+                     f"/ {len(t['x_test'])} test, hashed word ids "
+                     f"(vocab {t['vocab_size']}, no learned vocabulary)"))
   try:
     (train, test), info = tfds.load(
         name, split=["train", "test"], as_supervised=True, with_info=True,
@@ -276,6 +318,29 @@ def _load_tfds(name: str, *, data_dir: Optional[str],
                  x_test=x_test, y_test=y_test, num_classes=num_classes,
                  description=f"tensorflow_datasets {name}: {len(x_train)} "
                  f"train / {len(x_test)} test")
+
+
+SYNTHETIC_TEXT_TRAIN = 20000
+
+
+def _load_synthetic_text(*, test_size: int, seed: int) -> Dataset:
+  """The synthetic negation task: 20,000 train texts, ``test_size`` test texts.
+
+  Train and test come from disjoint seeded streams (``seed`` and
+  ``seed + 1_000_003``); the task is synthetic (see ``_text``).
+  """
+  x_train, y_train = _text.synthetic_negation_task(SYNTHETIC_TEXT_TRAIN,
+                                                   seed=seed)
+  x_test, y_test = _text.synthetic_negation_task(test_size,
+                                                 seed=seed + 1_000_003)
+  return Dataset(
+      name="synthetic_text", x_train=x_train, y_train=y_train, x_test=x_test,
+      y_test=y_test, num_classes=2, vocab_size=_text.SYNTHETIC_TEXT_VOCAB,
+      description=(f"SYNTHETIC text (a sentiment word; a text-opening 'not' "
+                   f"negates it; word order decides the label), seed={seed}: "
+                   f"{len(y_train)} train / {len(y_test)} test, vocab "
+                   f"{_text.SYNTHETIC_TEXT_VOCAB}, length "
+                   f"{x_train.shape[1]}"))
 
 
 def _subset(ds: Dataset, max_train: Optional[int], max_test: Optional[int],
@@ -305,9 +370,11 @@ def load_dataset(spec: str = "mnist", *, test_size: Optional[int] = None,
   """Loads a dataset by spec (see the module docstring for the specs).
 
   Args:
-    spec: ``mnist``, ``digits``, ``tfds:<name>`` or ``npz:<path>``.
-    test_size: for ``mnist``/``digits`` only, the number of test examples of
-      the stratified split (default 1000 for mnist, 360 for digits).
+    spec: ``mnist``, ``digits``, ``synthetic_text``, ``tfds:<name>`` or
+      ``npz:<path>``.
+    test_size: for ``mnist``/``digits``, the number of test examples of
+      the stratified split (default 1000 for mnist, 360 for digits); for
+      ``synthetic_text`` the number of test texts (default 2000).
     split_seed: seed of the stratified split and of any subsetting. Fixed by
       default so that every run sees the same split.
     max_train: keep at most this many training examples (seeded subset).
@@ -337,6 +404,8 @@ def load_dataset(spec: str = "mnist", *, test_size: Optional[int] = None,
     _validation.check_int("max_train", max_train, low=1)
   if max_test is not None:
     _validation.check_int("max_test", max_test, low=1)
+  if test_size is not None:
+    _validation.check_int("test_size", test_size, low=1)
   if test_size is not None and kind in (DatasetKind.TFDS, DatasetKind.NPZ):
     _validation.fail("test_size", test_size,
                      "None for tfds/npz datasets (they carry their own test split)")
@@ -349,6 +418,9 @@ def load_dataset(spec: str = "mnist", *, test_size: Optional[int] = None,
                       seed=split_seed, size=size)
   elif kind is DatasetKind.NPZ:
     ds = _load_npz(arg)
+  elif kind is DatasetKind.SYNTHETIC_TEXT:
+    ds = _load_synthetic_text(test_size=2000 if test_size is None else test_size,
+                              seed=split_seed)
   else:
     ds = _load_tfds(arg, data_dir=data_dir, download=bool(tfds_download))
   return _subset(ds, max_train, max_test, split_seed)

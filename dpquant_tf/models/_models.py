@@ -11,13 +11,16 @@ here use GroupNormalization, whose statistics are per example.
   widths 64..512) with GroupNorm, a 3x3 stem for small images.
 * :func:`small_resnet_gn`: a narrow ResNet ([1, 1, 1] blocks, widths 16/32/64)
   that trains on CPU in minutes.
+* ``transformer`` / ``transformer_mini``: the BERT-like encoder classifier of
+  :mod:`dpquant_tf.models._transformer` (presets "tiny" and "mini") on token
+  ids.
 
 Every builder returns logits (no softmax): train with
 ``SparseCategoricalCrossentropy(from_logits=True, reduction=NONE)``.
 """
 
 import enum
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 from dpquant_tf import _validation
 
@@ -30,6 +33,8 @@ class ModelName(enum.Enum):
   CNN = "cnn"
   RESNET18 = "resnet18"
   SMALL_RESNET = "small_resnet"
+  TRANSFORMER = "transformer"            # preset "tiny"
+  TRANSFORMER_MINI = "transformer_mini"  # preset "mini"
 
 
 def _check_shape(input_shape, num_classes) -> Tuple[Tuple[int, ...], int]:
@@ -151,13 +156,35 @@ def small_resnet_gn(input_shape: Sequence[int] = (28, 28, 1),
                  widths=(16, 32, 64), stem_width=16, groups=groups, name=name)
 
 
-def build_model(name, input_shape: Sequence[int], num_classes: int):
+def build_model(name, input_shape: Sequence[int], num_classes: int, *,
+                vocab_size: Optional[int] = None):
   """Builds a model by :class:`ModelName` (or its lower-case name).
+
+  Args:
+    name: a :class:`ModelName` or its value.
+    input_shape: (H, W, C) for the image models, (max_length,) for the
+      transformers.
+    num_classes: number of classes.
+    vocab_size: token vocabulary size; required by the transformers, must be
+      None for the image models.
 
   Example:
     >>> model = build_model("cnn", (28, 28, 1), 10)
+    >>> text = build_model("transformer", (32,), 2, vocab_size=100)
   """
   kind = _validation.check_enum("model", name, ModelName)
+  if kind in (ModelName.TRANSFORMER, ModelName.TRANSFORMER_MINI):
+    from dpquant_tf.models import _transformer  # pylint: disable=g-import-not-at-top
+    if vocab_size is None:
+      _validation.fail("vocab_size", vocab_size,
+                       f"the token vocabulary size for model {kind.value!r}")
+    preset = "tiny" if kind is ModelName.TRANSFORMER else "mini"
+    return _transformer.transformer_classifier(
+        input_shape, num_classes, vocab_size=vocab_size, preset=preset,
+        name=kind.value)
+  if vocab_size is not None:
+    _validation.fail("vocab_size", vocab_size,
+                     f"None for the image model {kind.value!r}")
   builder = {ModelName.CNN: tutorial_cnn, ModelName.RESNET18: resnet18_gn,
              ModelName.SMALL_RESNET: small_resnet_gn}[kind]
   return builder(input_shape, num_classes)
