@@ -31,8 +31,9 @@ from tools import benchmark_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("cases", ["cnn:64", "cnn:256", "small_resnet:64",
-                            "small_resnet:256"],
-                  "model:batch pairs; models: cnn, small_resnet.")
+                            "small_resnet:256", "encoder:64"],
+                  "model:batch pairs; models: cnn, small_resnet, encoder "
+                  "(the benchmark's transformer encoder, sequence 128).")
 flags.DEFINE_list("contenders", list(benchmark_lib.CONTENDERS),
                   "Subset of plain, tfprivacy, dp, dp_quant, "
                   "dp_bf16_<pct> (native bf16 plan at ratio pct/100).")
@@ -47,13 +48,23 @@ flags.DEFINE_bool("smoke", False, "Tiny run (1 round, 1 step, 1 warm-up): "
                   "checks that every contender runs; numbers meaningless.")
 flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
 flags.DEFINE_integer("seed", 0, "Seed for weights, data order and the plan.")
+flags.DEFINE_float("memory_limit_mb", benchmark_lib.MEMORY_LIMIT_MB,
+                   "Each case runs in a worker process stopped above this "
+                   "resident memory; contenders that cannot fit are skipped "
+                   "(reason in the JSON's 'skipped'). 0: one process, no limit.")
+flags.DEFINE_string("worker", None, "Internal: run one case (JSON settings) "
+                    "and print it as a CASE line.")
 
 
 def _table(report) -> str:
   rows = ["model         batch contender     ms/step   ex/s     peak MB  vs plain  "
           "TF-Privacy/x  vs dp"]
   for c in report["cases"]:
+    for k, why in c.get("skipped", {}).items():
+      rows.append(f"{c['model']:<13} {c['batch_size']:>5} {k:<12} skipped: {why}")
     for k in FLAGS.contenders:
+      if k + "_ms" not in c:
+        continue
       rows.append(
           f"{c['model']:<13} {c['batch_size']:>5} {k:<12} {c[k + '_ms']:>8.1f} "
           f"{c[k + '_examples_per_s']:>8.0f} {str(c[k + '_peak_mb']):>10} "
@@ -63,8 +74,22 @@ def _table(report) -> str:
   return "\n".join(rows)
 
 
+def _worker(spec):
+  import json  # pylint: disable=g-import-not-at-top
+  settings = json.loads(spec)
+  model_name, batch = settings.pop("case").split(":")
+  settings["contenders"] = tuple(settings["contenders"])
+  s = benchmark_lib.Settings(**settings)
+  case = benchmark_lib.run_case(model_name, int(batch), s,
+                                log=lambda m: print("LOG " + m, flush=True))
+  print("CASE " + json.dumps(case), flush=True)
+
+
 def main(argv):
   del argv
+  if FLAGS.worker:
+    _worker(FLAGS.worker)
+    return
   rounds, steps, warmup = ((1, 1, 1) if FLAGS.smoke else
                            (FLAGS.rounds, FLAGS.steps, FLAGS.warmup))
   for kind in FLAGS.contenders:
@@ -75,14 +100,16 @@ def main(argv):
       bf16_rounding=FLAGS.bf16_rounding,
       quant_ratio=FLAGS.quant_ratio, seed=FLAGS.seed,
       jit_compile=FLAGS.jit_compile, contenders=tuple(FLAGS.contenders))
-  report = benchmark_lib.run(FLAGS.cases, settings, log=logging.info)
+  report = benchmark_lib.run(FLAGS.cases, settings, log=logging.info,
+                             memory_limit_mb=FLAGS.memory_limit_mb or None)
   report["targets"] = (benchmark_lib.check_targets(report)
                        + benchmark_lib.check_bf16_targets(report))
   if FLAGS.json:
     print(benchmark_lib.to_json(report))
   else:
     print(_table(report))
-    print(f"bf16 hardware units: {report['bf16_hardware']}")
+    print(f"bf16 hardware units: {report['bf16_hardware']}; load average "
+          f"{report['load_average']}")
     print("\n".join(report["targets"]))
 
 
