@@ -19,7 +19,10 @@ Formal guarantees (for every format, per element, given the scale):
 Privacy (METHOD.md invariant 1): scales are computed over `scale_axes` only.
 For activations and gradients pass ``example_axes(x)`` (every axis but the
 batch axis 0), so example i's output never depends on another example.
-Randomness comes only from the `tf.random.Generator` passed in.
+Randomness comes only from the `tf.random.Generator` passed in: one 32-bit
+key per call, expanded per element by a counter-based hash
+(`_precision.uniform_noise`; every element's noise exactly uniform on the
+grid k / 2**24), not 32 generator bits per element.
 """
 
 from typing import Optional, Sequence, Union
@@ -28,6 +31,7 @@ import tensorflow as tf
 
 from dpquant_tf import _validation
 from dpquant_tf.quantization import _formats
+from dpquant_tf.quantization import _precision
 from dpquant_tf.quantization._formats import QuantFormat, Rounding
 
 _F32 = tf.float32
@@ -229,6 +233,6 @@ def quantize(x: tf.Tensor,
     if generator is None:
       _validation.fail("generator", generator,
                        "a tf.random.Generator for stochastic rounding")
-    noise = generator.uniform(tf.shape(x), dtype=_F32)
+    noise = _precision.uniform_noise(tf.shape(x), generator)
   return _quantize_with_noise(x, fmt, bits, noise=noise, scale_axes=scale_axes,
                               scale=scale)
