@@ -8,11 +8,20 @@ Native bfloat16 contenders (dp_bf16_50, dp_bf16_75, dp_bf16_100) run the
 chosen layers' ops in bfloat16; their speed-up over fp32 DP (``dp``) of the
 same run is printed as ``vs dp`` (dp ms / contender ms).
 
-Runs every contender in one process on the same model, data and batch,
-alternating them round by round; prints median ms per step, examples/s, peak
+Each case (``model:batch``) runs in a worker process of its own under a
+resident-memory watchdog (``--memory_limit_mb``, default 8000): a contender
+whose memory, estimated from an earlier case of the same model, would not
+fit is skipped before it runs, and one whose warm-up crosses the limit is
+stopped and skipped; both are listed with the reason in the case's
+``skipped``. Within a case every contender runs on the same model, data and
+batch, alternating round by round; prints median ms per step, examples/s, peak
 memory and the ratios to plain SGD and to TF-Privacy. With --json it prints one
 JSON object whose ``cases`` list holds ``model``, ``batch_size``, ``plain_ms``,
-``tfprivacy_ms``, ``dp_ms``, ``dp_quant_ms`` and more. The logic lives in
+``tfprivacy_ms``, ``dp_ms``, ``dp_quant_ms``, ``skipped``,
+``worker_peak_rss_mb``, ``load_average`` and more; ``targets`` says which
+of issue 21's bf16 targets (``dp_vs_dp_bf16_100``) are met. The ``encoder``
+case is the benchmark's own transformer encoder (tools/benchmark_lib.py,
+sequence 128, synthetic tokens): the GEMM-bound case. The logic lives in
 tools/benchmark_lib.py; docs/PERFORMANCE.md records results.
 """
 
