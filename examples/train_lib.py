@@ -440,6 +440,7 @@ def _report(cfg: TrainConfig, metrics: Dict[str, Any], ledger) -> None:
         f"layers {ex['native_layers']} (hardware accelerated: "
         f"{ex['hardware_accelerated']}); simulated layers "
         f"{ex['simulated_layers']}")
+  print(train_cost_lib.format_speedups(metrics["measured_speedup"], ex))
   for p in metrics["plan_per_epoch"]:
     if p.get("step_time_s") is not None:
       print(f"  epoch {p['epoch']}: step {1000 * p['step_time_s']:.1f} ms "
@@ -541,6 +542,7 @@ def train(config: TrainConfig) -> TrainResult:
       "execution": train_cost_lib.execution_summary(
           cfg.format, base_layer_config(cfg.format), plans),
       "step_time_s": [t["step_time_s"] for t in timer.history],
+      "measured_speedup": train_cost_lib.measured_speedup(plans),
       "wall_seconds": time.time() - start, "train_seconds": train_seconds,
       "layers": [dataclasses.asdict(c) for c in costmodel.layer_costs(layers)],
       "plan_per_epoch": plans,

@@ -20,13 +20,16 @@ identity and before the activation). ``layer`` is the wrapped Keras layer whose
 ``kernel``/``depthwise_kernel`` and ``bias`` are the variables used.
 
 Execution precision (``precision`` variable, a `Precision` id): the op
-itself runs in float32, in bfloat16 (inputs and kernel cast, stochastically
-rounded when ``rounding`` is stochastic; the backward pass through the casts
-runs in bfloat16 too; the output is cast back to float32 before the bias) or
-simulated FP8 E4M3. All branches are in the graph (``tf.switch_case``), so
-switching does not retrace, also under ``jit_compile``. The taps are float32
-(the bfloat16 input cast back): per-example norms, clipping and noise stay
-float32. A disabled layer runs in float32.
+itself runs in float32, in bfloat16 (input and kernel cast: the input
+stochastically rounded when ``rounding`` is stochastic, with 16 counter-based
+random bits per element, the kernel to nearest; the backward pass through the
+casts runs in bfloat16 too; the output is cast back to float32 before the
+bias) or simulated FP8 E4M3 (an extra fake quantization to the FP8 grid, the
+op in float32). Every setting is in the graph as ``tf.cond`` branches, so
+switching does not retrace, also under ``jit_compile``; the outer branch is
+the ``enabled`` switch, so a disabled layer runs its plain float32 op and no
+quantization op. The taps are float32 (the bfloat16 input cast back):
+per-example norms, clipping and noise stay float32.
 
 Why not tfmot's ``quantize_apply``: its quantizers act on forward tensors only
 and cannot quantize the gradient at a layer's output, which DPQuant needs.
@@ -150,17 +153,6 @@ class QuantizedLayer(_layers.Wrapper):
     return _quantizers.quantize(x, fmt, bits, rounding=self.rounding,
                                 generator=self.generator, scale_axes=axes)
 
-  def _fake_quant(self, x, kernel, on, weight_axes):
-    """Forward quantization of input and kernel, straight-through gradients.
-
-    One `tf.cond` for both tensors keeps the cost of a disabled layer low.
-    """
-    qx, qk = tf.cond(
-        on, lambda: self._quantize_pair(x, kernel, self.fwd_format,
-                                        self.fwd_bits, weight_axes),
-        lambda: (x, kernel))
-    return _straight_through(x, kernel, tf.stop_gradient(qx), tf.stop_gradient(qk))
-
   def _quantize_pair(self, x, kernel, fmt, bits, weight_axes):
     """Input (per-example scales) and kernel rounded to ``fmt`` with ``bits``."""
     return (self._quantize(x, fmt, bits, _quantizers.example_axes(x)),
@@ -226,33 +218,43 @@ class QuantizedLayer(_layers.Wrapper):
         z = tf.nn.bias_add(z, layer.bias, data_format=layer._tf_data_format)  # pylint: disable=protected-access
     return z
 
-  def _run_op(self, x, kernel, precision, weight_axes):
-    """Runs the op in the execution precision selected by ``precision``.
+  def _forward_quant(self, x, kernel, fwd_on, fp8_on, weight_axes):
+    """Fake quantization of input and kernel (the forward format, then the
+    simulated FP8 grid when that is the precision), straight-through."""
+    qx, qk = tf.cond(
+        fwd_on, lambda: self._quantize_pair(x, kernel, self.fwd_format,
+                                            self.fwd_bits, weight_axes),
+        lambda: (x, kernel))
+    qx, qk = tf.cond(
+        fp8_on, lambda: self._quantize_pair(
+            qx, qk, tf.constant(QuantFormat.FP8_E4M3.id, tf.int32),
+            tf.constant(8, tf.int32), weight_axes),
+        lambda: (qx, qk))
+    return _straight_through(x, kernel, tf.stop_gradient(qx),
+                             tf.stop_gradient(qk))
+
+  def _bfloat16_op(self, x, kernel):
+    """The op in bfloat16 (oneDNN / AMX accumulate in float32), float32 out.
+
+    Only the input is stochastically rounded (when the layer's rounding is
+    stochastic): the kernel is the float32 master weight, cast to nearest.
 
     Returns:
-      (tap input, z): the float32 tensor fed to the op (the bfloat16 or FP8
-      values as float32) and the op's float32 output with the bias.
+      (the bfloat16 input as float32, the op's output as float32).
     """
-    def float32():
-      return x, self._linear(x, kernel)
+    xb = _precision.to_bfloat16(x, rounding=self.rounding,
+                                generator=self.generator)
+    kb = _precision.to_bfloat16(kernel)
+    return tf.cast(xb, tf.float32), tf.cast(self._linear(xb, kb), tf.float32)
 
-    def bfloat16():
-      xb = _precision.to_bfloat16(x, rounding=self.rounding,
-                                  generator=self.generator)
-      kb = _precision.to_bfloat16(kernel, rounding=self.rounding,
-                                  generator=self.generator)
-      return tf.cast(xb, tf.float32), tf.cast(self._linear(xb, kb), tf.float32)
-
-    def fp8_simulated():
-      x8, k8 = self._quantize_pair(
-          x, kernel, tf.constant(QuantFormat.FP8_E4M3.id, tf.int32),
-          tf.constant(8, tf.int32), weight_axes)
-      x8, k8 = _straight_through(x, kernel, tf.stop_gradient(x8),
-                                 tf.stop_gradient(k8))
-      return x8, self._linear(x8, k8)
-
-    tap_x, z = tf.switch_case(precision, [float32, bfloat16, fp8_simulated])
-    return tap_x, self._add_bias(z)
+  def _enabled_op(self, x, kernel, fwd_on, fp8_on, bf16_on, weight_axes):
+    """The op of an enabled layer: fake quantization, then float32 or bf16."""
+    qx, qk = tf.cond(tf.logical_or(fwd_on, fp8_on),
+                     lambda: self._forward_quant(x, kernel, fwd_on, fp8_on,
+                                                 weight_axes),
+                     lambda: (x, kernel))
+    return tf.cond(bf16_on, lambda: self._bfloat16_op(qx, qk),
+                   lambda: (qx, self._linear(qx, qk)))
 
   def call(self, inputs, training=None):  # pylint: disable=unused-argument
     layer = self.layer
@@ -262,15 +264,23 @@ class QuantizedLayer(_layers.Wrapper):
     if self.kind == LayerKind.CONV1D and layer._is_causal:  # pylint: disable=protected-access
       x = tf.pad(x, layer._compute_causal_padding(x))  # pylint: disable=protected-access
     enabled = tf.convert_to_tensor(self.enabled)
+    precision = tf.convert_to_tensor(self.precision)
     fwd_on = tf.logical_and(enabled, self.fwd_bits > 0)
     bwd_on = tf.logical_and(enabled, self.bwd_bits > 0)
-    kernel = kernel_of(layer)
+    fp8_on = tf.logical_and(enabled,
+                            tf.equal(precision, Precision.FP8_E4M3.id))
+    bf16_on = tf.logical_and(enabled,
+                             tf.equal(precision, Precision.BFLOAT16.id))
+    kernel = tf.convert_to_tensor(kernel_of(layer))
     weight_axes = self._weight_axes(kernel)
-    qx, qk = self._fake_quant(x, tf.convert_to_tensor(kernel), fwd_on,
-                              weight_axes)
-    precision = tf.where(enabled, tf.convert_to_tensor(self.precision),
-                         Precision.FLOAT32.id)
-    tap_x, z = self._run_op(qx, qk, precision, weight_axes)
+    # One branch per layer: a disabled layer runs the plain float32 op and
+    # no quantization op (the enabled branch is not executed).
+    tap_x, z = tf.cond(
+        enabled,
+        lambda: self._enabled_op(x, kernel, fwd_on, fp8_on, bf16_on,
+                                 weight_axes),
+        lambda: (x, self._linear(x, kernel)))
+    z = self._add_bias(z)
     if not tf.executing_eagerly() and self.kind in (LayerKind.CONV1D,
                                                      LayerKind.CONV2D):
       z.set_shape(layer.compute_output_shape(inputs.shape))

@@ -4,7 +4,8 @@
 for `INT4_SAWB`), rounds every scaled magnitude to one of its two neighbouring
 levels of the format's grid (see `_formats.py`) and scales back. The format and
 the bit width may be Python values or integer tensors (for example
-`tf.Variable`s): with tensors the format is selected by `tf.switch_case`, so
+`tf.Variable`s): with tensors the grid parameters are gathered from
+per-format tables (one small `tf.cond` picks the SAWB or max-abs scale), so
 one traced or XLA-compiled function serves every setting with no retrace.
 
 Formal guarantees (for every format, per element, given the scale):
@@ -19,7 +20,10 @@ Formal guarantees (for every format, per element, given the scale):
 Privacy (METHOD.md invariant 1): scales are computed over `scale_axes` only.
 For activations and gradients pass ``example_axes(x)`` (every axis but the
 batch axis 0), so example i's output never depends on another example.
-Randomness comes only from the `tf.random.Generator` passed in.
+Randomness comes only from the `tf.random.Generator` passed in: one 32-bit
+key per call, expanded per element by a counter-based hash
+(`_precision.uniform_noise`; every element's noise exactly uniform on the
+grid k / 2**24), not 32 generator bits per element.
 """
 
 from typing import Optional, Sequence, Union
@@ -28,6 +32,7 @@ import tensorflow as tf
 
 from dpquant_tf import _validation
 from dpquant_tf.quantization import _formats
+from dpquant_tf.quantization import _precision
 from dpquant_tf.quantization._formats import QuantFormat, Rounding
 
 _F32 = tf.float32
@@ -72,50 +77,49 @@ def _sawb_scale(x, bits, axes):
   return tf.minimum(alpha, amax) + amax * tf.cast(alpha <= 0, _F32)
 
 
+def _format_table(fn, dtype):
+  """A constant over format ids (index = `QuantFormat.id`)."""
+  return tf.constant([fn(f) for f in sorted(QuantFormat, key=lambda f: f.id)],
+                     dtype)
+
+
 def _dynamic_params(x, fmt_id, bits, axes):
-  """Scale and grid parameters for integer-tensor format and bits."""
+  """Scale and grid parameters for integer-tensor format and bits.
+
+  Straight-line: the grid parameters are gathered from per-format constant
+  tables and only the scale has a branch (SAWB or max-abs), so a traced or
+  XLA-compiled step holds one small conditional per quantizer instead of a
+  switch over every format (which XLA compiled, with its gradient, for
+  every quantizer of every layer). Same values as `_static_params`.
+  """
   bits = tf.cast(bits, tf.int32)
-
-  def uniform(fmt):
-    low, high = _formats.BITS_RANGE[fmt]
-    b = tf.clip_by_value(bits, low, high)
-    fmax = tf.cast(tf.bitwise.left_shift(1, b - 1) - 1, _F32)
-    if fmt == QuantFormat.INT4_SAWB:
-      scale = _sawb_scale(x, b, axes)
-    else:
-      scale = _max_abs(x, axes)
-    return scale, fmax, 0, 0, 0, True
-
-  def luq():
-    low, high = _formats.BITS_RANGE[QuantFormat.LUQ_FP4]
-    b = tf.clip_by_value(bits, low, high)
-    emax = tf.bitwise.left_shift(1, b - 1) - 2
-    return _max_abs(x, axes), _pow2(emax), 0, 0, emax, False
-
-  def fp(fmt):
-    p = _formats.grid_params(fmt, 8)
-    return _max_abs(x, axes), p.fmax, p.mantissa_bits, p.emin, p.emax, False
-
-  def as_tensors(fn):
-    def branch():
-      scale, fmax, m, emin, emax, uni = fn()
-      return (scale, tf.cast(fmax, _F32), tf.constant(m, tf.int32) + 0,
-              tf.cast(emin, tf.int32), tf.cast(emax, tf.int32),
-              tf.constant(1 if uni else 0, tf.int32) + 0)
-    return branch
-
-  branches = {
-      QuantFormat.INT.id: as_tensors(lambda: uniform(QuantFormat.INT)),
-      QuantFormat.FP4_E2M1.id: as_tensors(lambda: fp(QuantFormat.FP4_E2M1)),
-      QuantFormat.FP8_E4M3.id: as_tensors(lambda: fp(QuantFormat.FP8_E4M3)),
-      QuantFormat.FP8_E5M2.id: as_tensors(lambda: fp(QuantFormat.FP8_E5M2)),
-      QuantFormat.LUQ_FP4.id: as_tensors(luq),
-      QuantFormat.INT4_SAWB.id: as_tensors(
-          lambda: uniform(QuantFormat.INT4_SAWB)),
-  }
-  fns = [branches[i] for i in range(len(branches))]
-  fmt_id = tf.clip_by_value(tf.cast(fmt_id, tf.int32), 0, len(fns) - 1)
-  return tf.switch_case(fmt_id, fns)
+  fmt_id = tf.clip_by_value(tf.cast(fmt_id, tf.int32), 0, len(QuantFormat) - 1)
+  low = tf.gather(_format_table(lambda f: _formats.BITS_RANGE[f][0], tf.int32),
+                  fmt_id)
+  high = tf.gather(_format_table(lambda f: _formats.BITS_RANGE[f][1], tf.int32),
+                   fmt_id)
+  b = tf.clip_by_value(bits, low, high)
+  uniform_formats = (QuantFormat.INT, QuantFormat.INT4_SAWB)
+  uniform = tf.gather(_format_table(lambda f: int(f in uniform_formats),
+                                    tf.int32), fmt_id)
+  fp = {f: _formats.grid_params(f, 8) for f in QuantFormat}
+  is_fp = lambda f: f not in uniform_formats and f != QuantFormat.LUQ_FP4
+  m = tf.gather(_format_table(lambda f: fp[f].mantissa_bits if is_fp(f) else 0,
+                              tf.int32), fmt_id)
+  emin = tf.gather(_format_table(lambda f: fp[f].emin if is_fp(f) else 0,
+                                 tf.int32), fmt_id)
+  emax_fp = tf.gather(_format_table(lambda f: fp[f].emax if is_fp(f) else 0,
+                                    tf.int32), fmt_id)
+  fmax_fp = tf.gather(_format_table(lambda f: fp[f].fmax if is_fp(f) else 0.0,
+                                    _F32), fmt_id)
+  half = tf.bitwise.left_shift(1, b - 1)
+  is_luq = tf.equal(fmt_id, QuantFormat.LUQ_FP4.id)
+  emax = tf.where(is_luq, half - 2, emax_fp)
+  fmax = tf.where(tf.equal(uniform, 1), tf.cast(half - 1, _F32),
+                  tf.where(is_luq, _pow2(emax), fmax_fp))
+  scale = tf.cond(tf.equal(fmt_id, QuantFormat.INT4_SAWB.id),
+                  lambda: _sawb_scale(x, b, axes), lambda: _max_abs(x, axes))
+  return scale, fmax, m, emin, emax, uniform
 
 
 def _static_params(x, fmt: QuantFormat, bits: int, axes):
@@ -229,6 +233,6 @@ def quantize(x: tf.Tensor,
     if generator is None:
       _validation.fail("generator", generator,
                        "a tf.random.Generator for stochastic rounding")
-    noise = generator.uniform(tf.shape(x), dtype=_F32)
+    noise = _precision.uniform_noise(tf.shape(x), generator)
   return _quantize_with_noise(x, fmt, bits, noise=noise, scale_axes=scale_axes,
                               scale=scale)

@@ -27,15 +27,47 @@ def test_bf16_contender_runs_chosen_layers_natively_in_bfloat16():
 
 
 def test_bf16_targets_read_speedups_over_fp32_dp():
-  report = {"cases": [
-      {"model": "small_resnet", "batch_size": 64, "dp_vs_dp_bf16_100": 1.5,
-       "dp_vs_dp_bf16_75": 1.1},
-      {"model": "cnn", "batch_size": 256, "dp_vs_dp_bf16_50": 0.9}]}
+  report = {"bf16_hardware": True, "cases": [
+      {"model": "small_resnet", "batch_size": 64, "dp_vs_dp_bf16_100": 1.5},
+      {"model": "encoder", "batch_size": 64, "dp_vs_dp_bf16_100": 1.9},
+      {"model": "cnn", "batch_size": 256, "dp_vs_dp_bf16_100": 0.9},
+      {"model": "cnn", "batch_size": 64, "dp_vs_dp_bf16_100": 0.5}]}
   lines = lib.check_bf16_targets(report)
-  assert any("dp_vs_dp_bf16_100 = 1.5 (target >= 1.4): met" in l for l in lines)
-  assert any("dp_vs_dp_bf16_75 = 1.1 (target >= 1.2): MISSED" in l for l in lines)
-  assert any("cnn b=256 dp_vs_dp_bf16_50 = 0.9" in l and "MISSED" in l
+  assert len(lines) == 3  # cnn b=64 has no target
+  assert any("small_resnet b=64 dp_vs_dp_bf16_100 = 1.5 (target >= 1.3): met"
+             in l for l in lines)
+  assert any("encoder b=64 dp_vs_dp_bf16_100 = 1.9 (target >= 2.0): MISSED"
+             in l for l in lines)
+  report["bf16_hardware"] = False
+  lines = lib.check_bf16_targets(report)
+  assert any("cnn b=256" in l and "0.95, no bf16 units): MISSED" in l
              for l in lines)
+
+
+def test_memory_estimate_and_skip_reason():
+  # TF-Privacy grows with the square of the batch, the others linearly.
+  assert lib.memory_estimate_mb("tfprivacy", 256, 64, 2000) == 32000
+  assert lib.memory_estimate_mb("dp", 256, 64, 450) == 1800
+  assert lib.skip_reason("tfprivacy", 256, None, 8000, 1500) is None
+  assert lib.skip_reason("dp", 256, (64, 450.0), 8000, 1500) is None
+  why = lib.skip_reason("tfprivacy", 256, (64, 1987.0), 8000, 1500)
+  assert "estimated 31792 MB" in why and "quadratic" in why
+  assert "8000 MB limit" in why
+
+
+def test_watchdog_stops_a_worker_over_the_memory_limit():
+  import sys  # pylint: disable=g-import-not-at-top
+  hog = ("import time; print('LOG x b=1 big: warming up', flush=True); "
+         "a = bytearray(400 * 2**20); a[::4096] = b'x' * len(a[::4096]); "
+         "time.sleep(30)")
+  logged = []
+  lines, peak, killed, _ = lib.run_watched([sys.executable, "-c", hog], 200,
+                                           logged.append, poll_s=0.05)
+  assert killed and peak > 200
+  assert lines == ["LOG x b=1 big: warming up"] and logged == ["x b=1 big: warming up"]
+  lines, peak, killed, code = lib.run_watched(
+      [sys.executable, "-c", "print('CASE {}')"], 2000)
+  assert not killed and code == 0 and lines == ["CASE {}"]
 
 
 @pytest.mark.slow
