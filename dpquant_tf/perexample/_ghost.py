@@ -98,18 +98,19 @@ def ghost_part(ops: GhostOperands, entries):
   roles = {role: i for i, role in entries}
   af = tf.cast(ops.a, tf.float32)
   gf = tf.cast(ops.g, tf.float32)
-  t = af.shape[1]
+  single = af.shape[1] == 1      # statically one position per example
   k_in, out_dim = af.shape[-1], gf.shape[-1]
   a64, g64 = tf.cast(af, tf.float64), tf.cast(gf, tf.float64)
   na = tf.sqrt(tf.reduce_sum(tf.square(a64), axis=2))          # [B, T]
   ng = tf.sqrt(tf.reduce_sum(tf.square(g64), axis=2))
-  rows = tf.shape(af)[0] * (t if t is not None else tf.shape(af)[1])
+  t = tf.cast(tf.shape(af)[1], tf.float64)
+  rows = tf.cast(tf.shape(af)[0], tf.float64) * t
   sq = tf.zeros_like(na[:, 0])
   s_tri = tf.zeros_like(na[:, 0])
   n_ops = k_in + out_dim + 8
   if "kernel" in roles:
     s_k = tf.reduce_sum(na * ng, axis=1)
-    if t == 1:
+    if single:
       sq += tf.square(s_k)
     else:
       gram_a = tf.matmul(a64, a64, transpose_b=True)            # [B, T, T]
@@ -122,10 +123,10 @@ def ghost_part(ops: GhostOperands, entries):
     gsum = tf.reduce_sum(g64, axis=1)                            # [B, O]
     sq += tf.reduce_sum(tf.square(gsum), axis=1)
     s_tri += tf.reduce_sum(ng, axis=1)
-  if t == 1:
+  if single:
     coef = tf.constant(3.0 * _U32, tf.float64)
   else:
-    coef = 2.0 * _gamma(tf.cast(rows, tf.float64) + (t + n_ops), _U64)
+    coef = 2.0 * _gamma(rows + t + n_ops, _U64)
   # The norms, S and the Gram sum themselves round in float64: a relative
   # gamma_n on each (n: the operations along any one path).
   rel = 1.0 + 2.0 * _gamma(n_ops + t * t + 2 * t, _U64)
@@ -138,7 +139,7 @@ def ghost_part(ops: GhostOperands, entries):
     # sums over the batch), so it contributes exactly zero and cannot
     # poison the others (invariant 9).
     keep = tf.not_equal(scale, 0)[:, None, None]
-    if t == 1:
+    if single:
       a_w, g_w = af, gf * tf.cast(scale, tf.float32)[:, None, None]
     else:
       a_w, g_w = a64, g64 * tf.cast(scale, tf.float64)[:, None, None]

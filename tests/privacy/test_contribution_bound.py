@@ -109,7 +109,11 @@ def _stepper(kind, path, precision, jit):
     pairs = opt._compute_gradients(loss, model.trainable_variables, tape=tape)  # pylint: disable=protected-access
     return [g * NORM for g, _ in pairs]
 
-  fn = tf.function(step, jit_compile=jit, reduce_retracing=False)
+  shape = (None,) + _build_shape(kind)
+  dtype = tf.int32 if kind == "embedding" else tf.float32
+  # One trace for B and B - 1 examples (a dynamic batch).
+  fn = tf.function(step, jit_compile=jit,
+                   input_signature=[tf.TensorSpec(shape, dtype)])
 
   def run(x):
     return [t.numpy().astype(np.float64) for t in fn(tf.constant(x))]
