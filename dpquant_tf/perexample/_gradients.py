@@ -320,7 +320,7 @@ class PerExampleTaps:
     than ``T^2`` (T positions) never materialize it (ghost clipping, see
     ``_ghost``): the bound comes from float64 Gram matrices plus rounding
     terms, and the clipped sum is one matmul ``a^T (s * g)``. Other layers
-    materialize their per-example gradients once (their float64 norm) and
+    materialize their per-example gradients once (a norm bound) and
     sum them with a ``tensordot``.
 
     Formal guarantee: the tensor added for each microbatch has L2 norm at
@@ -392,8 +392,8 @@ def _materialized_part(sums, k):
   The microbatch gradient is ``sum / k``: its norm is ``|sum| / k`` and its
   clipped contribution ``(scale / k) * sum``, so the division by ``k`` costs
   nothing on the large tensors. The tensors are used as float32 (narrower
-  ones are cast, exactly); ``sq`` is their float64 sum of squares enlarged by
-  its rounding (``_clip.norm_bound``), and ``lin = 2 u32 sqrt(sq)`` covers
+  ones are cast, exactly); ``sq`` is their sum of squares enlarged by its
+  rounding (``_clip.norm_bound``), and ``lin = 2 u32 sqrt(sq)`` covers
   rounding ``scale / k`` to float32.
   """
   sums = {i: (tf.cast(t, tf.float32) if t.dtype != tf.float64 else t)
@@ -406,14 +406,12 @@ def _materialized_part(sums, k):
   k_f = tf.cast(k, tf.float32)
 
   def finish(scale):
+    # A non-finite row has scale 0 and 0 * NaN is NaN: the optimizer's
+    # safety net recomputes such a step with rows selected away; an invalid
+    # (finite) row adds exact zeros.
     w = scale if isinstance(k, int) and k == 1 else scale / k_f
-    keep = tf.not_equal(w, 0)
-    out = {}
-    for i, t in sums.items():
-      safe = tf.where(tf.reshape(keep, [-1] + [1] * (t.shape.rank - 1)), t,
-                      tf.zeros_like(t))
-      out[i] = tf.tensordot(tf.cast(w, t.dtype), safe, axes=1)
-    return out
+    return {i: tf.tensordot(tf.cast(w, t.dtype), t, axes=1)
+            for i, t in sums.items()}
   return sq, lin, finish
 
 

@@ -7,9 +7,9 @@ upper bound, in the floating-point arithmetic actually executed, of the L2
 norm of the tensor that is added for example i; the callers prove theirs
 (docs/PRIVACY.md, "The clip bound, path by path"):
 
-* materialized tensors: :func:`norm_bound`, the float64 norm of the very
-  tensors that are scaled and summed (squares of float32/bfloat16 values are
-  exact in float64; the float64 sum's rounding is covered by ``gamma_n``);
+* materialized tensors: :func:`norm_bound`, a bound of the norm of the very
+  tensors that are scaled and summed (float32 squares summed in blocks of at
+  most 16, the blocks in float64, every rounding covered);
 * ghost clipping (``dpquant_tf.perexample``): float64 Gram sums plus their
   rounding, plus ``gamma * S_i`` with ``S_i = sum_t |a_t| |g_t|`` for the
   rounding of the contraction that is actually executed.
@@ -53,6 +53,35 @@ def gamma(n, unit: float):
                   tf.constant(float("inf"), tf.float64))
 
 
+_BLOCK = 16   # float32 squares summed in float32 per block of <= 16
+
+
+def _row_sq_sum(t: tf.Tensor):
+  """``(sum of squares per row [M] float64, relative slack, absolute slack)``.
+
+  Float64 rows: squared and summed in float64. Narrower rows: squared and
+  summed in blocks of ``b <= 16`` consecutive entries in float32 (each
+  square rounds once, relative ``u32``; a block sum of b non-negative terms
+  is off by at most ``gamma_{b-1}`` relative, F3; entries in the subnormal
+  range add at most ``2^-149`` absolute per operation), and the block sums
+  in float64. An overflow gives ``inf``: a non-finite bound, scale 0.
+  """
+  m = tf.shape(t)[0]
+  size = t.shape[1:].num_elements()
+  if t.dtype == tf.float64 or size is None:
+    flat = tf.reshape(tf.cast(t, tf.float64), [m, -1])
+    n = size if size is not None else 1 << 40
+    return (tf.reduce_sum(tf.square(flat), axis=1),
+            gamma(n + 2, _UNIT[tf.float64]), 0.0)
+  b = max(d for d in range(1, _BLOCK + 1) if size % d == 0)
+  flat = tf.reshape(tf.cast(t, tf.float32), [m, size // b, b])
+  blocks = tf.reduce_sum(tf.square(flat), axis=2)             # float32
+  sq = tf.reduce_sum(tf.cast(blocks, tf.float64), axis=1)
+  rel = ((1.0 + gamma(b + 1, _UNIT[tf.float32]))
+         * (1.0 + gamma(size // b + 1, _UNIT[tf.float64])) - 1.0)
+  return sq, rel, 2.0 * size * 2.0 ** -149
+
+
 def norm_bound(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
   """Upper bound of each example's L2 norm over ``tensors`` ([M] float64).
 
@@ -60,20 +89,18 @@ def norm_bound(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
     tensors: ``[M, ...]`` tensors (any float dtype), row m is example m's part.
 
   Returns:
-    ``sqrt(sum of squares)`` in float64, times ``(1 + gamma_{n+2})``: the
-    squares of float32 (or narrower) values are exact in float64 and their
-    sum of ``n`` non-negative terms has relative error at most
-    ``gamma_n``; ``sqrt`` adds one rounding. Float64 inputs add one more.
+    ``sqrt(sq (1 + rel) + abs) (1 + 2 u64)`` with ``sq`` the computed sum of
+    squares and ``rel``, ``abs`` its rounding bounds (``_row_sq_sum``): at
+    least the exact norm of the rows, in float64.
   """
-  sq, n = [], 0
+  total = None
   for t in tensors:
-    t64 = tf.cast(t, tf.float64)
-    axes = list(range(1, t.shape.rank))
-    sq.append(tf.reduce_sum(tf.square(t64), axis=axes) if axes
-              else tf.square(t64))
-    size = t.shape[1:].num_elements()
-    n += size if size is not None else 1 << 40
-  return tf.sqrt(tf.add_n(sq)) * (1.0 + gamma(n + 4, _UNIT[tf.float64]))
+    sq, rel, absolute = _row_sq_sum(t)
+    part = sq * (1.0 + rel) + absolute
+    total = part if total is None else total + part
+  n = len(tensors)
+  return (tf.sqrt(total * (1.0 + gamma(n, _UNIT[tf.float64])))
+          * (1.0 + 2.0 * _UNIT[tf.float64]))
 
 
 def clip_scales(bound: tf.Tensor, l2_norm_clip, *, dtype=tf.float32,
