@@ -30,8 +30,9 @@ __all__ = ["ghost_operands", "ghost_part"]
 # With T > 1 positions the rigorous ghost bound needs float64 Gram matrices
 # and a float64 contraction (see ghost_part); below this many kernel entries
 # per example, materializing the per-example gradient (float32, its norm
-# bounded by privacy._clip.norm_bound) is faster: 1.4x on the tutorial CNN's
-# second convolution (T = 25, K*O = 8192) at batch 256.
+# bounded by privacy._clip.norm_bound) is faster. Tutorial CNN (second
+# convolution: T = 25, K*O = 8192), DP step CPU time at batch 256: float32
+# ghost (before) 42.5 ms, float64 ghost 65 ms, materialized 39.4 ms.
 GHOST_MIN_KERNEL = 1 << 16
 
 
