@@ -26,6 +26,7 @@ from dpquant_tf.privacy import _mechanisms as M
 __all__ = ["DPQuantAdamOptimizer", "DPQuantOptimizer", "PerExampleMethod"]
 
 _log = logging.getLogger(__name__)
+_NOTED = object()   # default of _clip_quantize_sum's valid=
 
 
 class PerExampleMethod(enum.Enum):
@@ -272,9 +273,15 @@ class _DPQuantMixin(_state.DPStateMixin):
 
   def _per_example_gradients(self, loss, var_list, tape,
                              num_microbatches=None):
-    """One ``[num_microbatches, *var.shape]`` tensor per variable."""
+    """One ``[num_microbatches, *var.shape]`` tensor per variable.
+
+    Also notes, for this trace and replica, the examples the model's tapped
+    layers marked invalid (an out-of-range Embedding id): the following
+    ``_clip_quantize_sum`` gives their microbatches scale 0.
+    """
     if num_microbatches is None:
       num_microbatches = self._microbatch_count(loss)
+    self._note_validity(var_list, num_microbatches)
     if self._per_example_method is PerExampleMethod.AUTO:
       try:
         from dpquant_tf import perexample  # pylint: disable=g-import-not-at-top
@@ -286,6 +293,25 @@ class _DPQuantMixin(_state.DPStateMixin):
                          fallback=self._jacobian_per_example_gradients))
     return list(self._jacobian_per_example_gradients(loss, var_list, tape,
                                                      num_microbatches))
+
+  def _note_validity(self, var_list, num_microbatches):
+    """Stores the ``[M]`` validity mask of this trace and replica (or None)."""
+    try:
+      from dpquant_tf import perexample  # pylint: disable=g-import-not-at-top
+      valid = perexample.example_validity(var_list, num_microbatches)
+    except (ImportError, AttributeError):
+      valid = None
+    if not hasattr(self, "_validity"):
+      self._validity = weakref.WeakKeyDictionary()
+    key = _validity_key()
+    self._validity.setdefault(key[0], {})[key[1]] = valid
+
+  def _noted_validity(self):
+    """The mask ``_note_validity`` stored for this trace and replica."""
+    key = _validity_key()
+    store = getattr(self, "_validity", None)
+    per_graph = store.get(key[0]) if store is not None else None
+    return per_graph.get(key[1]) if per_graph else None
 
   def _microbatch_count(self, loss):
     if self._num_microbatches is None:
@@ -378,9 +404,11 @@ class _DPQuantMixin(_state.DPStateMixin):
     sum comes from `taps.clipped_sum` (ghost norms, no materialized
     per-example Dense gradients). Same clip, same sensitivity (C)."""
     quant_on = tf.reduce_any(self._bits_var > 0)
+    valid = taps.validity()
 
     def quantized():
-      return self._clip_quantize_sum(taps.per_example_gradients())
+      return self._clip_quantize_sum(taps.per_example_gradients(),
+                                     valid=valid)
 
     def plain():
       clip = self.l2_norm_clip_var
@@ -393,7 +421,7 @@ class _DPQuantMixin(_state.DPStateMixin):
                               for t in summed])
 
       def materialized():
-        grads = M.clip_per_example(taps.per_example_gradients(), clip)
+        grads = M.clip_per_example(taps.per_example_gradients(), clip, valid)
         return [tf.reduce_sum(g, axis=0) for g in grads]
 
       summed = tf.cond(finite, lambda: list(summed), materialized)
@@ -401,18 +429,25 @@ class _DPQuantMixin(_state.DPStateMixin):
 
     return tf.cond(quant_on, quantized, plain)
 
-  def _clip_quantize_sum(self, grads):
+  def _clip_quantize_sum(self, grads, valid=_NOTED):
     """Clips (and quantizes) per-example gradients; returns sums and the
-    sensitivity in units of C (float64)."""
+    sensitivity in units of C (float64).
+
+    ``valid`` (``[M]`` bool or None; default: the mask
+    ``_per_example_gradients`` noted for this trace) zeroes invalid
+    microbatches in both clips.
+    """
     clip = self.l2_norm_clip_var
     bits = self._bits_var
     quant_on = tf.reduce_any(bits > 0)
-    clipped = M.clip_per_example(grads, clip)
+    if valid is _NOTED:
+      valid = self._noted_validity()
+    clipped = M.clip_per_example(grads, clip, valid)
     reclip = self._sensitivity_mode is M.SensitivityMode.RECLIP
 
     def quantized():
       q = M.quantize_per_example(clipped, bits, clip, self._generator)
-      return M.clip_per_example(q, clip) if reclip else q
+      return M.clip_per_example(q, clip, valid) if reclip else q
 
     processed = tf.cond(quant_on, quantized, lambda: list(clipped))
     summed = [tf.reduce_sum(g, axis=0) for g in tf.nest.flatten(processed)]
@@ -497,6 +532,24 @@ class _DPQuantMixin(_state.DPStateMixin):
           tf.keras.optimizers.schedules.deserialize(
               config["learning_rate"], custom_objects=custom_objects))
     return cls(**config)
+
+
+def _validity_key():
+  """(graph or a module-level eager key, replica key) of the current trace."""
+  if tf.executing_eagerly():
+    graph = _EAGER
+  else:
+    graph = tf.compat.v1.get_default_graph()
+  ctx = tf.distribute.get_replica_context()
+  rid = getattr(ctx, "_replica_id_in_sync_group", None) if ctx else "cross"
+  return graph, (rid if isinstance(rid, (int, str)) or rid is None else None)
+
+
+class _EagerKey:
+  pass
+
+
+_EAGER = _EagerKey()
 
 
 @tf.keras.utils.register_keras_serializable(package="dpquant_tf")

@@ -7,6 +7,7 @@ docs/PEREXAMPLE.md.
 """
 
 from dpquant_tf.perexample._gradients import collect
+from dpquant_tf.perexample._gradients import example_validity
 from dpquant_tf.perexample._gradients import jacobian_gradients
 from dpquant_tf.perexample._gradients import per_example_gradients
 from dpquant_tf.perexample._gradients import PerExampleTaps
@@ -24,6 +25,7 @@ __all__ = [
     "TappedLayer",
     "UnsupportedLayerError",
     "collect",
+    "example_validity",
     "jacobian_gradients",
     "per_example_gradients",
     "register_tapped_layer",

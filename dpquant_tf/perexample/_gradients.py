@@ -22,9 +22,10 @@ from dpquant_tf import _validation
 from dpquant_tf.perexample import _ghost
 from dpquant_tf.perexample import _registry
 from dpquant_tf.perexample import _rules
+from dpquant_tf.privacy import _clip
 
-__all__ = ["PerExampleTaps", "collect", "jacobian_gradients",
-           "per_example_gradients"]
+__all__ = ["PerExampleTaps", "collect", "example_validity",
+           "jacobian_gradients", "per_example_gradients"]
 
 _RULES = {
     _registry.LayerKind.DENSE: _rules.dense_grads,
@@ -57,6 +58,27 @@ def jacobian_gradients(loss, var_list, tape, num_microbatches=None):
     m = tf.shape(loss)[0] if num_microbatches is None else num_microbatches
     mb_losses = tf.reduce_mean(tf.reshape(loss, [m, -1]), axis=1)
   return tape.jacobian(mb_losses, var_list, unconnected_gradients="zero")
+
+
+def example_validity(var_list, num_microbatches=None):
+  """``[M]`` bool: False for a microbatch holding an invalid example, or None.
+
+  An example is invalid when a tapped layer owning one of ``var_list``
+  recorded it so in the current trace and replica (a ``TappedLayer``
+  Embedding fed an id outside ``[0, input_dim)``). Every clip gives such a
+  microbatch scale 0 (the jacobian path through the optimizer too).
+
+  Args:
+    var_list: the step's variables.
+    num_microbatches: ``M`` (None: one per example).
+  """
+  valid = _registry.example_validity(tf.nest.flatten(var_list))
+  if valid is None or num_microbatches is None:
+    return valid
+  if (isinstance(num_microbatches, int) and valid.shape[0] is not None
+      and valid.shape[0] == num_microbatches):
+    return valid
+  return tf.reduce_all(tf.reshape(valid, [num_microbatches, -1]), axis=1)
 
 
 def _layer_name(tapped) -> str:
@@ -179,7 +201,8 @@ def collect(loss, var_list: Sequence[tf.Variable], tape, num_microbatches=None,
     if not groups or everything:
       grads = fallback(loss, var_list, tape, num_microbatches)
       return PerExampleTaps(var_list, [], num_microbatches,
-                            dict(enumerate(grads)), chunk_size, num_examples)
+                            dict(enumerate(grads)), chunk_size, num_examples,
+                            _registry.example_validity(var_list))
 
   outputs = [tap.tap_output for _, tap, _ in groups.values()]
   g_outs = tape.gradient(loss, outputs,
@@ -192,7 +215,7 @@ def collect(loss, var_list: Sequence[tf.Variable], tape, num_microbatches=None,
     fb = dict(zip(fallback_idx, fallback(
         loss, [var_list[i] for i in fallback_idx], tape, num_microbatches)))
   return PerExampleTaps(var_list, layers, num_microbatches, fb, chunk_size,
-                        num_examples)
+                        num_examples, _registry.example_validity(var_list))
 
 
 def _rows_checked(x, num_examples, name):
@@ -221,7 +244,7 @@ class PerExampleTaps:
   """Layer taps and output gradients of one step (see :func:`collect`)."""
 
   def __init__(self, var_list, layers, num_microbatches, fallback_grads,
-               chunk_size, num_examples):
+               chunk_size, num_examples, valid=None):
     self._vars = var_list
     self._layers = layers
     self._m = num_microbatches
@@ -231,6 +254,7 @@ class PerExampleTaps:
     self._fallback = fallback_grads
     self._chunk = chunk_size
     self._n = num_examples   # the loss's batch: one entry per example
+    self._valid = valid      # [B] bool from the taps, or None
 
   def _m_for(self, x):  # pylint: disable=unused-argument
     """Microbatches: given, else one per example of the loss (not per row)."""
@@ -270,45 +294,63 @@ class PerExampleTaps:
       grads[i] = t
     return grads
 
+  def validity(self):
+    """``[M]`` bool (False: a microbatch with an invalid example), or None.
+
+    An example is invalid when a tapped layer recorded it so in this trace
+    (an Embedding id outside ``[0, input_dim)``, see ``TappedLayer``); every
+    clip of this step gives such a microbatch scale 0.
+    """
+    valid = self._valid
+    if valid is None:
+      return None
+    m = self._m if self._m is not None else self._n
+    if isinstance(m, int) and isinstance(self._n, int) and m == self._n:
+      return valid
+    return tf.reduce_all(tf.reshape(valid, [m, -1]), axis=1)
+
   def clipped_sum(self, l2_norm_clip):
     """Sum over microbatches of the gradients clipped to L2 norm C.
 
-    Each microbatch gradient (all variables together) is scaled by
-    ``C * min(1 / norm, 1 / C)`` (TF-Privacy's ``clip_by_global_norm``; a
-    non-finite norm gives scale 0), then summed. With one example per
+    The one clip (``privacy._clip.clip_scales``): microbatch i is scaled by
+    ``min(1, C / u_i)``, where ``u_i`` is a proven upper bound, in the
+    arithmetic executed, of the norm of the tensor added for it (scale 0 for
+    a non-finite bound or an invalid example). With one example per
     microbatch, Dense and Conv layers whose per-example gradient is larger
     than ``T^2`` (T positions) never materialize it (ghost clipping, see
-    ``_ghost``): the norm comes from Gram matrices and the clipped sum is one
-    matmul ``a^T (s * g)``. Other layers materialize their per-example
-    gradients once (for the norm) and sum them with a ``tensordot``.
+    ``_ghost``): the bound comes from float64 Gram matrices plus rounding
+    terms, and the clipped sum is one matmul ``a^T (s * g)``. Other layers
+    materialize their per-example gradients once (a norm bound) and
+    sum them with a ``tensordot``.
 
-    Formal guarantee: each microbatch contributes at most C in L2 norm (up to
-    float rounding of the scale).
+    Formal guarantee: the tensor added for each microbatch has L2 norm at
+    most C; the sum over microbatches rounds as any float32 sum of such
+    tensors (docs/PRIVACY.md, "The clip bound, path by path").
 
     Args:
       l2_norm_clip: scalar C > 0 (float or tensor).
 
     Returns:
-      ``(sums, norms)``: one ``var.shape`` tensor per variable, and the
-      ``[M]`` per-microbatch norms before clipping.
+      ``(sums, bounds)``: one ``var.shape`` tensor per variable, and the
+      ``[M]`` float64 norm bounds ``u_i`` before clipping.
     """
-    parts = []   # (sq_norm [M], finisher(scale) -> {i: sum})
+    parts = []   # (sq [M], lin [M], finisher(scale) -> {i: sum})
     for slot, entries, x, g in self._layers:
       parts.append(self._layer_part(slot, entries, x, g))
     for i, t in self._fallback.items():
       parts.append(_materialized_part({i: t}, 1))
     sq = tf.add_n([p[0] for p in parts])
-    norm = tf.sqrt(sq)
-    norm = tf.where(tf.math.is_finite(norm), norm,
-                    tf.constant(float("inf"), norm.dtype))
-    clip = tf.cast(l2_norm_clip, norm.dtype)
-    scale = clip * tf.minimum(1.0 / norm, 1.0 / clip)
+    lin = tf.add_n([p[1] for p in parts])
+    rel = 1.0 + _clip.gamma(2 * len(parts) + 4, _clip.unit_roundoff(tf.float64))
+    bound = (tf.sqrt(sq) + lin) * rel
+    scale = _clip.clip_scales(bound, l2_norm_clip, dtype=tf.float32,
+                              valid=self.validity())
     sums: List[Optional[tf.Tensor]] = [None] * len(self._vars)
-    for _, finish in parts:
+    for _, _, finish in parts:
       for i, t in finish(scale).items():
         sums[i] = tf.reshape(tf.cast(t, self._vars[i].dtype),
                              tf.shape(self._vars[i]))
-    return sums, norm
+    return sums, bound
 
   def _layer_part(self, slot, entries, x, g):
     m, k = self._m_for(x), self._k(x)
@@ -331,42 +373,46 @@ class PerExampleTaps:
     # Microbatch size known only at run time: pick the branch then.
     order = [i for i, _ in entries]
     one = tf.equal(k, 1)
-    sq = tf.cond(one, lambda: _ghost.ghost_part(operands, entries)[0],
-                 lambda: materialized()[0])
+    sq, lin = tf.cond(one, lambda: _ghost.ghost_part(operands, entries)[:2],
+                      lambda: materialized()[:2])
 
     def finish(scale):
       out = tf.cond(
           one,
-          lambda: [_ghost.ghost_part(operands, entries)[1](scale)[i]
+          lambda: [_ghost.ghost_part(operands, entries)[2](scale)[i]
                    for i in order],
-          lambda: [materialized()[1](scale)[i] for i in order])
+          lambda: [materialized()[2](scale)[i] for i in order])
       return dict(zip(order, out))
-    return sq, finish
+    return sq, lin, finish
 
 
 def _materialized_part(sums, k):
-  """Norm and clipped sum of materialized per-microbatch gradient *sums*.
+  """Norm bound and clipped sum of materialized per-microbatch gradient *sums*.
 
   The microbatch gradient is ``sum / k``: its norm is ``|sum| / k`` and its
   clipped contribution ``(scale / k) * sum``, so the division by ``k`` costs
-  nothing on the large tensors.
+  nothing on the large tensors. The tensors are used as float32 (narrower
+  ones are cast, exactly); ``sq`` is their sum of squares enlarged by its
+  rounding (``_clip.norm_bound``), and ``lin = 2 u32 sqrt(sq)`` covers
+  rounding ``scale / k`` to float32.
   """
-  k_f = tf.cast(k, tf.float32)
-  sq = tf.add_n([_row_sq_norms(t) for t in sums.values()])
+  sums = {i: (tf.cast(t, tf.float32) if t.dtype != tf.float64 else t)
+          for i, t in sums.items()}
+  norm = _clip.norm_bound(list(sums.values()))
   if not (isinstance(k, int) and k == 1):
-    sq = sq / (k_f * k_f)
+    norm = norm / tf.cast(k, tf.float64)
+  sq = tf.square(norm)
+  lin = 2.0 * _clip.unit_roundoff(tf.float32) * norm
+  k_f = tf.cast(k, tf.float32)
 
   def finish(scale):
+    # A non-finite row has scale 0 and 0 * NaN is NaN: the optimizer's
+    # safety net recomputes such a step with rows selected away; an invalid
+    # (finite) row adds exact zeros.
     w = scale if isinstance(k, int) and k == 1 else scale / k_f
     return {i: tf.tensordot(tf.cast(w, t.dtype), t, axes=1)
             for i, t in sums.items()}
-  return sq, finish
-
-
-def _row_sq_norms(t):
-  """[M, ...] -> [M] squared L2 norms."""
-  flat = tf.reshape(tf.cast(t, tf.float32), [tf.shape(t)[0], -1])
-  return tf.reduce_sum(tf.square(flat), axis=1)
+  return sq, lin, finish
 
 
 def _batch(x):

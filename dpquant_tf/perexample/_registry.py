@@ -27,7 +27,8 @@ import tensorflow as tf
 
 from dpquant_tf import _layer_kinds
 
-__all__ = ["LayerKind", "Tap", "VarSlot", "current_tap", "kind_of",
+__all__ = ["LayerKind", "Tap", "VarSlot", "current_tap", "example_validity",
+           "kind_of",
            "record_tap", "register_tapped_layer", "registered_slots",
            "replica_key", "unregister_tapped_layer"]
 
@@ -81,6 +82,7 @@ class Tap(NamedTuple):
   tap_input: object
   tap_output: object
   calls: int      # calls by this replica in this trace (1 when eager)
+  valid: object = None   # [B] bool: the example's inputs were in range
 
 
 def replica_key():
@@ -119,7 +121,7 @@ def _store(create: bool):
   return store
 
 
-def record_tap(layer, tap_input, tap_output) -> None:
+def record_tap(layer, tap_input, tap_output, valid=None) -> None:
   """Records one call of a tapped layer: the one place taps are written.
 
   Stores the taps under the current trace and replica (:func:`replica_key`),
@@ -132,6 +134,10 @@ def record_tap(layer, tap_input, tap_output) -> None:
     layer: a registered tapped layer (``QuantizedLayer`` or ``TappedLayer``).
     tap_input: the tensor fed to the layer's linear op.
     tap_output: the op's output ``z``.
+    valid: optional ``[B]`` bool, False for an example whose input the layer
+      could not use as given (an Embedding id outside ``[0, input_dim)``,
+      replaced by a valid id before the lookup): such an example is given
+      clip scale 0 on every path (:func:`example_validity`).
   """
   key = replica_key()
   eager = tf.executing_eagerly()
@@ -140,7 +146,10 @@ def record_tap(layer, tap_input, tap_output) -> None:
     per_replica = store.setdefault(layer, {})
     previous = per_replica.get(key)
     calls = 1 if eager or previous is None else previous.calls + 1
-    per_replica[key] = Tap(tap_input, tap_output, calls)
+    if previous is not None and not eager and previous.valid is not None:
+      valid = (previous.valid if valid is None
+               else tf.logical_and(previous.valid, valid))
+    per_replica[key] = Tap(tap_input, tap_output, calls, valid)
     layer.tap_input = tap_input
     layer.tap_output = tap_output
 
@@ -173,6 +182,45 @@ def current_tap(layer) -> Optional[Tap]:
   if counts is not None and not tf.executing_eagerly():
     calls = counts.get(tf.compat.v1.get_default_graph(), 1)
   return Tap(x, z, calls)
+
+
+def example_validity(var_list):
+  """AND of the validity masks recorded in this trace for ``var_list``'s layers.
+
+  Reads the taps of the tapped layers that own a variable of ``var_list``,
+  recorded in the current trace (graph) by the current replica, so a mask of
+  another model, step or replica is never used.
+
+  Args:
+    var_list: the variables of the step.
+
+  Returns:
+    A ``[B]`` bool tensor, or None when no such layer recorded a mask.
+  """
+  slots = registered_slots()
+  layers = {}
+  for var in var_list:
+    slot = slots.get(var.ref())
+    if slot is not None:
+      layers[id(slot.layer)] = slot.layer
+  graph = None if tf.executing_eagerly() else tf.compat.v1.get_default_graph()
+  masks = []
+  for layer in layers.values():
+    with _LOCK:
+      store = _store(create=False)
+      per_replica = store.get(layer) if store is not None else None
+      tap = per_replica.get(replica_key()) if per_replica else None
+    if tap is None or tap.valid is None:
+      continue
+    if graph is not None and getattr(tap.valid, "graph", graph) is not graph:
+      continue
+    masks.append(tf.cast(tap.valid, tf.bool))
+  if not masks:
+    return None
+  out = masks[0]
+  for mask in masks[1:]:
+    out = tf.logical_and(out, mask)
+  return out
 
 
 def unregister_tapped_layer(layer) -> None:

@@ -15,7 +15,7 @@ import tensorflow as tf
 from dpquant_tf import _validation
 from dpquant_tf.perexample import _registry
 
-__all__ = ["TappedLayer", "tap_model"]
+__all__ = ["TappedLayer", "safe_ids", "tap_model"]
 
 
 @tf.keras.utils.register_keras_serializable(package="dpquant_tf")
@@ -56,11 +56,14 @@ class TappedLayer(tf.keras.layers.Wrapper):
     super().build(input_shape)
 
   def call(self, inputs, *args, **kwargs):
+    valid = None
+    if isinstance(self.layer, tf.keras.layers.Embedding):
+      inputs, valid = safe_ids(inputs, self.layer.input_dim)
     z = self.layer(inputs, *args, **kwargs)
     if getattr(self.layer, "padding", None) == "causal":
       # The op sees the left-padded input; the rule expects that tensor.
       inputs = tf.pad(inputs, self.layer._compute_causal_padding(inputs))  # pylint: disable=protected-access
-    _registry.record_tap(self, inputs, z)
+    _registry.record_tap(self, inputs, z, valid)
     return self.activation(z) if self.activation is not None else z
 
   def compute_output_shape(self, input_shape):
@@ -80,6 +83,44 @@ class TappedLayer(tf.keras.layers.Wrapper):
     if activation is not None:
       layer.activation = tf.keras.activations.get(activation)
     return layer
+
+
+def safe_ids(ids, input_dim):
+  """``(ids with out-of-range entries replaced by 0, [B] validity)``.
+
+  An Embedding fed an id outside ``[0, input_dim)`` fails on CPU without XLA
+  (a data-dependent crash of the step) and reads or scatters out of bounds
+  under XLA. The tapped Embedding looks up 0 instead and records the example
+  as invalid: every clip of the step gives it scale 0, so it contributes
+  exactly zero on every path (fast, ghost, jacobian; with or without
+  ``jit_compile``). Ids are cast to int32 as ``Embedding`` does (int64 ids
+  are compared before any narrowing).
+
+  Args:
+    ids: the Embedding's input, batch first.
+    input_dim: the vocabulary size.
+
+  Returns:
+    The ids to look up (same dtype as Embedding uses) and a ``[B]`` bool.
+  """
+  ids = tf.convert_to_tensor(ids)
+  if ids.dtype not in (tf.int32, tf.int64):
+    ok = tf.math.is_finite(tf.cast(ids, tf.float64)) if ids.dtype.is_floating \
+        else None
+    wide = tf.cast(ids, tf.float64) if ids.dtype.is_floating else tf.cast(
+        ids, tf.int64)
+    in_range = tf.logical_and(wide >= 0, wide < input_dim)
+    if ok is not None:
+      in_range = tf.logical_and(in_range, ok)
+    ids = tf.cast(tf.where(in_range, ids, tf.zeros_like(ids)), tf.int32)
+  else:
+    in_range = tf.logical_and(ids >= 0, ids < tf.cast(input_dim, ids.dtype))
+    ids = tf.where(in_range, ids, tf.zeros_like(ids))
+  if ids.shape.rank and ids.shape.rank > 1:
+    valid = tf.reduce_all(in_range, axis=list(range(1, ids.shape.rank)))
+  else:
+    valid = in_range
+  return ids, valid
 
 
 def tap_model(model, *, layers=None):

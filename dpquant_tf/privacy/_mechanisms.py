@@ -14,9 +14,11 @@ Reference: Gao et al., "DPQuant", arXiv:2509.03472; METHOD.md sections 3-4.
 """
 
 import enum
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import tensorflow as tf
+
+from dpquant_tf.privacy import _clip
 
 __all__ = [
     "SensitivityMode",
@@ -58,7 +60,8 @@ def grid_levels(bits: tf.Tensor) -> tf.Tensor:
 def per_example_global_norm(grads: Sequence[tf.Tensor]) -> tf.Tensor:
   """L2 norm over all variables of each example: shape [num_examples].
 
-  Mirrors ``tf.clip_by_global_norm``'s ``sqrt(2 * sum(l2_loss))``.
+  Mirrors ``tf.clip_by_global_norm``'s ``sqrt(2 * sum(l2_loss))`` (reporting
+  only: the clip uses ``_clip.norm_bound``, a proven upper bound).
   """
   half_sq = []
   for g in grads:
@@ -68,45 +71,33 @@ def per_example_global_norm(grads: Sequence[tf.Tensor]) -> tf.Tensor:
   return tf.sqrt(2.0 * tf.add_n(half_sq))
 
 
-def _broadcast_per_example(scale: tf.Tensor, g: tf.Tensor) -> tf.Tensor:
-  return tf.reshape(scale, [-1] + [1] * (g.shape.rank - 1))
-
-
 def clip_per_example(grads: Sequence[tf.Tensor],
-                     l2_norm_clip: tf.Tensor) -> List[tf.Tensor]:
+                     l2_norm_clip: tf.Tensor,
+                     valid: Optional[tf.Tensor] = None) -> List[tf.Tensor]:
   """Clips each example's gradient (over all variables) to L2 norm C.
 
-  Same scale as TF-Privacy's ``GaussianSumQuery`` (``tf.clip_by_global_norm``):
-  ``C * min(1 / norm, 1 / C)``, per example. An example whose norm is not
-  finite (a NaN or inf anywhere in its gradient, or an overflow of the norm
-  of finite values) is replaced by exact zeros: ``0 * NaN`` would be NaN, so
-  the row is selected away with ``tf.where``, never multiplied by 0
-  (METHOD.md section 4, invariant 9).
+  The one clip (``dpquant_tf.privacy._clip``): example i is scaled by
+  ``min(1, C / u_i)`` where ``u_i`` is the float64 norm of its gradient,
+  enlarged by that sum's rounding bound, and the scale is rounded down so
+  that the float32 product ``scale * g`` has norm at most C. An example whose
+  norm is not finite (a NaN or inf anywhere in its gradient), or that
+  ``valid`` marks invalid (an out-of-range Embedding id), is replaced by exact
+  zeros: ``0 * NaN`` would be NaN, so the row is selected away with
+  ``tf.where``, never multiplied by 0 (METHOD.md section 4, invariant 9).
 
-  Formal guarantee: each returned example has L2 norm at most C (up to float
-  rounding of the scale), and is exactly 0 when its input was not finite.
+  Formal guarantee: each returned example has L2 norm at most C in the
+  arithmetic executed, and is exactly 0 when its input was not finite or
+  invalid.
 
   Args:
     grads: one ``[num_examples, *var.shape]`` tensor per variable.
     l2_norm_clip: scalar C > 0.
+    valid: optional ``[num_examples]`` bool.
 
   Returns:
     The clipped gradients, same structure.
   """
-  grads = list(grads)
-  dtype = grads[0].dtype
-  norm = per_example_global_norm(grads)
-  finite = tf.math.is_finite(norm)
-  safe_norm = tf.where(finite, norm, tf.ones_like(norm))
-  clip = tf.cast(l2_norm_clip, dtype)
-  scale = tf.where(finite, clip * tf.minimum(1.0 / safe_norm, 1.0 / clip),
-                   tf.zeros_like(norm))
-  out = []
-  for g in grads:
-    keep = _broadcast_per_example(finite, g)
-    out.append(tf.where(keep, g * _broadcast_per_example(scale, g),
-                        tf.zeros_like(g)))
-  return out
+  return _clip.clip_per_example(grads, l2_norm_clip, valid)
 
 
 def quantize_per_example(grads: Sequence[tf.Tensor], bits: tf.Tensor,

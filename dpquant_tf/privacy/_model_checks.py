@@ -426,6 +426,28 @@ def _class_problems(model) -> Tuple[List[str], Set[int]]:
   return problems, batch_norms
 
 
+# -- untapped Embedding (issue 19 item 3; helper "clip") ----------------------
+
+def _untapped_embedding_problems(model) -> List[str]:
+  """Embeddings no tapped wrapper holds: an out-of-range id is not contained.
+
+  A tapped Embedding (``perexample.TappedLayer``) replaces an id outside
+  ``[0, input_dim)`` by a valid one and marks the example invalid, so it
+  contributes zero. A bare Embedding crashes the step on such an id without
+  XLA and, under ``jit_compile``, lets that example add more than C.
+  """
+  wrapped = {id(getattr(l, "layer", None)) for l in _all_layers(model)
+             if hasattr(l, "tap_output")}
+  return [f"layer {l.name!r} (Embedding) is not tapped: an id outside "
+          "[0, input_dim) crashes the step without XLA and lets its example "
+          "add more than the clip norm under jit_compile; wrap it "
+          "(dpquant_tf.perexample.tap_model(model), or TappedLayer) so that "
+          "such examples contribute exactly zero"
+          for l in _all_layers(model)
+          if isinstance(l, tf.keras.layers.Embedding)
+          and id(l) not in wrapped]
+
+
 def model_privacy_problems(model, *, input_signature=None, loss=None, x=None,
                            y=None, public_preprocessing=None,
                            probe_batch: bool = True) -> List[str]:
@@ -458,6 +480,7 @@ def model_privacy_problems(model, *, input_signature=None, loss=None, x=None,
   problems, skip = _class_problems(model)
   problems += [mixed_precision_message(l) for l in low_precision_layers(model)]
   problems += _preprocessing_problems(model, public)
+  problems += _untapped_embedding_problems(model)
   signature = input_signature if input_signature is not None else (
       _input_signature(model))
   key = (tuple(id(v) for v in model.variables), repr(signature))

@@ -61,19 +61,17 @@ _TRACED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 def clip_per_example(r: tf.Tensor, clip: float) -> tf.Tensor:
   """Scales each row r_j of `r` ([B, n]) to L2 norm at most `clip` (float64).
 
-  Formal guarantee: every returned row has L2 norm <= clip. Rows are scaled
-  to clip * (1 - 1e-12), which absorbs float64 rounding of the scaling. A
-  row with any NaN or inf (a non-finite loss of that example) becomes exactly
-  zero (METHOD.md invariant 9): it cannot turn the release into NaN.
+  The library's one clip (``privacy._mechanisms.clip_per_example``): the row
+  norm is bounded from above in float64 with its rounding, and the scale is
+  rounded down so that the float64 product has norm at most `clip`.
+
+  Formal guarantee: every returned row has L2 norm <= clip in the arithmetic
+  executed. A row with any NaN or inf (a non-finite loss of that example)
+  becomes exactly zero (METHOD.md invariant 9): it cannot turn the release
+  into NaN.
   """
   r = tf.cast(tf.convert_to_tensor(r), tf.float64)
-  finite = tf.reduce_all(tf.math.is_finite(r), axis=1, keepdims=True)
-  r = tf.where(finite, r, tf.zeros_like(r))
-  norms = tf.norm(r, axis=1, keepdims=True)
-  target = tf.constant(clip * (1.0 - 1e-12), tf.float64)
-  scale = tf.minimum(tf.ones_like(norms),
-                     target / tf.maximum(norms, tf.constant(1e-300, tf.float64)))
-  return r * scale
+  return _mechanisms.clip_per_example([r], clip)[0]
 
 
 @contextlib.contextmanager

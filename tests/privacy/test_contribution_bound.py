@@ -1,0 +1,314 @@
+"""Adversarial contribution suite: one example moves the clipped sum by <= C.
+
+Issue 19 (items 1, 3, 6). For each layer kind x path (auto/ghost,
+materialized, jacobian) x precision x ``jit_compile``, an example crafted to
+maximise its contribution (positions that cancel, huge magnitudes,
+out-of-range ids, non-finite values) is put in a batch of benign examples and
+
+  ``||sum(D) - sum(D without i)|| / C``
+
+is measured through ``DPQuantOptimizer._compute_gradients`` with noise off
+(``noise_multiplier=0``; ``expected_batch_size`` fixes the normalizer, so the
+returned gradient times it is the clipped sum). The bound is ``1 + 1e-6``.
+Hypothesis searches beside the hand-crafted cases.
+"""
+
+import functools
+
+import hypothesis
+from hypothesis import strategies as st
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import dpquant_tf  # noqa: F401  (Keras 2 first)
+from dpquant_tf import perexample as pe
+from dpquant_tf.perexample import _ghost
+from dpquant_tf import quantization as qz
+from dpquant_tf.optimizers import DPQuantOptimizer
+
+L = tf.keras.layers
+B, T, K = 4, 4, 8
+C = 1.0
+NORM = 8.0   # expected_batch_size: the fixed normalizer
+TOL = 1 + 1e-6
+# "Contributes zero": what is left is the float32 rounding of the others'
+# sum, which changes with the batch size (B vs B - 1 rows).
+ZERO_TOL = 1e-5
+_LOSS = tf.keras.losses.MeanSquaredError(reduction="none")
+
+
+# ------------------------------------------------------------------ models
+# One model holds every layer kind, each on the input it needs, so that one
+# trace per (path, precision, jit) covers them all (the suite stays fast):
+#   seq [T, K]:   Dense on a sequence (ghost: T^2 = 16 < K*O = 64), Dense to
+#                 one unit (materialized: T^2 >= K*O), EinsumDense,
+#                 LayerNormalization, GroupNormalization;
+#   seq2 [2T, 4]: Conv1D patchify (kernel 2, stride 2; ghost);
+#   img [4, 4, 2]: Conv2D patchify (4 patches of 2x2x2; ghost) and
+#                 DepthwiseConv2D (materialized);
+#   ids [T]:      Embedding (vocabulary 5).
+SHAPES = {"seq": (T, K), "seq2": (2 * T, K // 2), "img": (4, 4, 2),
+          "ids": (T,)}
+VOCAB = 5
+
+
+def _build():
+  tf.keras.utils.set_random_seed(0)
+  ins = {n: tf.keras.Input(s, name=n, dtype=tf.int32 if n == "ids" else None)
+         for n, s in SHAPES.items()}
+  gap1, gap2 = L.GlobalAveragePooling1D, L.GlobalAveragePooling2D
+  seq, seq2, img, ids = ins["seq"], ins["seq2"], ins["img"], ins["ids"]
+  feats = [
+      gap1()(L.Dense(8, name="dense_seq")(seq)),
+      gap1()(L.Dense(1, name="dense_seq_mat")(seq)),
+      gap1()(L.EinsumDense("btk,ko->bto", (T, 8), bias_axes="o",
+                           name="einsum")(seq)),
+      gap1()(L.LayerNormalization(name="layernorm")(seq)),
+      gap1()(L.GroupNormalization(2, name="groupnorm")(seq)),
+      gap1()(L.Conv1D(8, 2, strides=2, name="conv1d")(seq2)),
+      gap2()(L.Conv2D(8, 2, strides=2, name="conv2d")(img)),
+      gap2()(L.DepthwiseConv2D(2, strides=2, name="depthwise")(img)),
+      gap1()(L.Embedding(VOCAB, 4, name="embedding")(ids)),
+  ]
+  out = L.Dense(2, name="head")(L.Concatenate()(feats))
+  return tf.keras.Model(ins, out)
+
+
+QUANTIZABLE = ["dense_seq", "dense_seq_mat", "einsum", "conv1d", "conv2d",
+               "depthwise"]
+
+
+def _prepare(precision):
+  model = _build()
+  if precision != "fp32":
+    cfg = qz.LayerQuantConfig(fwd_bits=0, bwd_bits=0, precision=precision)
+    model = qz.quantize_model(model, layers=QUANTIZABLE, config=cfg, seed=0)
+  return pe.tap_model(model)
+
+
+@functools.lru_cache(maxsize=None)
+def _stepper(path, precision, jit):
+  """A function inputs -> the clipped sum (list of float64 arrays)."""
+  model = _prepare(precision)
+  opt = DPQuantOptimizer(
+      C, 0.0, learning_rate=0.1, expected_batch_size=NORM, seed=0,
+      per_example_method="jacobian" if path == "jacobian" else "auto",
+      # 16-bit gradients force the materialized per-example gradients
+      # (clip, quantize, re-clip) on the fast path.
+      gradient_bits=16 if path == "materialized" else None)
+
+  def step(x):
+    # "ghost": every layer with T^2 < K*O takes the ghost path (by default
+    # only kernels of >= GHOST_MIN_KERNEL entries do; these are small).
+    saved = _ghost.GHOST_MIN_KERNEL if hasattr(_ghost, "GHOST_MIN_KERNEL") else 0
+    _ghost.GHOST_MIN_KERNEL = 1 if path == "ghost" else saved
+    try:
+      with tf.GradientTape() as tape:
+        out = model(x, training=True)
+        loss = _LOSS(tf.zeros_like(out) + 1.0, out)
+      pairs = opt._compute_gradients(loss, model.trainable_variables, tape=tape)  # pylint: disable=protected-access
+    finally:
+      _ghost.GHOST_MIN_KERNEL = saved
+    return [g * NORM for g, _ in pairs]
+
+  # One trace for B and B - 1 examples (a dynamic batch).
+  spec = {n: tf.TensorSpec((None,) + s, tf.int32 if n == "ids" else tf.float32)
+          for n, s in SHAPES.items()}
+  fn = tf.function(step, jit_compile=jit, input_signature=[spec])
+
+  def run(x):
+    return [t.numpy().astype(np.float64)
+            for t in fn({n: tf.constant(v) for n, v in x.items()})]
+  run.model = model
+  run.path = path
+  return run
+
+
+def _contribution(run, x, i):
+  """||sum(D) - sum(D without i)|| / C (and the sums must be finite)."""
+  with_i = run(x)
+  without = run({n: np.delete(v, i, axis=0) for n, v in x.items()})
+  assert all(np.isfinite(a).all() for a in with_i), "a non-finite sum"
+  d = np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(with_i, without)))
+  return d / C
+
+
+def _benign(seed=0):
+  rng = np.random.default_rng(seed)
+  x = {n: rng.normal(size=(B,) + s).astype(np.float32)
+       for n, s in SHAPES.items() if n != "ids"}
+  x["ids"] = rng.integers(0, VOCAB, size=(B, T)).astype(np.int32)
+  return x
+
+
+def _quiet_example_0(x):
+  """Example 0 with zero float inputs and id 0 (only the attack speaks)."""
+  for n, v in x.items():
+    v[0] = 0
+  return x
+
+
+# ------------------------------------------------------- crafted inputs
+def _cancelling(target, v, e):
+  """Example 0: positions with rows V*e0 and -V*e0 + E*e1 (they cancel)."""
+  x = _quiet_example_0(_benign())
+  if target == "seq":      # Dense, EinsumDense, norms: rows 0 and 1
+    x["seq"][0, 0, 0], x["seq"][0, 1, 0], x["seq"][0, 1, 1] = v, -v, e
+  elif target == "seq2":   # Conv1D: patches are (2 steps x 4 channels)
+    x["seq2"][0, 0, 0], x["seq2"][0, 2, 0], x["seq2"][0, 2, 1] = v, -v, e
+  else:                    # Conv2D / DepthwiseConv2D: patch (0,0) and (0,1)
+    x["img"][0, 0, 0, 0], x["img"][0, 0, 2, 0] = v, -v
+    x["img"][0, 0, 2, 1] = e
+  return x
+
+
+def _cases():
+  """name -> (inputs, exact zero expected?)."""
+  cases = {}
+  for target in ("seq", "seq2", "img"):
+    for v, e in ((2.0 ** 20, 200.0), (2.0 ** 30, 2.0 ** 17)):
+      cases[f"cancel-{target}-V{v:.0e}-E{e:.0e}"] = (_cancelling(target, v, e),
+                                                    False)
+    for bad in (3e38, -1e30, np.inf, np.nan):
+      x = _quiet_example_0(_benign(1))
+      x[target][0].flat[0] = bad
+      cases[f"value-{target}-{bad}"] = (x, not np.isfinite(bad))
+  for bad in ([5, 9, 23, 1000], [-1, 0, 1, 2], [2 ** 30, 1, 1, 1]):
+    x = _benign(2)
+    x["ids"][0] = bad
+    cases[f"ids-{bad}"] = (x, True)
+  return cases
+
+
+def _check_all(run):
+  """Every crafted case: ratio <= 1 + 1e-6 (~0 where it must be zero)."""
+  bad = {}
+  for name, (x, zero) in _cases().items():
+    if run.path == "jacobian" and not np.isfinite(
+        run.model({n: v[:1] for n, v in x.items()}).numpy()).all():
+      # Known limit (docs/PRIVACY.md): TF's jacobian mixes a non-finite
+      # activation of one example into every row (0 * NaN in the backward
+      # matmul), so the whole batch is zeroed; only a finite release holds.
+      assert all(np.isfinite(a).all() for a in run(x)), name
+      continue
+    ratio = _contribution(run, x, 0)
+    if ratio > TOL or (zero and ratio > ZERO_TOL):
+      bad[name] = ratio
+  assert not bad, bad
+  # Benign examples still train (the clip does not zero everything).
+  assert _contribution(run, _benign(3), 1) > 0.0
+
+
+_SLOW = pytest.mark.slow
+STEPPERS = [
+    ("auto", "fp32", False), ("ghost", "fp32", False),
+    ("ghost", "fp32", True), ("jacobian", "fp32", True),
+    ("materialized", "fp32", False), ("ghost", "fp8", True),
+    pytest.param("auto", "fp32", True, marks=_SLOW),
+    pytest.param("jacobian", "fp32", False, marks=_SLOW),
+    pytest.param("materialized", "fp32", True, marks=_SLOW),
+    pytest.param("ghost", "bf16", False, marks=_SLOW),
+    pytest.param("ghost", "bf16", True, marks=_SLOW),
+    pytest.param("ghost", "fp8", False, marks=_SLOW),
+    pytest.param("materialized", "bf16", False, marks=_SLOW),
+    pytest.param("jacobian", "bf16", True, marks=_SLOW),
+]
+
+
+@pytest.mark.parametrize("path, precision, jit", STEPPERS)
+def test_crafted_examples_move_the_sum_by_at_most_c(path, precision, jit):
+  _check_all(_stepper(path, precision, jit))
+
+
+def test_in_range_ids_train_the_same_on_every_path():
+  x = _benign(4)
+  fast = _stepper("auto", "fp32", False)(x)
+  for a, b in zip(fast, _stepper("jacobian", "fp32", True)(x)):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+
+
+def test_untapped_embedding_is_refused_before_the_first_step():
+  tf.keras.utils.set_random_seed(0)
+  inp = tf.keras.Input((T,), dtype=tf.int32)
+  model = tf.keras.Model(inp, L.Dense(2)(L.GlobalAveragePooling1D()(
+      L.Embedding(VOCAB, 4, name="bare_embedding")(inp))))
+  before = [w.copy() for w in model.get_weights()]
+  model.compile(optimizer=DPQuantOptimizer(C, 0.0, learning_rate=0.1,
+                                           per_example_method="jacobian"),
+                loss=_LOSS)
+  x = np.full((B, T), 2 ** 20, np.int32)
+  with pytest.raises(ValueError, match="bare_embedding.*not tapped"):
+    model.train_on_batch(x, np.zeros((B, 2), np.float32))
+  for a, b in zip(model.get_weights(), before):
+    np.testing.assert_array_equal(a, b)
+
+
+# --------------------------------------------------------- property search
+_MAGS = st.sampled_from([0.0, 1.0, 2.0 ** 10, 2.0 ** 20, 2.0 ** 30, 2.0 ** 40,
+                         2.0 ** 60, 1e-30])
+
+
+@st.composite
+def _attacks(draw):
+  """Example 0 mixes cancelling huge entries and one small one in one input."""
+  x = _quiet_example_0(_benign(draw(st.integers(0, 2 ** 16))))
+  target = draw(st.sampled_from(["seq", "seq2", "img"]))
+  flat = x[target][0].reshape(-1)
+  n = flat.size
+  v = draw(_MAGS)
+  for _ in range(draw(st.integers(1, 4))):
+    p, q = draw(st.integers(0, n - 1)), draw(st.integers(0, n - 1))
+    sign = draw(st.sampled_from([1.0, -1.0]))
+    flat[p] += sign * v
+    flat[q] -= sign * v
+  flat[draw(st.integers(0, n - 1))] += draw(st.sampled_from(
+      [1.0, 200.0, 2.0 ** 17]))
+  x[target][0] = flat.reshape(x[target][0].shape)
+  return x
+
+
+@pytest.mark.parametrize("path, jit", [("ghost", False), ("jacobian", True)])
+def test_property_search(path, jit):
+  run = _stepper(path, "fp32", jit)
+
+  @hypothesis.settings(max_examples=8, deadline=None, derandomize=True,
+                       suppress_health_check=list(hypothesis.HealthCheck))
+  @hypothesis.given(_attacks())
+  def check(x):
+    assert _contribution(run, x, 0) <= TOL
+
+  check()
+
+
+# ------------------------------------------------------ the clip function
+def test_clip_scales_never_exceed_c_over_the_bound():
+  from dpquant_tf.privacy import _clip  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(5)
+  bounds = np.concatenate([
+      np.exp(rng.uniform(-100, 100, 2000)),       # any magnitude
+      [1.0, 1.0 + 2 ** -30, 3e38, 1e300, 1e-300, 0.0, np.inf, np.nan]])
+  clip = 0.7
+  for dtype in (tf.float32, tf.float64):
+    s = _clip.clip_scales(tf.constant(bounds), clip, dtype=dtype).numpy()
+    s64 = s.astype(np.float64)
+    finite = np.isfinite(bounds)
+    assert (s64[~finite] == 0).all()
+    assert (s64 <= 1.0).all() and (s64 >= 0).all()
+    # fl(s * x) for |x| <= u: s * u (1 + u_dtype) <= C.
+    unit = 2.0 ** -24 if dtype == tf.float32 else 2.0 ** -53
+    prod = s64[finite] * bounds[finite] * (1 + unit)
+    assert (prod <= clip).all(), prod.max()
+
+
+def test_clip_per_example_of_float32_rows_is_at_most_c_in_float64():
+  from dpquant_tf import privacy  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(6)
+  rows = (rng.normal(size=(64, 300)) * np.exp(rng.uniform(-40, 40, (64, 1)))
+          ).astype(np.float32)
+  rows[0, :] = 1.0 / np.sqrt(300)                  # norm ~1 = C
+  out = privacy.clip_per_example([tf.constant(rows)], 1.0)[0].numpy()
+  norms = np.sqrt((out.astype(np.float64) ** 2).sum(axis=1))
+  assert norms.max() <= 1.0, norms.max() - 1.0
+  big = np.sqrt((rows.astype(np.float64) ** 2).sum(axis=1)) >= 1.0
+  assert norms[big].min() > 1.0 - 1e-6
