@@ -177,7 +177,7 @@ class DPQuantScheduler(tf.keras.callbacks.Callback):
       # (whatever the callback order); the Poisson-amplified figure only
       # under its own name when batches were not Poisson sampled.
       entry["epsilon"] = float(self.ledger.proven_epsilon(self.delta))
-      if self.ledger.proves_amplification() is False:
+      if not self.ledger.proves_amplification():
         entry["epsilon_if_poisson"] = float(self.ledger.epsilon(self.delta))
       entry["analysis_epsilon_share"] = float(self.ledger.analysis_share(self.delta))
     self.history.append(entry)
