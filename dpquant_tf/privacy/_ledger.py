@@ -179,6 +179,11 @@ class PrivacyLedger(tf.Module):
     self._attached = _Attached()
     self._spent = _Spent(raw, initial)
 
+  def check_delta(self, delta: float) -> float:
+    """Validates `delta`: in (0, 1), and below 1/dataset_size when the
+    ledger knows N (refused at or above 1/N, a warning above 1/(10 N))."""
+    return _accounting.check_delta(delta, self.dataset_size)
+
   # ------------------------------------------------------------ input
   def attach(self, optimizer) -> None:
     """Pulls `optimizer.dp_events()` on every query."""
@@ -356,14 +361,14 @@ class PrivacyLedger(tf.Module):
 
   def epsilon(self, delta: float, *, accountant=None, kind=None) -> float:
     """Epsilon at `delta` of everything recorded (or one kind)."""
-    delta = V.check_open_unit("delta", delta)
+    delta = self.check_delta(delta)
     acc = (self.accountant if accountant is None else
            V.check_enum("accountant", accountant, _accounting.Accountant))
     return _accounting.compose_epsilon(self.events(kind), delta, acc)
 
   def epsilon_with(self, extra, delta: float) -> float:
     """Epsilon if `extra` (DpEvents or (event, count) pairs) were added."""
-    delta = V.check_open_unit("delta", delta)
+    delta = self.check_delta(delta)
     events = self.events() + _accounting.as_event_counts(extra)
     return _accounting.compose_epsilon(events, delta, self.accountant)
 
@@ -400,7 +405,7 @@ class PrivacyLedger(tf.Module):
       extra_train: training (event, count) pairs to project (not recorded).
       extra_analysis: analysis releases to project (not recorded).
     """
-    delta = V.check_open_unit("delta", delta)
+    delta = self.check_delta(delta)
     steps, epochs, zs, _ = self._train_summary(extra_train)
     events = []
     if steps:
@@ -436,7 +441,7 @@ class PrivacyLedger(tf.Module):
       extra_analysis: analysis releases to project (not recorded).
     """
     if self.proves_amplification():
-      delta = V.check_open_unit("delta", delta)
+      delta = self.check_delta(delta)
       events = (self.events(EventKind.TRAIN) +
                 _accounting.as_event_counts(extra_train) +
                 self._analysis_events(extra_analysis))
@@ -447,7 +452,7 @@ class PrivacyLedger(tf.Module):
   def statement(self, delta: float) -> str:
     """A privacy statement in the wording of TF-Privacy's
     ``compute_dp_sgd_privacy_statement``."""
-    delta = V.check_open_unit("delta", delta)
+    delta = self.check_delta(delta)
     steps, epochs, zs, qs = self._train_summary()
     n = self.dataset_size
     if n is not None and qs:
