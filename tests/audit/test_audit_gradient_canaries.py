@@ -217,3 +217,36 @@ def test_seeded_canary_sampling_is_stated_in_the_ledger():
     pass
   assert ledger.seeded_sources() == ["canaries"]
   assert "audit canaries" in " ".join(ledger.statement(1e-5).split())
+
+
+_REPLICA_CHECK = r"""
+import dpquant_tf
+from dpquant_tf import audit, distribute
+distribute.configure_cpu_devices(2)
+import tensorflow as tf
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+with strategy.scope():
+  opt = dpquant_tf.DPQuantOptimizer(l2_norm_clip=1.0, noise_multiplier=1.0,
+                                    sampling_probability=0.5)
+  model = audit.linear_probe_model(3)
+try:  # Outside the scope: the caller's strategy has one replica.
+  with audit.gradient_canaries(opt, model.trainable_variables, canaries=2):
+    pass
+  print("ACCEPTED")
+except ValueError as e:
+  print("REFUSED", e)
+"""
+
+
+@pytest.mark.slow  # a subprocess with 2 logical CPUs
+def test_replica_check_uses_the_strategy_that_owns_the_variables():
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))))
+  out = subprocess.run([sys.executable, "-c", _REPLICA_CHECK], cwd=root,
+                       capture_output=True, text=True, timeout=600,
+                       check=True, env=dict(os.environ, PYTHONPATH=root))
+  last = out.stdout.strip().splitlines()[-1]
+  assert last.startswith("REFUSED") and "replicas=2" in last, last
