@@ -82,7 +82,10 @@ class DPQuantScheduler(tf.keras.callbacks.Callback):
     if delta is not None:
       if ledger is None:
         v.fail("ledger", ledger, "a PrivacyLedger when delta is given")
-      delta = v.check_open_unit("delta", delta)
+      # Below 1/N when the ledger knows N (refused before any step).
+      check = getattr(ledger, "check_delta", None)
+      delta = (check(delta) if check is not None
+               else v.check_open_unit("delta", delta))
     if base_config is not None:
       base_config = _plan.check_base_config(base_config)
     self.policy = policy
