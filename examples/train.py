@@ -116,6 +116,10 @@ flags.DEFINE_integer("cpu_devices", None, "With --strategy=mirrored: this many "
                      "logical CPU devices instead of the GPUs.")
 flags.DEFINE_integer("verbose", 1, "Keras fit verbosity: 0 silent, 1 progress bar, "
                      "2 one line per epoch.")
+flags.DEFINE_string("checkpoint_dir", None, "Back up every epoch here (weights, "
+                    "optimizer, privacy event table and ledger) and resume a "
+                    "killed run from it; the resumed run reports the "
+                    "uninterrupted run's epsilon.")
 
 
 def _model_defaults():
@@ -154,7 +158,8 @@ def _config_from_flags() -> "train_lib.TrainConfig":
       data_dir=FLAGS.data_dir, tfds_download=FLAGS.tfds_download,
       research_noise_seed=FLAGS.research_noise_seed,
       research_sampling_seed=FLAGS.research_sampling_seed,
-      research_estimator_seed=FLAGS.research_estimator_seed)
+      research_estimator_seed=FLAGS.research_estimator_seed,
+      checkpoint_dir=FLAGS.checkpoint_dir)
 
 
 def usage_error(error: Exception) -> str:
@@ -187,5 +192,14 @@ def main(argv):
     sys.exit(2)
 
 
+def _one_line_flags_parser(argv):
+  """absl's flag parser, but a bad flag prints one line and exits 2."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    print(f"train.py: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_one_line_flags_parser)

@@ -171,12 +171,18 @@ class TrainConfig:
   research_noise_seed: Optional[int] = None
   research_sampling_seed: Optional[int] = None
   research_estimator_seed: Optional[int] = None
+  # Resume a killed run: Keras BackupAndRestore in this directory (weights,
+  # optimizer, its privacy event table and the ledger's releases).
+  checkpoint_dir: Optional[str] = None
 
   def validate(self) -> "TrainConfig":
     """Checks every field; returns self. Raises ValueError/TypeError."""
     _validation.check_int("epochs", self.epochs, low=1)
     _validation.check_int("batch_size", self.batch_size, low=1)
     _validation.check_open_unit("delta", self.delta)
+    if self.checkpoint_dir is not None:
+      _validation.check_type("checkpoint_dir", self.checkpoint_dir, str,
+                             "None or a directory path")
     _validation.check_positive("l2_norm_clip", self.l2_norm_clip)
     _validation.check_positive("learning_rate", self.learning_rate)
     _validation.check_probability("ratio", self.ratio, allow_zero=True)
@@ -337,6 +343,10 @@ def _input_pipeline(cfg: TrainConfig, ds, *, batch: int, q: float, estimator,
   steps_per_epoch = privacy.steps_per_epoch(n, q)
   ledger = privacy.PrivacyLedger(sampling_method=privacy.SamplingMethod.POISSON,
                                  dataset_size=n)
+  # delta < 1/N (refused before any step; a warning above 1/(10 N)).
+  ledger.check_delta(cfg.delta)
+  if cfg.research_sampling_seed is not None:
+    ledger.note_seeded("sampler")
   analyses = ([(estimator.dp_event(), _num_analyses(cfg, policy))]
               if estimator is not None else [])
   if cfg.target_epsilon is not None:
@@ -411,6 +421,13 @@ def _callbacks(cfg: TrainConfig, policy, ledger, estimator) -> Tuple[list, Any]:
   """Returns (callbacks, scheduler or None)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   callbacks: List[Any] = []
+  if cfg.checkpoint_dir:
+    # First, so weights, optimizer (with its privacy event table) and the
+    # ledger's releases are restored before any other callback looks at them.
+    # Kept after the run: a rerun resumes at the end instead of training (and
+    # spending privacy) again.
+    callbacks.append(tf.keras.callbacks.BackupAndRestore(
+        cfg.checkpoint_dir, delete_checkpoint=False))
   scheduler = None
   if policy is not None:
     from dpquant_tf import schedule  # pylint: disable=g-import-not-at-top

@@ -98,7 +98,31 @@ def _train_config():
   return dataclasses.replace(train_lib.TrainConfig(verbose=0), **changes)
 
 
+def _one_line_flags_parser(argv):
+  """absl's flag parser, but a bad flag prints one line and exits 2."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    print(f"{os.path.basename(argv[0])}: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def _usage_exit(error: Exception) -> None:
+  """A validation error: one line on stderr, exit status 2 (no traceback)."""
+  message = str(error).splitlines()[0] if str(error) else type(error).__name__
+  print(f"{os.path.basename(sys.argv[0])}: {message}", file=sys.stderr,
+        flush=True)
+  sys.exit(2)
+
+
 def main(argv):
+  try:
+    _main(argv)
+  except (ValueError, TypeError, app.UsageError) as e:
+    _usage_exit(e)
+
+
+def _main(argv):
   del argv
   # pylint: disable=g-import-not-at-top
   from tools import audit_privacy_lib as lib
@@ -132,4 +156,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_one_line_flags_parser)

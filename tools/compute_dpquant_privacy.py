@@ -50,8 +50,33 @@ flags.DEFINE_alias("N", "dataset_size")
 flags.mark_flags_as_required(["dataset_size", "batch_size", "epochs"])
 
 
+def _one_line_flags_parser(argv):
+  """absl's flag parser, but a bad flag prints one line and exits 2."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    print(f"{os.path.basename(argv[0])}: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def _usage_exit(error: Exception) -> None:
+  """A validation error: one line on stderr, exit status 2 (no traceback)."""
+  message = str(error).splitlines()[0] if str(error) else type(error).__name__
+  print(f"{os.path.basename(sys.argv[0])}: {message}", file=sys.stderr,
+        flush=True)
+  sys.exit(2)
+
+
 def main(argv):
   del argv
+  try:
+    plan, result = _plan_and_run()
+  except (ValueError, TypeError) as e:
+    _usage_exit(e)
+  _print(plan, result)
+
+
+def _plan_and_run():
   plan = lib.PrivacyPlan(
       dataset_size=FLAGS.dataset_size, batch_size=FLAGS.batch_size,
       epochs=FLAGS.epochs, delta=FLAGS.delta,
@@ -61,7 +86,10 @@ def main(argv):
       analysis_sampling_rate=FLAGS.analysis_sampling_rate,
       analysis_noise_multiplier=FLAGS.analysis_noise_multiplier,
       accountant=FLAGS.accountant, sampling=FLAGS.sampling)
-  result = lib.run(plan)
+  return plan, lib.run(plan)
+
+
+def _print(plan, result):
   if FLAGS.json:
     print(json.dumps(result))
     return
@@ -75,4 +103,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_one_line_flags_parser)

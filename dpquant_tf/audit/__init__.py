@@ -16,6 +16,7 @@ A lower bound above the ledger's epsilon falsifies the privacy claim.
 """
 
 from dpquant_tf.audit._checkpoint import audit_checkpoint_replay
+from dpquant_tf.audit._gradient_canaries import CanariesNotTracedError
 from dpquant_tf.audit._gradient_canaries import fit_with_gradient_canaries
 from dpquant_tf.audit._gradient_canaries import gradient_canaries
 from dpquant_tf.audit._gradient_canaries import GradientCanaries
@@ -37,6 +38,7 @@ from dpquant_tf.audit._stats import threshold_epsilon_lower_bound
 from dpquant_tf.audit._stats import ThresholdAudit
 
 __all__ = [
+    "CanariesNotTracedError",
     "GradientCanaries",
     "MechanismAudit",
     "OneRunAudit",

@@ -30,9 +30,18 @@ what the ledger accounts. The one-run audit
 (``audit_one_run(canary_kind="gradient")``) turns the scores into
 membership guesses. The hook exists only for auditing: the context manager
 logs a warning, refuses an optimizer that already has a hook or runs under
-more than one replica (each replica would add the canaries), and removes the
-hook on exit, also on exception; it also zeroes a gate variable, so a graph
-traced while the hook was set adds nothing afterwards.
+more than one replica (each replica would add the canaries; the replicas are
+counted on the strategy that owns the optimizer's and the model's variables,
+not on the caller's scope), and removes the hook on exit, also on exception;
+it also zeroes a gate variable, so a graph traced while the hook was set adds
+nothing afterwards.
+
+An audit cannot fail open: the hook is read when the step is traced, so a
+train step traced before the context (a model already fit once) would run
+without canaries and report a lower bound of 0. Given ``model=``, the context
+drops the model's traced train function on entry and on exit (Keras retraces
+it); and every step that runs the hook counts itself, so a context in which
+DP steps ran without the canaries raises ``CanariesNotTracedError``.
 """
 
 import contextlib
@@ -45,10 +54,32 @@ import tensorflow as tf
 from dpquant_tf import _validation as V
 from dpquant_tf.privacy import _random
 
-__all__ = ["GradientCanaries", "StepProjections", "fit_with_gradient_canaries",
-           "gradient_canaries", "per_step_scores"]
+__all__ = ["CanariesNotTracedError", "GradientCanaries", "StepProjections",
+           "fit_with_gradient_canaries", "gradient_canaries",
+           "per_step_scores"]
 
 _log = logging.getLogger(__name__)
+
+
+class CanariesNotTracedError(RuntimeError):
+  """DP steps ran inside ``gradient_canaries`` without the canaries (their
+  step was traced before the context): the audit would fail open."""
+
+
+def _replicas_owning(variables) -> int:
+  """Replicas of the strategy that owns `variables` (1 for plain ones)."""
+  replicas = 1
+  for v in variables:
+    strategy = getattr(v, "_distribute_strategy", None)
+    if strategy is not None:
+      replicas = max(replicas, int(strategy.num_replicas_in_sync))
+  return replicas
+
+
+def _reset_train_function(model) -> None:
+  """Makes Keras retrace `model`'s train step at the next fit."""
+  if model is not None and hasattr(model, "train_function"):
+    model.train_function = None
 
 
 class GradientCanaries:
@@ -81,11 +112,21 @@ class GradientCanaries:
     self._mask = tf.Variable(self.included.astype(np.float32),
                              trainable=False, name="audit_canary_included")
     self._gate = tf.Variable(1.0, trainable=False, name="audit_canary_gate")
+    # Steps that ran the hook (each counts itself, in graph).
+    self._runs = tf.Variable(0, dtype=tf.int64, trainable=False,
+                             name="audit_canary_steps")
     self._generator = _random.make_generator(seed=sampling_seed)
+    self.sampling_seeded = sampling_seed is not None
+
+  @property
+  def steps_with_canaries(self) -> int:
+    """DP steps that ran with the canaries' hook."""
+    return int(self._runs.numpy())
 
   def hook(self, var_list):
     """Tensors (one per variable of ``var_list``) added to the clipped sum."""
-    q = tf.cast(self._optimizer.sampling_probability_var, tf.float32)
+    with tf.control_dependencies([self._runs.assign_add(1)]):
+      q = tf.cast(self._optimizer.sampling_probability_var, tf.float32)
     draw = self._generator.uniform([self._u.shape[0]], dtype=tf.float32)
     present = tf.cast(draw < q, tf.float32) * self._mask * self._gate
     clip = tf.cast(self._optimizer.l2_norm_clip_var, tf.float32)
@@ -115,8 +156,8 @@ class GradientCanaries:
 @contextlib.contextmanager
 def gradient_canaries(optimizer, var_list: Sequence[tf.Variable], *,
                       canaries: int, seed: int = 0,
-                      sampling_seed: Optional[int] = None
-                      ) -> Iterator[GradientCanaries]:
+                      sampling_seed: Optional[int] = None,
+                      model=None, ledger=None) -> Iterator[GradientCanaries]:
   """Injects gradient canaries into ``optimizer``'s DP steps (audit only).
 
   Args:
@@ -130,6 +171,12 @@ def gradient_canaries(optimizer, var_list: Sequence[tf.Variable], *,
     sampling_seed: seeds the per-step Bernoulli(q) draws (tests only);
       None (default) draws from OS entropy, as required for the ledger's
       amplified epsilon to apply.
+    model: the Keras model compiled with `optimizer` (optional): its traced
+      train step is dropped on entry and on exit, so ``fit`` retraces it
+      with (then without) the canaries.
+    ledger: the optimizer's ``PrivacyLedger`` (optional): a seeded
+      `sampling_seed` is recorded there (``note_seeded("canaries")``), so
+      the statement names it.
 
   Yields:
     The ``GradientCanaries``.
@@ -137,6 +184,8 @@ def gradient_canaries(optimizer, var_list: Sequence[tf.Variable], *,
   Raises:
     ValueError: an optimizer without the audit hook, one already audited,
       an unknown sampling probability, or more than one replica.
+    CanariesNotTracedError: on exit, if DP steps of `optimizer` ran in the
+      context without the canaries (a step traced before the context).
   """
   if not hasattr(type(optimizer), "_audit_hook"):
     V.fail("optimizer", type(optimizer).__name__,
@@ -146,21 +195,42 @@ def gradient_canaries(optimizer, var_list: Sequence[tf.Variable], *,
   if float(optimizer.sampling_probability_var.numpy()) < 0:
     V.fail("optimizer", "sampling probability unknown",
            "sampling_probability= or dataset_size= set")
-  replicas = tf.distribute.get_strategy().num_replicas_in_sync
+  # The strategy that owns the variables, not the caller's scope: an
+  # optimizer built under MirroredStrategy and audited outside its scope
+  # still runs on every replica.
+  replicas = max(tf.distribute.get_strategy().num_replicas_in_sync,
+                 _replicas_owning(list(var_list) +
+                                  [optimizer.sampling_probability_var]),
+                 int(getattr(getattr(optimizer, "_distribution_strategy",
+                                     None), "num_replicas_in_sync", 1)))
   if replicas != 1:
     V.fail("replicas", replicas, "1 (each replica would add the canaries)")
   cans = GradientCanaries(optimizer, var_list, canaries=canaries, seed=seed,
                           sampling_seed=sampling_seed)
+  if ledger is not None and cans.sampling_seeded:
+    ledger.note_seeded("canaries")
   _log.warning(
       "%s is being AUDITED: %d gradient canaries are added to its clipped "
       "sums (dpquant_tf.audit.gradient_canaries). Do not release this model.",
       type(optimizer).__name__, canaries)
+  steps_before = optimizer.dp_event_steps()
   optimizer._audit_hook = cans.hook  # pylint: disable=protected-access
+  _reset_train_function(model)
   try:
     yield cans
   finally:
     cans._disable()  # pylint: disable=protected-access
     optimizer._audit_hook = None  # pylint: disable=protected-access
+    _reset_train_function(model)
+  steps = optimizer.dp_event_steps() - steps_before
+  if cans.steps_with_canaries < steps:
+    raise CanariesNotTracedError(
+        f"{steps - cans.steps_with_canaries} of the {steps} DP steps taken "
+        "inside gradient_canaries ran WITHOUT the canaries: their train step "
+        "was traced before the context was entered (a model already fit "
+        "once). Pass model= (Keras retraces its train step), or retrace your "
+        "own tf.function inside the context; the audit would report a lower "
+        "bound of 0.")
 
 
 class StepProjections(tf.keras.callbacks.Callback):
@@ -252,10 +322,14 @@ def fit_with_gradient_canaries(model, optimizer, fit: Callable[[list], None],
            "plain SGD (momentum 0) with expected_batch_size for "
            "score='per_step' (else score='final')")
   with gradient_canaries(optimizer, model.trainable_variables,
-                         canaries=canaries, seed=seed) as cans:
+                         canaries=canaries, seed=seed, model=model) as cans:
     initial = cans.flat_weights()
     recorder = StepProjections(cans)
     fit([recorder] if score == "per_step" else [])
+  if cans.steps_with_canaries == 0:
+    raise CanariesNotTracedError(
+        "No DP step ran with the canaries (fit took no step?): the audit has "
+        "nothing to score.")
   if score == "final":
     return cans.scores(initial), cans.included
   unit = (float(config["learning_rate"]) * float(config["l2_norm_clip"]) /

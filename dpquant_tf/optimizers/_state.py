@@ -5,6 +5,7 @@ legacy optimizer's ``add_weight`` so checkpoints, including deferred restores,
 cover them) and the Python API that assigns them without retracing.
 """
 
+import secrets
 from typing import Any, Dict, List, Mapping, Optional, Union
 
 import tensorflow as tf
@@ -49,6 +50,33 @@ class _Unsaved:
     self.generator = generator
 
 
+class _SpentHistory:
+  """The steps this optimizer object took that a restore cannot undo.
+
+  Never tracked (no checkpoint holds it, no restore rolls it back): a shadow
+  copy of the event table as this object last wrote or saw it, and a bank of
+  steps that a restore removed from the (checkpointed) event table. See
+  ``DPStateMixin._sync_spent_history``.
+  """
+
+  def __init__(self, k: int, history_id: int):
+    def var(shape, dtype, value, name):
+      return tf.Variable(tf.fill(shape, tf.constant(value, dtype)) if shape
+                         else tf.constant(value, dtype), trainable=False,
+                         name=name, aggregation=tf.VariableAggregation.NONE)
+
+    self.shadow_q = var([k], tf.float64, 0.0, "dp_shadow_q")
+    self.shadow_z = var([k], tf.float64, 0.0, "dp_shadow_z")
+    self.shadow_count = var([k], tf.int64, 0, "dp_shadow_count")
+    self.shadow_used = var([], tf.int32, 0, "dp_shadow_used")
+    self.shadow_id = var([], tf.int64, history_id, "dp_shadow_history_id")
+    self.bank_q = var([k], tf.float64, 0.0, "dp_spent_q")
+    self.bank_z = var([k], tf.float64, 0.0, "dp_spent_z")
+    self.bank_count = var([k], tf.int64, 0, "dp_spent_count")
+    self.bank_used = var([], tf.int32, 0, "dp_spent_used")
+    self.bank_overflow = var([], tf.int32, 0, "dp_spent_overflow")
+
+
 class DPStateMixin:
   """DP state variables and their setters (see DPQuantOptimizer)."""
 
@@ -80,6 +108,13 @@ class DPStateMixin:
                                            0)
     self._last_q = self._dp_weight("dp_last_q", [], tf.float64, -1.0)
     self._last_rows = self._dp_weight("dp_last_rows", [], tf.int32, 0)
+    # The identity of this training history (public, not a secret: it only
+    # tells a rollback to an earlier checkpoint of the same run from a
+    # restore of another run's checkpoint). Saved with the event table.
+    history_id = secrets.randbits(62)
+    self._history_id = self._dp_weight("dp_history_id", [], tf.int64,
+                                       history_id)
+    self._spent_holder = _SpentHistory(k, history_id)
     # Created here, so under the tf.distribute strategy's scope when the
     # optimizer is (see distribute/_replica.check_generator_strategy), and
     # held outside the trackable graph: no checkpoint, SavedModel,
@@ -213,31 +248,107 @@ class DPStateMixin:
     derived = tf.minimum(batch / float(self._dataset_size), 1.0)
     return tf.where(q >= 0, q, derived)
 
-  def _record_privacy_event(self, q, z, rows):
-    new = _events.update_event_table(self._event_q, self._event_z,
-                                     self._event_count, self._event_used,
-                                     q, z)
+  def _sync_spent_history(self):
+    """Banks the steps a restore removed from the event table. Pure TF ops
+    (runs in the train step, before its event is recorded, and eagerly on
+    every ``dp_events`` query).
+
+    The shadow is the table as this object last wrote it. If the table now
+    differs, something restored it: for the same history (a rollback to an
+    earlier checkpoint of this run) the steps in the shadow but no longer in
+    the table were taken and released, so they go to the bank; for another
+    history (another run's checkpoint) every shadow step goes to the bank.
+    A fresh optimizer restored from a checkpoint has an empty shadow, so a
+    resumed run accounts exactly the checkpoint's steps plus its own.
+    """
+    h = self._spent_holder
+    same = tf.equal(h.shadow_id, self._history_id)
+    lost = tf.where(
+        same,
+        _events.table_difference(h.shadow_q, h.shadow_z, h.shadow_count,
+                                 h.shadow_used, self._event_q, self._event_z,
+                                 self._event_count, self._event_used),
+        tf.where(tf.range(tf.shape(h.shadow_count)[0]) < h.shadow_used,
+                 h.shadow_count, tf.zeros_like(h.shadow_count)))
+    bank = _events.merge_event_tables(h.bank_q, h.bank_z, h.bank_count,
+                                      h.bank_used, h.shadow_q, h.shadow_z,
+                                      lost)
     return tf.group(
-        self._last_q.assign(q), self._last_rows.assign(rows),
-        self._event_q.assign(new[0]), self._event_z.assign(new[1]),
-        self._event_count.assign(new[2]), self._event_used.assign(new[3]),
-        self._event_overflow.assign(
-            tf.maximum(self._event_overflow, tf.cast(new[4], tf.int32))))
+        h.bank_q.assign(bank[0]), h.bank_z.assign(bank[1]),
+        h.bank_count.assign(bank[2]), h.bank_used.assign(bank[3]),
+        h.bank_overflow.assign(tf.maximum(h.bank_overflow,
+                                          tf.cast(bank[4], tf.int32))),
+        self._set_shadow(self._event_q, self._event_z, self._event_count,
+                         self._event_used))
+
+  def _set_shadow(self, q, z, counts, used):
+    h = self._spent_holder
+    return tf.group(h.shadow_q.assign(q), h.shadow_z.assign(z),
+                    h.shadow_count.assign(counts), h.shadow_used.assign(used),
+                    h.shadow_id.assign(self._history_id))
+
+  def _record_privacy_event(self, q, z, rows):
+    sync = self._sync_spent_history()
+    with tf.control_dependencies([sync]):
+      new = _events.update_event_table(
+          tf.identity(self._event_q), tf.identity(self._event_z),
+          tf.identity(self._event_count), tf.identity(self._event_used),
+          q, z)
+      return tf.group(
+          self._last_q.assign(q), self._last_rows.assign(rows),
+          self._event_q.assign(new[0]), self._event_z.assign(new[1]),
+          self._event_count.assign(new[2]), self._event_used.assign(new[3]),
+          self._event_overflow.assign(
+              tf.maximum(self._event_overflow, tf.cast(new[4], tf.int32))),
+          self._set_shadow(new[0], new[1], new[2], new[3]))
+
+  @property
+  def history_id(self) -> int:
+    """Identity of this training history (saved with the event table)."""
+    return int(self._history_id.numpy())
 
   def dp_events(self):
-    """``[(sampled_gaussian_event(q, z), count), ...]`` (privacy._events).
+    """``[(sampled_gaussian_event(q, z), count), ...]`` (privacy._events):
+    every step this training history took, including steps that a restore
+    of an earlier checkpoint removed from the event table (they were taken
+    and their results may have been released; a restore never lowers the
+    spent budget).
 
     Raises:
       EventTableOverflowError, UnknownSamplingProbabilityError.
     """
-    return _events.events_from_table(
-        self._event_q.numpy(), self._event_z.numpy(),
-        self._event_count.numpy(), self._event_used.numpy(),
-        self._event_overflow.numpy())
+    self._sync_spent_history()
+    h = self._spent_holder
+    if int(h.bank_overflow.numpy()):
+      raise _events.EventTableOverflowError(
+          "More distinct (sampling probability, noise multiplier) pairs were "
+          "rolled back by checkpoint restores than the optimizer's event "
+          "table holds; the privacy cost cannot be stated exactly. Construct "
+          "the optimizer with a larger event_table_size.")
+    merged = {}
+    for table in (
+        _events.events_from_table(
+            self._event_q.numpy(), self._event_z.numpy(),
+            self._event_count.numpy(), self._event_used.numpy(),
+            self._event_overflow.numpy()),
+        _events.events_from_table(
+            h.bank_q.numpy(), h.bank_z.numpy(), h.bank_count.numpy(),
+            h.bank_used.numpy(), 0)):
+      for event, count in table:
+        key = repr(event)
+        prev = merged.get(key, (event, 0))
+        merged[key] = (event, prev[1] + count)
+    return list(merged.values())
 
   def dp_event_steps(self) -> int:
-    """Number of DP steps recorded in the event table."""
+    """Number of DP steps in the (checkpointed) event table: the steps of
+    the current weights' history (``dp_events`` also counts rolled-back
+    steps)."""
     return int(self._event_count.numpy().sum())
+
+  def dp_spent_steps(self) -> int:
+    """Every step counted by ``dp_events`` (also rolled-back ones)."""
+    return sum(c for _, c in self.dp_events())
 
   def current_event_parameters(self, var_list=None, batch_size=None):
     """(q, z) the next step would record, computed eagerly in Python.

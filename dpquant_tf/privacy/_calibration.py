@@ -46,7 +46,7 @@ def _check_plan(dataset_size, batch_size, epochs, delta):
   if batch_size > dataset_size:
     V.fail("batch_size", batch_size, f"<= dataset_size={dataset_size}")
   epochs = V.check_positive("epochs", epochs)
-  delta = V.check_open_unit("delta", delta)
+  delta = _accounting.check_delta(delta, dataset_size)
   return dataset_size, batch_size, epochs, delta
 
 

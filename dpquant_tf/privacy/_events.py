@@ -20,6 +20,8 @@ __all__ = [
     "sampled_gaussian_event",
     "UnknownSamplingProbabilityError",
     "events_from_table",
+    "merge_event_tables",
+    "table_difference",
     "update_event_table",
 ]
 
@@ -79,6 +81,65 @@ def update_event_table(q_table: tf.Tensor, z_table: tf.Tensor,
   new_z = tf.where(one_hot, z, z_table)
   new_counts = counts + tf.cast(one_hot, counts.dtype)
   new_used = used + tf.cast(ok & tf.logical_not(found), used.dtype)
+  return new_q, new_z, new_counts, new_used, overflowed
+
+
+def _key_match(src_q, src_z, src_live, dst_q, dst_z, dst_used):
+  """[S, K] bool: source slot i holds the same (q, z) as destination slot j."""
+  in_use = tf.range(tf.shape(dst_q)[0]) < dst_used
+  return (src_live[:, None] & in_use[None, :] &
+          tf.equal(src_q[:, None], dst_q[None, :]) &
+          tf.equal(src_z[:, None], dst_z[None, :]))
+
+
+def table_difference(q_table, z_table, counts, used, other_q, other_z,
+                     other_counts, other_used) -> tf.Tensor:
+  """Per slot of the first table: max(count - the other table's count of the
+  same (q, z), 0) (int64 [K]). Pure function; unused slots give 0."""
+  live = tf.range(tf.shape(q_table)[0]) < used
+  match = _key_match(q_table, z_table, live, other_q, other_z, other_used)
+  matched = tf.reduce_sum(tf.where(match, other_counts[None, :],
+                                   tf.zeros_like(other_counts)[None, :]),
+                          axis=1)
+  return tf.where(live, tf.maximum(counts - matched, 0),
+                  tf.zeros_like(counts))
+
+
+def merge_event_tables(q_table, z_table, counts, used, src_q, src_z,
+                       src_counts):
+  """Adds the source table's counts into the table, keyed by (q, z).
+
+  Pure function (XLA compatible). Source slots with count 0 are skipped;
+  the source holds each (q, z) at most once (as every event table does).
+
+  Returns:
+    (q_table, z_table, counts, used, overflowed): `overflowed` is True when
+    some source entry found no free slot (its steps were NOT added).
+  """
+  size = tf.shape(q_table)[0]
+  live = src_counts > 0
+  match = _key_match(src_q, src_z, live, q_table, z_table, used)
+  found = tf.reduce_any(match, axis=1)
+  add_existing = tf.reduce_sum(
+      tf.where(match, src_counts[:, None], tf.zeros_like(counts)[None, :]),
+      axis=0)
+  new = live & tf.logical_not(found)
+  rank = tf.cumsum(tf.cast(new, tf.int32)) - 1
+  slot = used + rank
+  fits = new & (slot < size)
+  overflowed = tf.reduce_any(new & (slot >= size))
+  onehot = tf.one_hot(tf.where(fits, slot, -tf.ones_like(slot)), size,
+                      on_value=True, off_value=False, dtype=tf.bool)
+  taken = tf.reduce_any(onehot, axis=0)
+  zeros_q = tf.zeros_like(q_table)[None, :]
+  new_q = tf.where(taken, tf.reduce_sum(
+      tf.where(onehot, src_q[:, None], zeros_q), axis=0), q_table)
+  new_z = tf.where(taken, tf.reduce_sum(
+      tf.where(onehot, src_z[:, None], zeros_q), axis=0), z_table)
+  new_counts = counts + add_existing + tf.reduce_sum(
+      tf.where(onehot, src_counts[:, None], tf.zeros_like(counts)[None, :]),
+      axis=0)
+  new_used = used + tf.reduce_sum(tf.cast(fits, used.dtype))
   return new_q, new_z, new_counts, new_used, overflowed
 
 

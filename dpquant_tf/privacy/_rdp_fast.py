@@ -107,4 +107,6 @@ def poisson_gaussian_rdp(q: float, sigma: float, orders) -> np.ndarray:
   if (~is_int).any():
     out[~is_int] = (_log_a_frac(q, sigma, orders[~is_int]) /
                     (orders[~is_int] - 1))
-  return out
+  # RDP is never negative; round-off (about -1e-16 at q = 1e-9) is clamped.
+  # NaN (not evaluated) stays NaN.
+  return np.where(np.isnan(out), out, np.maximum(out, 0.0))

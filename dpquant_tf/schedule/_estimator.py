@@ -283,6 +283,8 @@ class LossSensitivityEstimator:
     event = self.dp_event()
     self.events.append(event)
     if ledger is not None:
+      if self.seed is not None:  # Stated: the seed voids amplification.
+        ledger.note_seeded("estimator")
       ledger.record(event, kind="analysis")
     released = self.noised_mean(clipped_sum).numpy()
     return {name: float(val) for name, val in zip(names, released)}

@@ -13,7 +13,10 @@ plan into ``logs`` (so History, CSVLogger and TensorBoard see it):
 * ``quant_flop_fraction``: their share of the forward + backward MACs;
 * ``quant_bits/<layer>``: forward bits of each layer (0 = not quantized);
 * ``grad_bits/<layer>``: gradient bits given to the optimizer (when set);
-* ``epsilon`` and ``analysis_epsilon_share`` when a ledger and delta are given.
+* ``epsilon`` (the ledger's proven figure, the same ``PrivacyCallback``
+  logs), ``epsilon_if_poisson`` (only when the sampling does not prove
+  amplification) and ``analysis_epsilon_share`` when a ledger and delta are
+  given.
 
 Everything logged is either public (architecture, schedule randomness) or
 post-processing of released values (weights, the estimator's noised releases).
@@ -79,7 +82,10 @@ class DPQuantScheduler(tf.keras.callbacks.Callback):
     if delta is not None:
       if ledger is None:
         v.fail("ledger", ledger, "a PrivacyLedger when delta is given")
-      delta = v.check_open_unit("delta", delta)
+      # Below 1/N when the ledger knows N (refused before any step).
+      check = getattr(ledger, "check_delta", None)
+      delta = (check(delta) if check is not None
+               else v.check_open_unit("delta", delta))
     if base_config is not None:
       base_config = _plan.check_base_config(base_config)
     self.policy = policy
@@ -178,7 +184,12 @@ class DPQuantScheduler(tf.keras.callbacks.Callback):
       self.releases.update_rms = self._update_rms()
       entry["update_rms"] = dict(self.releases.update_rms)
     if self.ledger is not None and self.delta is not None:
-      entry["epsilon"] = float(self.ledger.epsilon(self.delta))
+      # The one proven figure under "epsilon", as PrivacyCallback logs it
+      # (whatever the callback order); the Poisson-amplified figure only
+      # under its own name when batches were not Poisson sampled.
+      entry["epsilon"] = float(self.ledger.proven_epsilon(self.delta))
+      if not self.ledger.proves_amplification():
+        entry["epsilon_if_poisson"] = float(self.ledger.epsilon(self.delta))
       entry["analysis_epsilon_share"] = float(self.ledger.analysis_share(self.delta))
     self.history.append(entry)
     if logs is not None:
@@ -212,7 +223,7 @@ class DPQuantScheduler(tf.keras.callbacks.Callback):
       out[f"quant_bits/{name}"] = float(b)
     for name, b in (entry.get("gradient_bits") or {}).items():
       out[f"grad_bits/{name}"] = float(b)
-    for key in ("epsilon", "analysis_epsilon_share"):
+    for key in ("epsilon", "epsilon_if_poisson", "analysis_epsilon_share"):
       if key in entry:
         out[key] = float(entry[key])
     return out

@@ -162,3 +162,97 @@ def test_per_step_score_refuses_adam_and_final_score_works_for_it():
                                                       score="final")
   assert scores.shape == (4,) and included.shape == (4,)
   assert np.all(np.isfinite(scores)) and opt._audit_hook is None
+
+
+class _ZeroLoss(tf.keras.losses.Loss):
+  """Per-example loss 0 * f(x): every data gradient is exactly zero."""
+
+  def __init__(self):
+    super().__init__(reduction="none")
+
+  def call(self, y_true, y_pred):
+    return 0.0 * tf.reshape(y_pred, [-1])
+
+
+def _fitted_probe(dim=256):
+  """A linear probe compiled with a DP optimizer (z = 0) and a zero loss,
+  fit once already (its train step is traced without canaries)."""
+  opt, model = _optimizer(), audit.linear_probe_model(dim)
+  model.compile(optimizer=opt, loss=_ZeroLoss())
+  x, y = np.ones([4, dim], np.float32), np.zeros([4], np.float32)
+  model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+  return opt, model, (x, y)
+
+
+def test_auditing_a_model_fit_before_still_injects_the_canaries():
+  """Issue 20: auditing a model that was already fit once injected no
+  canaries (the traced step had no hook) and reported 0, silently."""
+  opt, model, (x, y) = _fitted_probe()
+  scores, included = audit.fit_with_gradient_canaries(
+      model, opt, lambda cbs: model.fit(x, y, batch_size=4, epochs=3,
+                                        verbose=0, callbacks=cbs),
+      canaries=8, seed=1, score="final")
+  # 3 steps, each moving an included canary's score by lr*C/B = 0.125
+  # (plus the small cross-talk of nearly orthogonal directions).
+  assert included.any() and (~included).any()
+  assert np.all(scores[included] > 0.2), scores
+  assert np.all(np.abs(scores[~included]) < 0.15), scores
+  # On exit the step is retraced without the hook: training moves nothing.
+  w = model.get_weights()
+  model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+  for a, b in zip(w, model.get_weights()):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_steps_traced_before_the_context_fail_loudly():
+  opt, model = _optimizer(), audit.linear_probe_model(3)
+  step = _zero_gradient_step(model, opt)
+  step()  # traced without the hook
+  with pytest.raises(audit.CanariesNotTracedError, match="WITHOUT"):
+    with audit.gradient_canaries(opt, model.trainable_variables, canaries=4):
+      step()
+  assert opt._audit_hook is None
+
+
+def test_seeded_canary_sampling_is_stated_in_the_ledger():
+  ledger = dpquant_tf.privacy.PrivacyLedger(sampling_method="poisson")
+  opt = _optimizer(ledger=ledger)
+  model = audit.linear_probe_model(3)
+  with audit.gradient_canaries(opt, model.trainable_variables, canaries=4,
+                               sampling_seed=3, ledger=ledger):
+    pass
+  assert ledger.seeded_sources() == ["canaries"]
+  assert "audit canaries" in " ".join(ledger.statement(1e-5).split())
+
+
+_REPLICA_CHECK = r"""
+import dpquant_tf
+from dpquant_tf import audit, distribute
+distribute.configure_cpu_devices(2)
+import tensorflow as tf
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+with strategy.scope():
+  opt = dpquant_tf.DPQuantOptimizer(l2_norm_clip=1.0, noise_multiplier=1.0,
+                                    sampling_probability=0.5)
+  model = audit.linear_probe_model(3)
+try:  # Outside the scope: the caller's strategy has one replica.
+  with audit.gradient_canaries(opt, model.trainable_variables, canaries=2):
+    pass
+  print("ACCEPTED")
+except ValueError as e:
+  print("REFUSED", e)
+"""
+
+
+@pytest.mark.slow  # a subprocess with 2 logical CPUs
+def test_replica_check_uses_the_strategy_that_owns_the_variables():
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))))
+  out = subprocess.run([sys.executable, "-c", _REPLICA_CHECK], cwd=root,
+                       capture_output=True, text=True, timeout=600,
+                       check=True, env=dict(os.environ, PYTHONPATH=root))
+  last = out.stdout.strip().splitlines()[-1]
+  assert last.startswith("REFUSED") and "replicas=2" in last, last
