@@ -15,6 +15,7 @@ Subpackages (the architecture, one concern each):
   estimator, the ``DPQuantScheduler`` callback.
 * ``dpquant_tf.data``, ``dpquant_tf.models``: offline datasets, model builders.
 * ``dpquant_tf.distribute``: ``tf.distribute`` support.
+* ``dpquant_tf.export``: ``export_for_serving``, a deterministic SavedModel.
 """
 
 from dpquant_tf import _env
@@ -23,6 +24,7 @@ _env.setup()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from dpquant_tf._version import __version__
+from dpquant_tf.export import export_for_serving
 from dpquant_tf.optimizers import DPQuantAdamOptimizer
 from dpquant_tf.optimizers import DPQuantOptimizer
 from dpquant_tf.optimizers import PerExampleMethod
@@ -80,6 +82,7 @@ __all__ = [
     "StaticPolicy",
     "__version__",
     "calibrate_noise_multiplier",
+    "export_for_serving",
     "fix_model",
     "get_plan",
     "poisson_dataset",

@@ -93,10 +93,12 @@ def _nearest_rounding(model):
   try:
     for layer in layers:
       layer.rounding = quantization.Rounding.NEAREST
+      layer.quantize_in_inference = True  # training=False trace quantizes
     yield
   finally:
     for layer, rounding in zip(layers, saved):
       layer.rounding = rounding
+      layer.quantize_in_inference = False
 
 
 def _per_example_loss_fn(model, loss) -> Callable:
