@@ -132,8 +132,7 @@ def inference_model(model, *, precision=ServingPrecision.FLOAT32):
 
 def _check_graph_model(model) -> None:
   if not isinstance(model, tf.keras.Model):
-    _validation.fail("model", model, "a tf.keras.Model (Keras 2, tf-keras): "
-                     "import dpquant_tf before tensorflow/keras", TypeError)
+    _validation.fail("model", model, "a tf.keras.Model", TypeError)
   if not getattr(model, "_is_graph_network", False) and not isinstance(
       model, tf.keras.Sequential):
     _validation.fail("model", model, "a Sequential or Functional model "
