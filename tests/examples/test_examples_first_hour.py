@@ -128,6 +128,7 @@ def test_noise_zero_with_dp_is_refused():
     train_lib.TrainConfig(target_epsilon=None, noise_multiplier=0.0).validate()
 
 
+@pytest.mark.slow  # a DP training run with the tutorial CNN
 def test_ratio_zero_spends_nothing_on_analyses_and_batch_clamp_warns(capsys):
   result = train_lib.train(train_lib.TrainConfig(
       **dict(TINY, batch_size=100), policy="loss_aware", ratio=0.0,
@@ -186,6 +187,7 @@ def test_tensorflow_privacy_import_after_dpquant_tf_has_its_names():
 
 # -- TensorBoard, and the new-user walk-through -----------------------------------
 
+@pytest.mark.slow  # a training run with the tutorial CNN
 def test_tensorboard_dir_end_to_end(tmp_path):
   tb = tmp_path / "tb"
   train_lib.train(train_lib.TrainConfig(**TINY, policy="none",
