@@ -1,4 +1,4 @@
-"""Trace-time guards of the DP step (METHOD.md section 4, invariants 8, 10).
+"""Trace-time guards of the DP step (docs/METHOD.md section 4, invariants 8, 10).
 
 * :func:`calling_model` finds the Keras model whose ``train_step`` called the
   optimizer, and that step's inputs ``x``, so the optimizer can check the

@@ -4,7 +4,7 @@
 (``dpquant_tf.privacy._model_checks``, also used by ``DPQuantOptimizer`` and
 the callbacks): BatchNormalization by class, any layer whose state a training
 step assigns from the batch, range-tracking tfmot quantizers and tapped layers
-inside ``TimeDistributed`` (METHOD.md invariants 1, 8 and 11). `fix_model`
+inside ``TimeDistributed`` (docs/METHOD.md invariants 1, 8 and 11). `fix_model`
 replaces BatchNormalization with GroupNormalization, which normalizes within
 each example; the other problems have no automatic fix.
 """

@@ -20,7 +20,7 @@ Formal guarantee: with Poisson sampling at rate q_a and add/remove-one
 adjacency, adding or removing example j changes the clipped sum by exactly
 clip(r_j), of L2 norm at most C_a (r_j depends only on x_j, y_j, the current
 weights, never on another example: nearest rounding and per-example
-activation scales, METHOD.md invariant 1).
+activation scales, docs/METHOD.md invariant 1).
 The release is therefore the sampled Gaussian mechanism with sampling rate q_a
 and noise multiplier sigma_a; dividing by the public constant q_a * N is
 post-processing. Each release is recorded as
@@ -64,7 +64,7 @@ def clip_per_example(r: tf.Tensor, clip: float) -> tf.Tensor:
   Formal guarantee: every returned row has L2 norm <= clip. Rows are scaled
   to clip * (1 - 1e-12), which absorbs float64 rounding of the scaling. A
   row with any NaN or inf (a non-finite loss of that example) becomes exactly
-  zero (METHOD.md invariant 9): it cannot turn the release into NaN.
+  zero (docs/METHOD.md invariant 9): it cannot turn the release into NaN.
   """
   r = tf.cast(tf.convert_to_tensor(r), tf.float64)
   finite = tf.reduce_all(tf.math.is_finite(r), axis=1, keepdims=True)
