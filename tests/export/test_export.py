@@ -191,3 +191,23 @@ def test_tapped_groupnorm_model_exports_with_activation(tmp_path):
   serve = tf.saved_model.load(path).signatures["serving_default"]
   np.testing.assert_allclose(serve(inputs=tf.constant(x))["logits"].numpy(),
                              plain(x, training=False).numpy(), atol=1e-6)
+
+
+def test_readme_export_section_runs_as_written(tmp_path):
+  import pathlib  # pylint: disable=import-outside-toplevel
+  import re  # pylint: disable=import-outside-toplevel
+  text = (pathlib.Path(REPO) / "README.md").read_text()
+  section = text[text.index("## Export for serving"):]
+  section = section[:section.index("\n## ", 1)]
+  blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+  assert len(blocks) == 2, blocks
+  inputs = tf.keras.Input((28, 28, 1))
+  model = quantization.quantize_model(tf.keras.Model(
+      inputs, tf.keras.layers.Dense(10)(tf.keras.layers.Flatten()(inputs))))
+  namespace = {"dpquant_tf": dpquant_tf, "model": model}
+  for block in blocks:
+    code = block.replace("/tmp/dpquant_export", str(tmp_path / "export"))
+    exec(compile(code, "README.md", "exec"), namespace)  # pylint: disable=exec-used
+  probs = namespace["probs"].numpy()
+  assert probs.shape == (1, 10)
+  np.testing.assert_allclose(probs.sum(), 1.0, atol=1e-5)
