@@ -91,9 +91,9 @@ def _npz(path, x_train, y_train, x_test=None, y_test=None):
 
 
 def test_metrics_json_written_first_and_all_nan_data_refused(tmp_path):
-  x = np.full((32, 8, 8, 1), np.nan, np.float32)
+  x = np.full((32, 28, 28, 1), np.nan, np.float32)
   spec = _npz(tmp_path / "nan.npz", x, np.arange(32) % 4,
-              x_test=np.zeros((4, 8, 8, 1), np.float32))
+              x_test=np.zeros((4, 28, 28, 1), np.float32))
   metrics = tmp_path / "m.json"
   cfg = train_lib.TrainConfig(dataset=spec, epochs=1, batch_size=8,
                               verbose=0, metrics_json=str(metrics),
