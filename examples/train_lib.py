@@ -62,9 +62,9 @@ from dpquant_tf import models as dp_models
 from dpquant_tf import presets
 from examples import train_cost_lib
 
-__all__ = ["ExportFailed", "FormatName", "NativeFormat", "OptimizerName", "PolicyName",
-           "RESEARCH_SEEDS", "TrainConfig", "TrainResult", "base_layer_config",
-           "check_output_paths", "format_names", "train"]
+__all__ = ["ExportFailed", "FormatName", "NativeFormat", "OptimizerName",
+           "PolicyName", "RESEARCH_SEEDS", "TrainConfig", "TrainResult",
+           "base_layer_config", "check_output_paths", "format_names", "train"]
 
 
 # The names a user passes (--policy, --format) are library presets.
