@@ -17,6 +17,7 @@ Subpackages (the architecture, one concern each):
 * ``dpquant_tf.distribute``: ``tf.distribute`` support.
 * ``dpquant_tf.training``: the owned entry ``make_private`` and the owned
   train step every DP step goes through.
+* ``dpquant_tf.export``: ``export_for_serving``, a deterministic SavedModel.
 """
 
 from dpquant_tf import _env
@@ -25,6 +26,7 @@ _env.setup()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from dpquant_tf._version import __version__
+from dpquant_tf.export import export_for_serving
 from dpquant_tf.optimizers import DPQuantAdamOptimizer
 from dpquant_tf.optimizers import DPQuantOptimizer
 from dpquant_tf.optimizers import PerExampleMethod
@@ -86,6 +88,7 @@ __all__ = [
     "StaticPolicy",
     "__version__",
     "calibrate_noise_multiplier",
+    "export_for_serving",
     "fix_model",
     "get_plan",
     "install_dp_train_step",

@@ -12,7 +12,19 @@ from typing import Any, Iterable, Optional
 
 
 def _fail(name: str, value: Any, expectation: str, exc=ValueError):
-  raise exc(f"Expected {name}={value!r} to be {expectation}.")
+  raise exc(f"Expected {name}={value!r} to be {expectation}."
+            f"{_keras3_hint(value)}")
+
+
+def _keras3_hint(value: Any) -> str:
+  """Names the fix when `value` is a Keras 3 object (dpquant_tf is Keras 2)."""
+  module = type(value).__module__ or ""
+  if module == "keras" or module.startswith("keras."):
+    return (f" It is a Keras 3 object ({type(value).__module__}."
+            f"{type(value).__name__}); dpquant_tf needs Keras 2 (tf-keras): "
+            "import dpquant_tf first and build it with tf.keras (or "
+            "`import tf_keras`), not `import keras`.")
+  return ""
 
 
 def check_type(name: str, value: Any, types, expectation: Optional[str] = None):

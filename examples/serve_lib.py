@@ -31,63 +31,31 @@ __all__ = ["SIGNATURE_KEY", "export_for_serving", "inference_model",
 SIGNATURE_KEY = "serving_default"
 
 
-def inference_model(model):
-  """Returns a plain copy of `model` holding only its weights (no optimizer).
+def inference_model(model, *, precision: str = "float32"):
+  """A plain copy of `model` holding only its weights (``dpquant_tf.export``).
 
-  Layers wrapped by ``dpquant_tf.quantization.QuantizedLayer`` are replaced by
-  the layers they wrap, so the copy serves the trained weights in full
-  precision: quantization is a training-time compute saving, and stochastic
-  rounding would make predictions random. The copy has no optimizer, no
-  quantizer switches or rounding-generator state, and no training statistics.
-
-  Args:
-    model: a trained Functional or Sequential ``tf.keras.Model`` (quantized by
-      ``quantize_model`` or not).
+  Quantization wrappers and per-example taps are removed (full-precision,
+  deterministic inference); no optimizer, quantizer switches, generator state
+  or training statistics are copied.
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from dpquant_tf.quantization import QuantizedLayer  # pylint: disable=g-import-not-at-top
-  pairs = []
-
-  def clone_fn(layer):
-    source = layer.layer if isinstance(layer, QuantizedLayer) else layer
-    new = source.__class__.from_config(source.get_config())
-    pairs.append((source, new))
-    return new
-
-  clone = tf.keras.models.clone_model(model, clone_function=clone_fn)
-  for source, new in pairs:
-    new.set_weights(source.get_weights())
-  return clone
+  from dpquant_tf import export  # pylint: disable=g-import-not-at-top
+  return export.inference_model(model, precision=precision)
 
 
-class _Servable:
-  """Builds the tf.Module that is saved: the model and its signature."""
+def export_for_serving(model, export_dir: str, *, precision: str = "float32",
+                       overwrite: bool = False) -> str:
+  """Saves a serving SavedModel of `model` at `export_dir` (atomically).
 
-  def __init__(self, model):
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    self.module = tf.Module(name="dpquant_servable")
-    self.module.model = model
-    spec = tf.TensorSpec([None, *model.input_shape[1:]], tf.float32, name="images")
-    if model.inputs[0].dtype.is_integer:   # text models: token ids
-      spec = tf.TensorSpec([None, *model.input_shape[1:]], tf.int32,
-                           name="token_ids")
-
-    def serve(inputs):
-      logits = model(inputs, training=False)
-      return {"probabilities": tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)}
-
-    # The signature's input is named like the spec (images or token_ids).
-    self.module.serve = tf.function(
-        (lambda images: serve(images)) if spec.name == "images"
-        else (lambda token_ids: serve(token_ids)), input_signature=[spec])
-
-
-def export_for_serving(model, export_dir: str) -> str:
-  """Saves a serving SavedModel of `model` at `export_dir`.
+  The library's ``dpquant_tf.export_for_serving`` with this example's
+  signature: ``images`` (float32) -> ``probabilities`` (softmax of the
+  logits); text models (integer inputs) take ``token_ids`` (int32) instead.
 
   Args:
     model: the trained Keras model (returns logits).
-    export_dir: target directory (created; an existing SavedModel is replaced).
+    export_dir: target directory: absent or empty (``overwrite`` replaces a
+      non-empty one).
+    precision: "float32" or "bfloat16" (inference precision).
+    overwrite: replace an existing export.
 
   Returns:
     `export_dir`.
@@ -96,12 +64,11 @@ def export_for_serving(model, export_dir: str) -> str:
     >>> export_for_serving(model, "/tmp/dpquant_export")
     >>> probs = predict("/tmp/dpquant_export", images)
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  _validation.check_type("export_dir", export_dir, str, "a directory path")
-  servable = _Servable(inference_model(model))
-  tf.saved_model.save(servable.module, export_dir,
-                      signatures={SIGNATURE_KEY: servable.module.serve})
-  return export_dir
+  text = bool(model.inputs) and model.inputs[0].dtype.is_integer
+  return dpquant_tf.export_for_serving(
+      model, export_dir, precision=precision,
+      input_name="token_ids" if text else "images",
+      output="probabilities", overwrite=overwrite)
 
 
 def load_for_serving(export_dir: str):

@@ -15,7 +15,11 @@ selection, 75% of the layers in LUQ-FP4 each epoch). Examples:
   python examples/train.py --model=transformer --export_dir=/tmp/t  # text
 
 A bad flag value prints one line naming the flag, the value and what was
-expected, and exits with status 2. Research flags (paired runs only; they
+expected, and exits with status 2; output paths (--export_dir, --metrics_json,
+--tensorboard_dir) are checked the same way before the first step. The
+metrics JSON is written at the start ("status": "started") and replaced
+atomically at the end; a failed export removes its partial directory, keeps
+the metrics and exits with status 1. Research flags (paired runs only; they
 print a warning and the guarantee then holds only while the seeds stay
 secret): --research_noise_seed, --research_sampling_seed,
 --research_estimator_seed.
@@ -185,6 +189,9 @@ def main(argv):
                                         cpu_devices=FLAGS.cpu_devices)
     with strategy.scope():
       train_lib.train(config)
+  except train_lib.ExportFailed as e:
+    print(f"train.py: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
   except (ValueError, TypeError) as e:
     if not str(e).startswith("Expected "):
       raise  # not a validation error: keep the traceback

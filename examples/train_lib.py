@@ -62,9 +62,9 @@ from dpquant_tf import models as dp_models
 from dpquant_tf import presets
 from examples import train_cost_lib
 
-__all__ = ["FormatName", "NativeFormat", "OptimizerName", "PolicyName",
-           "RESEARCH_SEEDS", "TrainConfig", "TrainResult", "base_layer_config", "format_names",
-           "train"]
+__all__ = ["ExportFailed", "FormatName", "NativeFormat", "OptimizerName",
+           "PolicyName", "RESEARCH_SEEDS", "TrainConfig", "TrainResult",
+           "base_layer_config", "check_output_paths", "format_names", "train"]
 
 
 # The names a user passes (--policy, --format) are library presets.
@@ -222,6 +222,12 @@ class TrainConfig:
         _validation.check_positive("target_epsilon", self.target_epsilon)
       else:
         _validation.check_non_negative("noise_multiplier", self.noise_multiplier)
+        if self.noise_multiplier == 0:
+          _validation.fail("noise_multiplier", self.noise_multiplier,
+                           "> 0 when dp=True (noise 0 is NOT private: "
+                           "epsilon is infinite; use dp=False / --nodp for "
+                           "a non-private baseline)")
+    check_output_paths(self)
     return self
 
 
@@ -283,9 +289,92 @@ def _analysis_fraction(cfg: TrainConfig, layers, estimator) -> float:
 
 
 def _write_json(path: str, obj) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=2, default=str)
+  """Writes `obj` as JSON atomically (a temporary file renamed over `path`)."""
+  full = os.path.abspath(os.path.expanduser(path))
+  os.makedirs(os.path.dirname(full), exist_ok=True)
+  tmp = f"{full}.partial-{os.getpid()}"
+  try:
+    with open(tmp, "w") as f:
+      json.dump(obj, f, indent=2, default=str)
+    os.replace(tmp, full)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def _check_writable_under(name: str, path: str) -> None:
+  """`path` can be created: its nearest existing ancestor is a writable dir."""
+  ancestor = os.path.dirname(os.path.abspath(os.path.expanduser(path)))
+  while not os.path.exists(ancestor):
+    ancestor = os.path.dirname(ancestor)
+  if not os.path.isdir(ancestor):
+    _validation.fail(name, path, f"under a directory, but {ancestor!r} is a "
+                     "file")
+  if not os.access(ancestor, os.W_OK | os.X_OK):
+    _validation.fail(name, path, f"in a writable directory ({ancestor!r} is "
+                     "not writable)")
+
+
+def check_output_paths(cfg: "TrainConfig") -> None:
+  """Refuses, before any training step, an output path that would fail later.
+
+  ``export_dir``: absent or an empty directory, under a writable directory
+  (``dpquant_tf.export.check_export_path``). ``metrics_json``: not a
+  directory, under a writable directory. ``tensorboard_dir``: not a file,
+  under a writable directory. Nothing is created.
+  """
+  if cfg.export_dir is not None:
+    from dpquant_tf import export  # pylint: disable=g-import-not-at-top
+    export.check_export_path(cfg.export_dir, name="export_dir")
+  if cfg.metrics_json is not None:
+    _validation.check_type("metrics_json", cfg.metrics_json, str, "a file path")
+    if not cfg.metrics_json or os.path.isdir(cfg.metrics_json):
+      _validation.fail("metrics_json", cfg.metrics_json,
+                       "a file path, not a directory")
+    if os.path.exists(cfg.metrics_json) and not os.access(cfg.metrics_json,
+                                                          os.W_OK):
+      _validation.fail("metrics_json", cfg.metrics_json, "a writable file")
+    _check_writable_under("metrics_json", cfg.metrics_json)
+  if cfg.tensorboard_dir is not None:
+    _validation.check_type("tensorboard_dir", cfg.tensorboard_dir, str,
+                           "a directory path")
+    if not cfg.tensorboard_dir or os.path.isfile(cfg.tensorboard_dir):
+      _validation.fail("tensorboard_dir", cfg.tensorboard_dir,
+                       "a directory, but it is an existing file")
+    if os.path.isdir(cfg.tensorboard_dir):
+      if not os.access(cfg.tensorboard_dir, os.W_OK | os.X_OK):
+        _validation.fail("tensorboard_dir", cfg.tensorboard_dir,
+                         "a writable directory")
+    else:
+      _check_writable_under("tensorboard_dir", cfg.tensorboard_dir)
+
+
+class ExportFailed(OSError):
+  """The run finished (metrics written) but its SavedModel export failed."""
+
+
+def _warn(message: str) -> None:
+  print(f"WARNING: {message}", file=sys.stderr, flush=True)
+
+
+def _check_train_data(ds) -> None:
+  """Refuses training data with no finite example; warns with the count.
+
+  Examples holding a NaN or inf contribute zero to every DP step (they are
+  zeroed, never clipped into the sum); the count is about the user's own
+  data and is printed locally only (it is not a DP release: do not publish
+  it).
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  flat = np.asarray(ds.x_train).reshape(len(ds.x_train), -1)
+  bad = int(np.sum(~np.all(np.isfinite(flat), axis=1)))
+  if bad and bad == len(flat):
+    _validation.fail("dataset", ds.name, f"training data with finite values "
+                     f"(all {bad} training examples hold NaN or inf)")
+  if bad:
+    _warn(f"{bad} of {len(flat)} training examples hold NaN or inf; each "
+          "contributes zero to every step (local diagnostic, not a DP "
+          "release).")
 
 
 def _quantized_model(cfg: TrainConfig, ds):
@@ -505,6 +594,9 @@ def train(config: TrainConfig) -> TrainResult:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from dpquant_tf import quantization  # pylint: disable=g-import-not-at-top
   start = time.time()
+  if cfg.metrics_json:  # first, so that a run that dies leaves a record
+    _write_json(cfg.metrics_json, {"status": "started",
+                                   "config": _public_config(cfg)})
   if cfg.seed is not None:
     tf.keras.utils.set_random_seed(cfg.seed)
   _warn_research_seeds(cfg)
@@ -512,11 +604,19 @@ def train(config: TrainConfig) -> TrainResult:
                             max_test=cfg.max_test, data_dir=cfg.data_dir,
                             tfds_download=cfg.tfds_download)
   print(f"Data: {ds.description}")
+  _check_train_data(ds)
   n = len(ds.x_train)
   batch = min(cfg.batch_size, n)
+  if batch < cfg.batch_size:
+    _warn(f"batch_size={cfg.batch_size} is larger than the {n} training "
+          f"examples: using {n} (sampling rate 1, no amplification).")
   q = batch / n
   model, layers, all_off = _quantized_model(cfg, ds)
   policy = _make_policy(cfg, _validation.check_enum("policy", cfg.policy, PolicyName))
+  if cfg.ratio == 0 and policy is not None:
+    print("ratio=0: no layer is quantized, so no schedule and no "
+          "loss-sensitivity analysis run (no epsilon spent on them).")
+    policy = None
   # DP optimizers need per-example losses (Reduction.NONE); plain SGD gets the
   # batch mean (a NONE loss would make Keras differentiate the batch sum).
   loss = tf.keras.losses.SparseCategoricalCrossentropy(
@@ -537,6 +637,11 @@ def train(config: TrainConfig) -> TrainResult:
   model.fit(train_data, epochs=cfg.epochs, callbacks=callbacks,
             verbose=cfg.verbose, steps_per_epoch=steps_per_epoch)
   train_seconds = time.time() - start
+  steps_run = int(optimizer.iterations.numpy())
+  if steps_run < steps_per_epoch * cfg.epochs:
+    print(f"Training stopped after {steps_run} of "
+          f"{steps_per_epoch * cfg.epochs} planned steps (a callback set "
+          "model.stop_training).")
 
   quantization.set_plan(model, all_off)  # evaluate in full precision
   _, acc = model.evaluate(ds.x_test, ds.y_test, batch_size=256, verbose=0)
@@ -574,11 +679,22 @@ def train(config: TrainConfig) -> TrainResult:
       "config": _public_config(cfg),
   }
   _report(cfg, metrics, ledger)
+  metrics["status"] = "finished"
+  if cfg.metrics_json:  # before the export: a failed export loses nothing
+    _write_json(cfg.metrics_json, metrics)
   if cfg.export_dir:
     from examples import serve_lib  # pylint: disable=g-import-not-at-top
-    serve_lib.export_for_serving(model, cfg.export_dir)
+    try:
+      serve_lib.export_for_serving(model, cfg.export_dir)
+    except OSError as e:
+      metrics["export_error"] = str(e)
+      if cfg.metrics_json:
+        _write_json(cfg.metrics_json, metrics)
+      raise ExportFailed(f"{e} The metrics were kept"
+                         f"{' in ' + cfg.metrics_json if cfg.metrics_json else ''}"
+                         ".") from e
     metrics["export_dir"] = cfg.export_dir
     print(f"Exported SavedModel (serving_default) to {cfg.export_dir}")
-  if cfg.metrics_json:
-    _write_json(cfg.metrics_json, metrics)
+    if cfg.metrics_json:
+      _write_json(cfg.metrics_json, metrics)
   return TrainResult(metrics=metrics, model=model)

@@ -213,6 +213,25 @@ def _to_labels(name: str, y: np.ndarray, n: int) -> np.ndarray:
   return y
 
 
+def _contiguous_classes(y_train: np.ndarray, y_test: np.ndarray) -> int:
+  """K when the labels of both splits are exactly 0..K-1; else refuses them.
+
+  Labels 1..10 plus a stray 57 would otherwise build a 58-class model.
+  """
+  labels = np.unique(np.concatenate([y_train, y_test]))
+  k = int(labels.max()) + 1
+  if len(labels) != k:
+    missing = sorted(set(range(k)) - set(labels.tolist()))
+    shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5
+                                                else "")
+    _validation.fail("labels", f"{len(labels)} distinct values in "
+                     f"[{int(labels.min())}, {k - 1}]",
+                     f"the contiguous classes 0..K-1 ({len(missing)} of "
+                     f"0..{k - 1} never occur: {shown}); relabel with "
+                     "np.unique(y, return_inverse=True)")
+  return k
+
+
 def _load_npz(path: str) -> Dataset:
   if not os.path.isfile(path):
     _validation.fail("dataset", f"npz:{path}", "an existing .npz file")
@@ -242,7 +261,7 @@ def _load_npz(path: str) -> Dataset:
   if x_train.shape[1:] != x_test.shape[1:]:
     _validation.fail("x_test.shape[1:]", x_test.shape[1:],
                      f"equal to x_train.shape[1:]={x_train.shape[1:]}")
-  num_classes = int(max(y_train.max(), y_test.max())) + 1
+  num_classes = _contiguous_classes(y_train, y_test)
   return Dataset(name=f"npz:{path}", x_train=x_train, y_train=y_train,
                  x_test=x_test, y_test=y_test, num_classes=num_classes,
                  description=f"user data from {path}: {len(x_train)} train / "
@@ -313,7 +332,7 @@ def _load_tfds(name: str, *, data_dir: Optional[str],
   try:
     num_classes = int(info.features["label"].num_classes)
   except (KeyError, AttributeError, TypeError):
-    num_classes = int(max(y_train.max(), y_test.max())) + 1
+    num_classes = _contiguous_classes(y_train, y_test)
   return Dataset(name=f"tfds:{name}", x_train=x_train, y_train=y_train,
                  x_test=x_test, y_test=y_test, num_classes=num_classes,
                  description=f"tensorflow_datasets {name}: {len(x_train)} "

@@ -1,7 +1,7 @@
 """Model builders for DP training: Functional Keras models, no BatchNorm.
 
 BatchNormalization couples the examples of a batch (training-mode statistics),
-which breaks per-example gradient clipping (METHOD.md, invariant 1). The ResNets
+which breaks per-example gradient clipping (docs/METHOD.md, invariant 1). The ResNets
 here use GroupNormalization, whose statistics are per example.
 
 * :func:`tutorial_cnn`: the CNN of TF-Privacy's MNIST DP-SGD tutorial

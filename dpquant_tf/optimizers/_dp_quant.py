@@ -380,7 +380,7 @@ class _DPQuantMixin(_state.DPStateMixin):
       UnrecordedUpdateError: `grads_and_vars` holds gradients that this
         optimizer's ``_compute_gradients`` did not return in this step (raw
         gradients, modified ones, or ones already applied), also on a fresh
-        optimizer and under ``python -O`` (METHOD.md section 4, inv. 10).
+        optimizer and under ``python -O`` (docs/METHOD.md section 4, inv. 10).
     """
     pairs = self._issued.redeem(grads_and_vars)
     return super().apply_gradients(pairs, *args, **kwargs)
@@ -564,7 +564,7 @@ class DPQuantOptimizer(_DPQuantMixin,
 
   1. per-example (microbatch) gradients (fast layer taps or jacobian);
   2. clip each to L2 norm C (as TF-Privacy);
-  3. optional per-variable stochastic quantization Q(g; b, C) (METHOD.md
+  3. optional per-variable stochastic quantization Q(g; b, C) (docs/METHOD.md
      sec. 3), then re-clip to C (RECLIP, sensitivity C) or not (BOUND,
      sensitivity C + sqrt(sum_l d_l (C/L_l)^2));
   4. sum, add N(0, (z C)^2) from the optimizer's ``tf.random.Generator``;

@@ -1,4 +1,4 @@
-"""Trace-time guards of the DP step (METHOD.md section 4, invariants 8, 10).
+"""Trace-time guards of the DP step (docs/METHOD.md section 4, invariants 8, 10).
 
 * :class:`StepBinding`: the model and input batch of the owned step, handed
   to the optimizer explicitly (``DPQuantOptimizer.dp_step``), so it checks

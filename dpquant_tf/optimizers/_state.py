@@ -119,7 +119,7 @@ class DPStateMixin:
     # optimizer is (see distribute/_replica.check_generator_strategy), and
     # held outside the trackable graph: no checkpoint, SavedModel,
     # get_config or variables()/get_weights() ever holds the noise state
-    # (METHOD.md section 4, invariant 7). A restored optimizer is a new
+    # (docs/METHOD.md section 4, invariant 7). A restored optimizer is a new
     # object and draws from fresh OS entropy.
     self._noise_holder = _Unsaved(_random.make_generator(seed=self._seed))
 

@@ -105,7 +105,7 @@ def _tap_problem(tapped, num_examples):
   rows = x.shape[0] if x.shape.rank else None
   if isinstance(num_examples, int) and rows is not None and rows != num_examples:
     # TimeDistributed or a reshape folded other axes into its batch: its rows
-    # are not the examples (METHOD.md invariant 8). The jacobian is exact.
+    # are not the examples (docs/METHOD.md invariant 8). The jacobian is exact.
     return None, (f"its input has {rows} rows for {num_examples} examples (a "
                   "TimeDistributed wrapper or a reshape folds other axes into "
                   "them)")

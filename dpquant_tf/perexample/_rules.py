@@ -229,7 +229,7 @@ def embedding_grads(layer, x, g, m) -> Dict[str, tf.Tensor]:
   its rows are masked and its ids clamped before the scatter. Without this,
   ``id + offset`` of an out-of-range id lands in another microbatch's slot
   (XLA accepts such ids silently in the forward pass), and one example would
-  add its rows to gradients that are clipped separately (METHOD.md
+  add its rows to gradients that are clipped separately (docs/METHOD.md
   invariant 8). Same on the eager, ``tf.function`` and XLA paths.
   """
   vocab, dim = layer.embeddings.shape.as_list()

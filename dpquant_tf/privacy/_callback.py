@@ -12,6 +12,7 @@ cooperate in any order of the ``callbacks=[...]`` list.
 """
 
 import math
+import sys
 import weakref
 from typing import Optional
 
@@ -183,6 +184,13 @@ class PrivacyCallback(tf.keras.callbacks.Callback):
     extra = (self.ledger.planned_releases(self._epoch + 1) if next_epoch
              else [])
     if not self._fits(extra):
+      if not self.stopped_for_budget:  # say why, once (issue 23)
+        print(f"PrivacyCallback: stopping training: the next "
+              f"{'epoch' if next_epoch else 'execution'} would take epsilon "
+              f"past budget_epsilon={self.budget_epsilon} at delta="
+              f"{self.delta:g} (spent "
+              f"{self.ledger.proven_epsilon(self.delta):.4g}).",
+              file=sys.stderr, flush=True)
       self.stopped_for_budget = True
       self.model.stop_training = True
 

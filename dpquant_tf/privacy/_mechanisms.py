@@ -10,7 +10,7 @@ variables and calls these functions in order::
 ``add_gaussian_noise`` is the one function in dpquant_tf that adds DP noise.
 All randomness comes from a ``tf.random.Generator`` passed in by the caller.
 
-Reference: Gao et al., "DPQuant", arXiv:2509.03472; METHOD.md sections 3-4.
+Reference: Gao et al., "DPQuant", arXiv:2509.03472; docs/METHOD.md sections 3-4.
 """
 
 import enum
@@ -83,7 +83,7 @@ def clip_per_example(grads: Sequence[tf.Tensor],
   norm is not finite (a NaN or inf anywhere in its gradient), or that
   ``valid`` marks invalid (an out-of-range Embedding id), is replaced by exact
   zeros: ``0 * NaN`` would be NaN, so the row is selected away with
-  ``tf.where``, never multiplied by 0 (METHOD.md section 4, invariant 9).
+  ``tf.where``, never multiplied by 0 (docs/METHOD.md section 4, invariant 9).
 
   Formal guarantee: each returned example has L2 norm at most C in the
   arithmetic executed, and is exactly 0 when its input was not finite or

@@ -1,7 +1,7 @@
 """Model checks for DP training: every problem of a model at once (Opacus-style).
 
 A model can break the per-example guarantee before any gradient is clipped
-(METHOD.md section 4, invariants 1, 8 and 11). :func:`model_privacy_problems`
+(docs/METHOD.md section 4, invariants 1, 8 and 11). :func:`model_privacy_problems`
 lists, one line each:
 
 * BatchNormalization, by class (any subclass, any name, also with

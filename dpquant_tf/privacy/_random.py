@@ -2,7 +2,7 @@
 
 Every ``tf.random.Generator`` the library draws private randomness from is made
 here. Default: OS entropy (``from_non_deterministic_state``), which differs per
-process also under XLA (METHOD.md section 4, invariant 3). An explicit seed is
+process also under XLA (docs/METHOD.md section 4, invariant 3). An explicit seed is
 accepted only where a test or a research study asks for it by name; such a
 generator's stream is a guarantee only while the seed stays secret.
 """

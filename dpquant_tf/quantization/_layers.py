@@ -9,8 +9,11 @@ and the gradient passed to earlier layers use it). Then the layer's activation.
 Whether and how a layer quantizes lives in non-trainable variables
 (``enabled``, ``fwd_format``, ``fwd_bits``, ``bwd_format``, ``bwd_bits``), so a
 traced or XLA-compiled train step serves every setting: schedules only assign.
-Bits 0 switches one direction off. Quantization applies whenever enabled, in
-training and in inference.
+Bits 0 switches one direction off. Quantization applies whenever enabled in
+training (and when ``training`` is not given); a call with ``training=False``
+(``predict``, ``evaluate``, a serving export) runs the plain layer in float32,
+unless ``quantize_in_inference`` is set (the loss-sensitivity estimator sets
+it while it traces; a Python attribute read at trace time).
 
 Taps (contract with dpquant_tf.perexample): every call sets ``tap_input`` (the
 tensor fed to ``op``: ``q(x)``, or ``x`` when the forward direction is off; for
@@ -120,6 +123,7 @@ class QuantizedLayer(_layers.Wrapper):
     self.weight_scale = _validation.check_enum("weight_scale", weight_scale,
                                                ScaleMode)
     self.seed = None if seed is None else _validation.check_int("seed", seed)
+    self.quantize_in_inference = False
     kwargs.setdefault("name", f"quant_{layer.name}")
     super().__init__(layer, **kwargs)
     self.kind = kind
@@ -256,7 +260,7 @@ class QuantizedLayer(_layers.Wrapper):
     return tf.cond(bf16_on, lambda: self._bfloat16_op(qx, qk),
                    lambda: (qx, self._linear(qx, qk)))
 
-  def call(self, inputs, training=None):  # pylint: disable=unused-argument
+  def call(self, inputs, training=None):
     layer = self.layer
     x = inputs
     if x.dtype.base_dtype != layer.compute_dtype:
@@ -264,6 +268,9 @@ class QuantizedLayer(_layers.Wrapper):
     if self.kind == LayerKind.CONV1D and layer._is_causal:  # pylint: disable=protected-access
       x = tf.pad(x, layer._compute_causal_padding(x))  # pylint: disable=protected-access
     enabled = tf.convert_to_tensor(self.enabled)
+    if training is not None and not self.quantize_in_inference:
+      # Inference (training=False) never runs the training plan.
+      enabled = tf.logical_and(enabled, tf.cast(training, tf.bool))
     precision = tf.convert_to_tensor(self.precision)
     fwd_on = tf.logical_and(enabled, self.fwd_bits > 0)
     bwd_on = tf.logical_and(enabled, self.bwd_bits > 0)

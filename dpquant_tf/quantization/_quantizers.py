@@ -17,7 +17,7 @@ Formal guarantees (for every format, per element, given the scale):
     which is ``x`` itself for max-abs scaled formats;
   * nearest rounding is idempotent on its own outputs.
 
-Privacy (METHOD.md invariant 1): scales are computed over `scale_axes` only.
+Privacy (docs/METHOD.md invariant 1): scales are computed over `scale_axes` only.
 For activations and gradients pass ``example_axes(x)`` (every axis but the
 batch axis 0), so example i's output never depends on another example.
 Randomness comes only from the `tf.random.Generator` passed in: one 32-bit

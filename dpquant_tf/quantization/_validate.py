@@ -6,7 +6,7 @@ the callbacks): BatchNormalization by class, any layer whose state a training
 step assigns from the batch, range-tracking tfmot quantizers, tapped layers
 inside ``TimeDistributed``, Keras mixed-precision policies, undeclared
 preprocessing state and layers or losses that couple the examples of a batch
-(METHOD.md invariants 1, 8 and 11). `fix_model`
+(docs/METHOD.md invariants 1, 8 and 11). `fix_model`
 replaces BatchNormalization with GroupNormalization, which normalizes within
 each example; the other problems have no automatic fix.
 """

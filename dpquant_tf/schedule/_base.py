@@ -25,7 +25,7 @@ class BitsTarget(enum.Enum):
   """Where a bit-width policy's per-layer bits go.
 
   GRADIENTS: the optimizer's per-layer gradient bit widths
-    (``DPQuantOptimizer.set_gradient_bits``, METHOD.md section 3); the layers'
+    (``DPQuantOptimizer.set_gradient_bits``, docs/METHOD.md section 3); the layers'
     forward/backward quantization is left off (or set by a selection policy).
   LAYERS: the bits of the layers' own uniform INT quantizers (forward weights
     and activations, and the gradient at the layer output).

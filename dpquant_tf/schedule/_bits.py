@@ -1,6 +1,6 @@
 """Bit-width policies (how many bits) and their combination with layer selection.
 
-These serve the second reading of DPQuant (METHOD.md section 3): per-layer
+These serve the second reading of DPQuant (docs/METHOD.md section 3): per-layer
 quantization of the clipped per-example gradients to b_l bits, with b_l raised
 over training, larger toward the output, or adapted to released gradient norms.
 By default their bits go to the optimizer's per-layer gradient bit widths
@@ -9,7 +9,7 @@ layers' own uniform INT quantizers instead.
 
 Every policy here only reads the epoch, the public architecture and released
 values: post-processing, ``spends_privacy = False``. Quantization error is
-never counted as privacy (METHOD.md invariant 6).
+never counted as privacy (docs/METHOD.md invariant 6).
 """
 
 import abc

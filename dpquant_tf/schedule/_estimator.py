@@ -20,7 +20,7 @@ Formal guarantee: with Poisson sampling at rate q_a and add/remove-one
 adjacency, adding or removing example j changes the clipped sum by exactly
 clip(r_j), of L2 norm at most C_a (r_j depends only on x_j, y_j, the current
 weights, never on another example: nearest rounding and per-example
-activation scales, METHOD.md invariant 1).
+activation scales, docs/METHOD.md invariant 1).
 The release is therefore the sampled Gaussian mechanism with sampling rate q_a
 and noise multiplier sigma_a; dividing by the public constant q_a * N is
 post-processing. Each release is recorded as
@@ -67,7 +67,7 @@ def clip_per_example(r: tf.Tensor, clip: float) -> tf.Tensor:
 
   Formal guarantee: every returned row has L2 norm <= clip in the arithmetic
   executed. A row with any NaN or inf (a non-finite loss of that example)
-  becomes exactly zero (METHOD.md invariant 9): it cannot turn the release
+  becomes exactly zero (docs/METHOD.md invariant 9): it cannot turn the release
   into NaN.
   """
   r = tf.cast(tf.convert_to_tensor(r), tf.float64)
@@ -91,10 +91,12 @@ def _nearest_rounding(model):
   try:
     for layer in layers:
       layer.rounding = quantization.Rounding.NEAREST
+      layer.quantize_in_inference = True  # training=False trace quantizes
     yield
   finally:
     for layer, rounding in zip(layers, saved):
       layer.rounding = rounding
+      layer.quantize_in_inference = False
 
 
 def _per_example_loss_fn(model, loss) -> Callable:

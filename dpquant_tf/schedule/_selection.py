@@ -12,7 +12,7 @@ import numpy as np
 from dpquant_tf import _validation as v
 from dpquant_tf.schedule import _base
 
-# Defaults for the hyperparameters the paper leaves open (METHOD.md section 5);
+# Defaults for the hyperparameters the paper leaves open (docs/METHOD.md section 5);
 # the reasoning is in docs/SCHEDULE.md.
 DEFAULT_BETA = 20.0
 DEFAULT_ALPHA = 0.5

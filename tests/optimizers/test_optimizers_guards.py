@@ -1,4 +1,4 @@
-"""Guards of the DP step through the public API (METHOD.md section 4).
+"""Guards of the DP step through the public API (docs/METHOD.md section 4).
 
 Issue "Close eleven attacks": a loss of shape [1] passed the loss check (4),
 raw apply_gradients was accepted (5), get_config stored the initial q (10).

@@ -1,4 +1,4 @@
-"""One example is one row (METHOD.md invariant 8): folded batches and
+"""One example is one row (docs/METHOD.md invariant 8): folded batches and
 out-of-range Embedding ids never let one example add more than C."""
 
 import numpy as np

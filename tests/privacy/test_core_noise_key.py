@@ -1,4 +1,4 @@
-"""The noise key is never persisted (METHOD.md section 4, invariant 7).
+"""The noise key is never persisted (docs/METHOD.md section 4, invariant 7).
 
 Issues "One privacy core" (1) and "Close eleven attacks" (1): the optimizer's
 generator used to be tracked, so tf.train.Checkpoint and SavedModel stored its

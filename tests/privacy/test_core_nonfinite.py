@@ -1,4 +1,4 @@
-"""Non-finite contributions are zero (METHOD.md section 4, invariant 9).
+"""Non-finite contributions are zero (docs/METHOD.md section 4, invariant 9).
 
 Issue "One privacy core" (2): an example with a NaN input gave a NaN
 per-example gradient; the clip scale 0 times NaN is NaN, and the weights

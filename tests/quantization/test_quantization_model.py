@@ -46,7 +46,10 @@ def test_quantize_model_keeps_weights_and_handles_nested_models():
   qmodel = dq.quantize_model(model, config=dq.LayerQuantConfig(enabled=False))
   assert [i.name for i in dq.quantizable_layers(qmodel)] == ["a", "b", "head"]
   x = np.random.RandomState(0).standard_normal((3, 5)).astype(np.float32)
-  np.testing.assert_array_equal(qmodel(x).numpy(), model(x).numpy())
+  # Different op graphs (disabled wrapper vs plain Dense): oneDNN may sum in
+  # another order on AVX-512/AMX CPUs; a few float32 roundoffs on O(1) values.
+  np.testing.assert_allclose(qmodel(x).numpy(), model(x).numpy(),
+                             rtol=1e-6, atol=1e-6)
   assert all(isinstance(l, dq.QuantizedLayer) for l in dq.quantized_layers(qmodel))
 
 
