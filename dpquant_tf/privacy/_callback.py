@@ -85,6 +85,9 @@ class PrivacyCallback(tf.keras.callbacks.Callback):
     super().__init__()
     self.ledger = ledger
     self.delta = V.check_open_unit("delta", delta)
+    check_delta = getattr(ledger, "check_delta", None)
+    if check_delta is not None:   # below 1/N when the ledger knows N
+      self.delta = check_delta(self.delta)
     self.budget_epsilon = (None if budget_epsilon is None else
                            V.check_positive("budget_epsilon", budget_epsilon))
     self.stopped_for_budget = False
