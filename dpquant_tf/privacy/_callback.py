@@ -144,8 +144,8 @@ class PrivacyCallback(tf.keras.callbacks.Callback):
     this fit goes through ``DPQuantOptimizer.dp_step``'s checks.
     """
     super().set_model(model)
-    from dpquant_tf import training  # pylint: disable=g-import-not-at-top
-    training.install_dp_train_step(model)
+    from dpquant_tf.training import _step  # pylint: disable=g-import-not-at-top
+    _step.install_dp_train_step(model)
 
   # ------------------------------------------------------------ projection
   def _next_execution(self):

@@ -109,8 +109,8 @@ class DPQuantScheduler(tf.keras.callbacks.Callback):
     calls this before it builds the train function)."""
     super().set_model(model)
     if _is_dpquant_optimizer(getattr(model, "optimizer", None)):
-      from dpquant_tf import training  # pylint: disable=g-import-not-at-top
-      training.install_dp_train_step(model)
+      from dpquant_tf.training import _step  # pylint: disable=g-import-not-at-top
+      _step.install_dp_train_step(model)
 
   def on_train_begin(self, logs=None):
     # Privacy guards run here, not at the caller's discretion.

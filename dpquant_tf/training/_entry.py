@@ -16,14 +16,14 @@ import numpy as np
 import tensorflow as tf
 
 from dpquant_tf import _validation as V
-from dpquant_tf.optimizers import DPQuantAdamOptimizer
-from dpquant_tf.optimizers import DPQuantOptimizer
-from dpquant_tf.privacy import Accountant
-from dpquant_tf.privacy import calibrate_noise_multiplier
-from dpquant_tf.privacy import poisson_dataset
-from dpquant_tf.privacy import PrivacyCallback
-from dpquant_tf.privacy import PrivacyLedger
-from dpquant_tf.privacy import SamplingMethod
+from dpquant_tf.optimizers._dp_quant import DPQuantAdamOptimizer
+from dpquant_tf.optimizers._dp_quant import DPQuantOptimizer
+from dpquant_tf.privacy._accounting import Accountant
+from dpquant_tf.privacy._calibration import calibrate_noise_multiplier
+from dpquant_tf.privacy._sampling import poisson_dataset
+from dpquant_tf.privacy._callback import PrivacyCallback
+from dpquant_tf.privacy._ledger import PrivacyLedger
+from dpquant_tf.privacy._ledger import SamplingMethod
 from dpquant_tf.training import _step
 
 __all__ = ["DPTraining", "make_private", "planned_analysis_count"]
@@ -158,10 +158,11 @@ def make_private(model, x, y, *, target_epsilon: float, delta: float,
     if key in optimizer_kwargs:
       V.fail(key, optimizer_kwargs[key], "not given: make_private sets it "
              "from the target and the data")
-  from dpquant_tf import schedule  # pylint: disable=g-import-not-at-top
+  from dpquant_tf.schedule import _estimator as _est  # pylint: disable=g-import-not-at-top
+  from dpquant_tf.schedule import _scheduler as _sch  # pylint: disable=g-import-not-at-top
   if policy is not None and getattr(policy, "needs_sensitivities", False):
     if estimator is None:
-      estimator = schedule.LossSensitivityEstimator(x, y, loss=loss)
+      estimator = _est.LossSensitivityEstimator(x, y, loss=loss)
   count = planned_analysis_count(policy, epochs)
   analyses = ([(estimator.dp_event(), count)] if count and
               estimator is not None else [])
@@ -180,7 +181,7 @@ def make_private(model, x, y, *, target_epsilon: float, delta: float,
   dataset = poisson_dataset(np.asarray(x), np.asarray(y), q)
   callbacks = []
   if policy is not None:
-    callbacks.append(schedule.DPQuantScheduler(
+    callbacks.append(_sch.DPQuantScheduler(
         policy, ledger=ledger, estimator=estimator, delta=delta))
   callbacks.append(PrivacyCallback(ledger, delta,
                                    budget_epsilon=target_epsilon))
