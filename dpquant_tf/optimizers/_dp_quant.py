@@ -216,6 +216,12 @@ class _DPQuantMixin(_state.DPStateMixin):
     self._checked_models.add(model)
 
   # ----------------------------------------------------- the owned step
+  def install_train_step(self, model, *, loss=None):
+    """Makes ``model.fit`` take every step through this optimizer's owned DP
+    step (``dpquant_tf.training.install_dp_train_step``); returns `model`."""
+    from dpquant_tf.training import _step  # pylint: disable=g-import-not-at-top
+    return _step.install_dp_train_step(model, loss=loss)
+
   def dp_step(self, model, x, loss, tape):
     """One DP step of `model` on the batch `x`: the only way to train.
 

@@ -144,8 +144,11 @@ class PrivacyCallback(tf.keras.callbacks.Callback):
     this fit goes through ``DPQuantOptimizer.dp_step``'s checks.
     """
     super().set_model(model)
-    from dpquant_tf.training import _step  # pylint: disable=g-import-not-at-top
-    _step.install_dp_train_step(model)
+    opt = getattr(model, "optimizer", None)
+    opt = getattr(opt, "inner_optimizer", None) or opt
+    install = getattr(opt, "install_train_step", None)
+    if install is not None:  # a DPQuant optimizer; others: on_train_begin refuses
+      install(model)
 
   # ------------------------------------------------------------ projection
   def _next_execution(self):
