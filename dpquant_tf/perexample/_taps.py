@@ -48,6 +48,7 @@ class TappedLayer(tf.keras.layers.Wrapper):
       layer.activation = tf.keras.activations.linear
     self.tap_input = None
     self.tap_output = None
+    self.supports_masking = bool(getattr(layer, "supports_masking", False))
     _registry.register_tapped_layer(self)
 
   def build(self, input_shape):
@@ -68,6 +69,10 @@ class TappedLayer(tf.keras.layers.Wrapper):
 
   def compute_output_shape(self, input_shape):
     return self.layer.compute_output_shape(input_shape)
+
+  def compute_mask(self, inputs, mask=None):
+    # The wrapped layer's mask (Embedding(mask_zero=True)) passes through.
+    return self.layer.compute_mask(inputs, mask)
 
   def get_config(self):
     config = super().get_config()

@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 import dpquant_tf
+from dpquant_tf import perexample
 from dpquant_tf import privacy
 from dpquant_tf.optimizers import DPQuantOptimizer
 
@@ -275,10 +276,13 @@ def test_masked_embedding_padding_rows_do_not_make_the_loss_nan():
   rng = np.random.default_rng(0)
   x = rng.integers(1, 20, size=(200, 5)).astype("int32")
   y = (x[:, 0] > 10).astype("int32")
-  model = tf.keras.Sequential([
-      tf.keras.layers.Embedding(20, 4, mask_zero=True, input_length=5),
+  # Tapped: a bare Embedding is refused (out-of-range ids, docs/PRIVACY.md).
+  model = perexample.tap_model(tf.keras.Sequential([
+      tf.keras.Input((5,), dtype="int32"),
+      tf.keras.layers.Embedding(20, 4, mask_zero=True),
       tf.keras.layers.GlobalAveragePooling1D(),
-      tf.keras.layers.Dense(2)])
+      tf.keras.layers.Dense(2)]))
+  assert model.layers[0].compute_mask(tf.constant(x[:2])) is not None
   ledger = privacy.PrivacyLedger(sampling_method="poisson", dataset_size=200)
   model.compile(optimizer=DPQuantOptimizer(1.0, 1.0, ledger=ledger,
                                            sampling_probability=0.1),
