@@ -51,7 +51,7 @@ def main():
   rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 7
   print(f"load average {os.getloadavg()}")
   for name, (sa, sb, gram) in CASES.items():
-    a, b = tf.random.normal(sa), tf.random.normal(sb)
+    a, b = (tf.random.uniform(shape, -1.0, 1.0) for shape in (sa, sb))
     fns = {"float32": _fn(tf.float32, gram), "bfloat16": _fn(tf.bfloat16, gram)}
     for f in fns.values():
       f(a, b)

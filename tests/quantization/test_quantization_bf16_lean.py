@@ -46,12 +46,12 @@ def test_stochastic_bf16_is_unbiased_within_one_step_and_draws_one_key():
   x = tf.constant([1.0 + 2.0**-10, -3.0 - 2.0**-9, 0.1, 1e-30], tf.float32)
   draws = np.stack([tf.cast(dq.to_bfloat16(x, rounding="stochastic",
                                            generator=gen), tf.float32).numpy()
-                    for _ in range(3000)])
+                    for _ in range(1200)])
   for i, v in enumerate(x.numpy()):
     lo = np.float32(tf.cast(tf.cast(v, tf.bfloat16), tf.float32))
     ulp = 2.0**(np.floor(np.log2(abs(v))) - 7)
     assert set(np.unique(draws[:, i])) <= {lo, lo + ulp, lo - ulp}
-    assert abs(draws[:, i].mean() - v) < 5 * ulp / (2 * np.sqrt(3000))
+    assert abs(draws[:, i].mean() - v) < 5 * ulp / (2 * np.sqrt(1200))
 
   # The generator advances by the same amount for 4 or 40000 elements: one
   # key per tensor, not 32 random bits per element.
@@ -92,17 +92,21 @@ def test_bf16_kernel_cast_is_nearest_and_input_cast_stochastic():
   (layer,) = dq.quantized_layers(model)
   rs = np.random.RandomState(0)
   layer.layer.kernel.assign(rs.standard_normal((8, 5)).astype(np.float32))
-  x = tf.constant(rs.standard_normal((64, 8)).astype(np.float32))
-  outs = np.stack([model(x, training=True).numpy() for _ in range(200)])
-  # Deterministic kernel, random input rounding: the mean over draws is the
-  # product with the nearest-rounded bf16 kernel.
   kb = tf.cast(tf.cast(layer.layer.kernel, tf.bfloat16), tf.float32)
+  # An input that is already bf16-exact is not changed by stochastic
+  # rounding, so with a nearest-rounded kernel the output is deterministic.
+  x = tf.cast(tf.cast(rs.standard_normal((64, 8)), tf.bfloat16), tf.float32)
+  outs = np.stack([model(x, training=True).numpy() for _ in range(5)])
+  assert np.all(outs == outs[0])
   want = (x @ kb + layer.layer.bias).numpy()
-  scale = np.abs(want).max()
-  assert np.abs(outs.mean(0) - want).max() < 0.004 * scale
-  assert outs.std(0).max() > 0  # the input rounding is random
+  np.testing.assert_allclose(outs[0], want, rtol=0, atol=0.01 * np.abs(want).max())
+  # A general input is rounded stochastically: outputs vary between calls.
+  x = tf.constant(rs.standard_normal((64, 8)).astype(np.float32))
+  outs = np.stack([model(x, training=True).numpy() for _ in range(5)])
+  assert outs.std(0).max() > 0
 
 
+@pytest.mark.slow  # 20-60 s on a quiet 2-core machine (XLA compile)
 def test_bf16_dp_step_traces_and_compiles_under_xla_on_a_small_convnet():
   from dpquant_tf import optimizers  # pylint: disable=g-import-not-at-top
   inp = tf.keras.Input((8, 8, 1))
