@@ -59,8 +59,8 @@ flags.DEFINE_enum("model", _D.model, ["cnn", "small_resnet", "resnet18",
                                       "transformer", "transformer_mini"],
                   "cnn: TF-Privacy tutorial CNN; ResNets use GroupNorm; "
                   "transformer(_mini): BERT-like encoder on token ids (its "
-                  "defaults: --dataset=synthetic_text --optimizer=adamw "
-                  "--learning_rate=0.003 --batch_size=256 --epochs=3).")
+                  "defaults: --dataset=synthetic_text --optimizer=sgd "
+                  "--learning_rate=1.0 --batch_size=256 --epochs=3).")
 flags.DEFINE_integer("epochs", _D.epochs, "Training epochs.")
 flags.DEFINE_integer("batch_size", _D.batch_size,
                      "Expected batch size (Poisson sampling rate = batch_size / N).")

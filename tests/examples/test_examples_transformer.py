@@ -17,7 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_transformer_defaults_are_valid_configs():
   for model, defaults in train_lib.MODEL_DEFAULTS.items():
     cfg = train_lib.TrainConfig(model=model, **defaults).validate()
-    assert cfg.dataset == "synthetic_text" and cfg.optimizer == "adamw"
+    assert cfg.dataset == "synthetic_text" and cfg.optimizer == "sgd"
   with pytest.raises(ValueError, match="weight_decay"):
     train_lib.TrainConfig(weight_decay=-0.1).validate()
 
@@ -50,7 +50,7 @@ def test_train_binary_transformer_dp_run_exports_servable_model(tmp_path):
   assert "jacobian fallback" not in proc.stderr + proc.stdout
   assert "Test accuracy:" in proc.stdout and "SYNTHETIC" in proc.stdout
   m = json.loads(metrics.read_text())
-  assert m["epsilon"] <= 8.0 + 1e-9 and m["config"]["optimizer"] == "adamw"
+  assert m["epsilon"] <= 8.0 + 1e-9 and m["config"]["optimizer"] == "sgd"
   assert any(l["name"] == "b1_attention" for l in m["layers"])
   script = tmp_path / "serve.py"
   script.write_text(_SERVE)

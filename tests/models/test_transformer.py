@@ -162,13 +162,12 @@ def test_padding_positions_are_ignored():
 
 
 def test_every_projection_is_quantizable():
-  model = _tiny(num_layers=2)
-  names = [l.name for l in quantization.quantizable_layers(model)]
   per_block = ["query", "key", "value", "attn_out", "ffn_in", "ffn_out"]
-  expected = [f"b{i}_{p}" for i in (1, 2) for p in per_block] + ["pooler",
-                                                                  "logits"]
-  assert sorted(names) == sorted(expected)
-  q = quantization.quantize_model(model)
+  names = [l.name for l in quantization.quantizable_layers(_tiny(num_layers=2))]
+  assert sorted(names) == sorted(
+      [f"b{i}_{p}" for i in (1, 2) for p in per_block] + ["pooler", "logits"])
+  expected = [f"b1_{p}" for p in per_block] + ["pooler", "logits"]
+  q = quantization.quantize_model(_tiny(num_layers=1))
   assert sorted(l.layer.name for l in quantization.quantized_layers(q)) == sorted(
       expected)
   # Projections see [B, T, D]: MACs count every position.
@@ -252,6 +251,7 @@ _SERVE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_export_serves_token_ids_without_dpquant_tf(tmp_path):
   from examples import serve_lib  # pylint: disable=g-import-not-at-top
   model = _wrapped(_tiny(num_layers=1))
