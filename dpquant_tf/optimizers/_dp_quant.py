@@ -456,7 +456,11 @@ class _DPQuantMixin(_state.DPStateMixin):
       return M.clip_per_example(q, clip, valid) if reclip else q
 
     processed = tf.cond(quant_on, quantized, lambda: list(clipped))
-    summed = [tf.reduce_sum(g, axis=0) for g in tf.nest.flatten(processed)]
+    # The sum over examples is accumulated in float64 and cast once: a
+    # float32 sum's rounding, which no single example owns, could move the
+    # result by more than C when one example is removed (docs/PRIVACY.md).
+    summed = [tf.cast(tf.reduce_sum(tf.cast(g, tf.float64), axis=0), g.dtype)
+              for g in tf.nest.flatten(processed)]
     return summed, M.sensitivity_ratio(self._sensitivity_mode,
                                        self._var_sizes, bits, clip)
 
