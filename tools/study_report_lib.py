@@ -192,9 +192,12 @@ def markdown_report(records: Sequence[Mapping[str, Any]], *,
       ci = ("n/a" if c.ci_low is None else f"[{c.ci_low:.2f}, {c.ci_high:.2f}]")
       verdict = c.verdict.value
       if c.verdict.name == "UNDECIDED":
-        verdict += (f" (about {c.pairs_needed} pairs would decide it at this spread)"
-                    if c.pairs_needed is not None else
-                    " (no number of pairs decides it at this spread)")
+        if c.n < 2 or c.sd is None:
+          verdict += " (spread unknown: fewer than 2 pairs)"
+        elif c.pairs_needed is not None:
+          verdict += f" (about {c.pairs_needed} pairs would decide it at this spread)"
+        else:
+          verdict += " (no number of pairs decides it at this spread)"
       lines.append(f"| {c.name} | {c.margin:g} | {c.n} | {_num(c.mean)} | {_num(c.sd)} | "
                    f"{ci} | {_num(c.p_value, '{:.3g}')} | {_num(c.p_holm, '{:.3g}')} | "
                    f"{'**' + verdict + '**' if c.verdict.name != 'UNDECIDED' else verdict} |")
