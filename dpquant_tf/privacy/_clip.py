@@ -125,8 +125,14 @@ def clip_scales(bound: tf.Tensor, l2_norm_clip, *, dtype=tf.float32,
   if valid is not None:
     ok = tf.logical_and(ok, tf.cast(valid, tf.bool))
   safe = tf.where(ok, u, tf.ones_like(u))
-  clip = tf.cast(l2_norm_clip, tf.float64)
-  slack = 1.0 + 4.0 * unit_roundoff(dtype)
+  # A Python float stays exact (tf.cast would go through float32 first and
+  # could round C up).
+  clip = tf.cast(tf.convert_to_tensor(l2_norm_clip, dtype_hint=tf.float64),
+                 tf.float64)
+  # 4 units of roundoff cover the product's rounding; at least 2^-40 so that
+  # a reader's own float64 norm of the result (numpy, another summation
+  # order) also stays at or below C.
+  slack = 1.0 + max(4.0 * unit_roundoff(dtype), 2.0 ** -40)
   scale = tf.minimum(tf.ones_like(safe), clip / (safe * slack))
   scale = tf.where(ok, scale, tf.zeros_like(scale))
   return _round_down(scale, dtype)

@@ -179,6 +179,7 @@ def _fitted_probe(dim=256):
   fit once already (its train step is traced without canaries)."""
   opt, model = _optimizer(), audit.linear_probe_model(dim)
   model.compile(optimizer=opt, loss=_ZeroLoss())
+  opt.install_train_step(model)
   x, y = np.ones([4, dim], np.float32), np.zeros([4], np.float32)
   model.fit(x, y, batch_size=4, epochs=1, verbose=0)
   return opt, model, (x, y)

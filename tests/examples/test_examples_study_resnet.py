@@ -1,6 +1,7 @@
 """Tests of the paired small-ResNet study: grid, records, report, binaries."""
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -141,7 +142,8 @@ def test_study_records_report_verdicts_and_plot(tmp_path):
   text = sr.markdown_report(records, plot="x.png")
   lines = {l.split(" | ")[0].lstrip("| "): l for l in text.splitlines() if l.startswith("| DP")}
   assert lines["DPQuant - static (eps8 luq_fp4 r0.5)"].endswith("**holds** |")
-  assert lines["DPQuant - rotation (eps8 luq_fp4 r0.5)"].endswith("| undecided at this n |")
+  assert re.search(r"\| undecided at this n \(about \d+ pairs would decide it at "
+                   r"this spread\) \|$", lines["DPQuant - rotation (eps8 luq_fp4 r0.5)"])
   assert lines["DPQuant - fp32 DP (eps8 luq_fp4 r0.5)"].endswith("**holds** |")
   # DP loss 5 points, non-DP loss 5/3: amplification about 3.3 points.
   assert lines["DP amplification (eps8 luq_fp4 r0.5)"].endswith("**holds** |")

@@ -19,8 +19,7 @@ LR, WD, B1, B2, EPS = 0.1, 0.3, 0.9, 0.999, 1e-7
 def _step(opt, model, x, y):
   with tf.GradientTape() as tape:
     loss = _loss()(y, model(x))
-  opt.apply_gradients(opt._compute_gradients(loss, model.trainable_variables,
-                                             tape=tape))
+  opt.dp_step(model, x, loss, tape)   # the owned DP step
 
 
 def _mean_grads(model, x, y):
@@ -76,9 +75,11 @@ def test_same_ledger_events_as_dp_adam():
               **kw)
     model = _model()
     model.compile(optimizer=opt, loss=_loss())
+    opt.install_train_step(model)
     model.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    # fit's arrays: recorded at q = 1 by the owned step (no amplification).
     event = dp_accounting.PoissonSampledDpEvent(
-        8 / 64, dp_accounting.GaussianDpEvent(1.1))
+        1.0, dp_accounting.GaussianDpEvent(1.1))
     assert opt.dp_events() == [(event, 16)]
     eps[cls.__name__] = ledger.epsilon(1e-5)
   assert eps["DPQuantAdamWOptimizer"] == eps["DPQuantAdamOptimizer"]
