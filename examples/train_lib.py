@@ -489,10 +489,11 @@ class _BatchDigest:
       self._digests.append(h.hexdigest())
       return 0
 
-    def fn(x, y, mask):
+    def fn(x, y, mask, *seal):
+      # The sampler's seal (if any) passes through unchanged, in order.
       done = tf.py_function(record, [y, mask], tf.int32)
       with tf.control_dependencies([done]):
-        return x, tf.identity(y), tf.identity(mask)
+        return (x, tf.identity(y), tf.identity(mask)) + tuple(seal)
 
     return dataset.map(fn)
 
