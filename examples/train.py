@@ -39,6 +39,8 @@ import dpquant_tf  # noqa: E402,F401  (Keras 2 switch before TensorFlow)
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
+from dpquant_tf import _cli  # noqa: E402
+
 from examples import train_lib  # noqa: E402
 
 _D = train_lib.TrainConfig()
@@ -172,7 +174,7 @@ def usage_error(error: Exception) -> str:
   The library's messages read "Expected <name>=<value> to be <expectation>";
   when <name> is a flag of this binary the line says so.
   """
-  message = str(error).splitlines()[0] if str(error) else type(error).__name__
+  message = _cli.first_line(error)
   match = re.match(r"Expected ([A-Za-z_][A-Za-z0-9_]*)=", message)
   if match and match.group(1) in FLAGS:
     return f"train.py: flag --{match.group(1)}: {message}"
@@ -199,14 +201,5 @@ def main(argv):
     sys.exit(2)
 
 
-def _one_line_flags_parser(argv):
-  """absl's flag parser, but a bad flag prints one line and exits 2."""
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    print(f"train.py: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
 if __name__ == "__main__":
-  app.run(main, flags_parser=_one_line_flags_parser)
+  app.run(main, flags_parser=_cli.one_line_flags_parser("train.py"))

@@ -29,6 +29,8 @@ import dpquant_tf  # noqa: E402,F401  (Keras 2 before TensorFlow)
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
+from dpquant_tf import _cli  # noqa: E402
+
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("audit", "mechanism", ["mechanism", "checkpoint", "one_run"],
                   "Which audit (docs/AUDIT.md).")
@@ -98,28 +100,11 @@ def _train_config():
   return dataclasses.replace(train_lib.TrainConfig(verbose=0), **changes)
 
 
-def _one_line_flags_parser(argv):
-  """absl's flag parser, but a bad flag prints one line and exits 2."""
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    print(f"{os.path.basename(argv[0])}: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
-def _usage_exit(error: Exception) -> None:
-  """A validation error: one line on stderr, exit status 2 (no traceback)."""
-  message = str(error).splitlines()[0] if str(error) else type(error).__name__
-  print(f"{os.path.basename(sys.argv[0])}: {message}", file=sys.stderr,
-        flush=True)
-  sys.exit(2)
-
-
 def main(argv):
   try:
     _main(argv)
   except (ValueError, TypeError, app.UsageError) as e:
-    _usage_exit(e)
+    _cli.usage_exit(e)
 
 
 def _main(argv):
@@ -156,4 +141,4 @@ def _main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_one_line_flags_parser)
+  app.run(main, flags_parser=_cli.one_line_flags_parser())

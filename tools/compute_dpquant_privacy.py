@@ -23,6 +23,8 @@ import dpquant_tf  # noqa: E402,F401  (Keras 2 before TensorFlow)
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
+from dpquant_tf import _cli  # noqa: E402
+
 from tools import compute_dpquant_privacy_lib as lib  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -50,29 +52,12 @@ flags.DEFINE_alias("N", "dataset_size")
 flags.mark_flags_as_required(["dataset_size", "batch_size", "epochs"])
 
 
-def _one_line_flags_parser(argv):
-  """absl's flag parser, but a bad flag prints one line and exits 2."""
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    print(f"{os.path.basename(argv[0])}: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
-def _usage_exit(error: Exception) -> None:
-  """A validation error: one line on stderr, exit status 2 (no traceback)."""
-  message = str(error).splitlines()[0] if str(error) else type(error).__name__
-  print(f"{os.path.basename(sys.argv[0])}: {message}", file=sys.stderr,
-        flush=True)
-  sys.exit(2)
-
-
 def main(argv):
   del argv
   try:
     plan, result = _plan_and_run()
   except (ValueError, TypeError) as e:
-    _usage_exit(e)
+    _cli.usage_exit(e)
   _print(plan, result)
 
 
@@ -103,4 +88,4 @@ def _print(plan, result):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_one_line_flags_parser)
+  app.run(main, flags_parser=_cli.one_line_flags_parser())
