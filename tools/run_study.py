@@ -55,8 +55,12 @@ flags.DEFINE_float("l2_norm_clip", 1.0, "Clip norm.")
 flags.DEFINE_float("delta", 1e-5, "Delta.")
 flags.DEFINE_integer("max_train", None, "Training subset size.")
 flags.DEFINE_integer("max_test", None, "Test subset size.")
-flags.DEFINE_enum("grid", "cnn", ["cnn", "small_resnet"], "cnn: the first "
-                  "study (--phases); small_resnet: the paired study.")
+flags.DEFINE_enum("grid", "cnn", ["cnn", "small_resnet", "transformer"],
+                  "cnn: the first study (--phases); small_resnet: the paired "
+                  "study; transformer: the same paired grid on the BERT-like "
+                  "encoder (examples/train.py --model=transformer; dataset, "
+                  "epochs, batch size and learning rate default to train.py's "
+                  "transformer defaults unless given).")
 flags.DEFINE_integer("seeds", 5, "small_resnet grid: pairing seeds 0..seeds-1.")
 flags.DEFINE_integer("first_seed", 0, "small_resnet grid: first pairing seed.")
 flags.DEFINE_float("epsilon", 8.0, "small_resnet grid: target epsilon.")
@@ -105,21 +109,34 @@ def main(argv):
           f.write(json.dumps(run_study_lib.compact_record(rec)) + "\n")
     return
   resnet = FLAGS.grid == "small_resnet"
-  model = "small_resnet" if resnet else (FLAGS.model or "cnn")
+  text = FLAGS.grid == "transformer"
+  model = ("small_resnet" if resnet else
+           FLAGS.model or ("transformer" if text else "cnn"))
   if resnet and FLAGS.model not in (None, "small_resnet"):
     raise app.UsageError(f"--model={FLAGS.model} with --grid=small_resnet")
-  from dpquant_tf import data, models, quantization  # pylint: disable=g-import-not-at-top,g-multiple-import
-  ds = data.load_dataset(FLAGS.dataset, max_test=10)
-  layer_names = [info.name for info in quantization.quantizable_layers(
-      quantization.quantize_model(models.build_model(model, ds.input_shape,
-                                                     ds.num_classes)))]
+  if text and not model.startswith("transformer"):
+    raise app.UsageError(f"--model={FLAGS.model} with --grid=transformer")
   common = dict(dataset=FLAGS.dataset, model=model,
                 epochs=FLAGS.epochs or (10 if resnet else 5),
                 batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate,
                 l2_norm_clip=FLAGS.l2_norm_clip, delta=FLAGS.delta,
                 max_train=FLAGS.max_train, max_test=FLAGS.max_test, verbose=2)
+  if text:
+    # train.py's --model=transformer defaults hold for the flags not given.
+    for name in ("dataset", "epochs", "batch_size", "learning_rate"):
+      if not FLAGS[name].present:
+        common[name] = None
+  from examples import train_lib  # pylint: disable=g-import-not-at-top
+  from dpquant_tf import data, models, quantization  # pylint: disable=g-import-not-at-top,g-multiple-import
+  defaults = train_lib.MODEL_DEFAULTS.get(model, {})
+  ds = data.load_dataset(common["dataset"] or defaults.get("dataset", "mnist"),
+                         max_test=10)
+  layer_names = [info.name for info in quantization.quantizable_layers(
+      quantization.quantize_model(models.build_model(
+          model, ds.input_shape, ds.num_classes,
+          **({"vocab_size": ds.vocab_size} if getattr(ds, "vocab_size", None) else {}))))]
   meta = None
-  if resnet:
+  if resnet or text:
     runs, meta = _resnet_runs(layer_names, common), study_grid_lib.run_meta
   else:
     runs = _cnn_runs(layer_names, common)

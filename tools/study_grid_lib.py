@@ -69,7 +69,7 @@ def run_meta(spec: run_study_lib.RunSpec) -> Dict[str, Any]:
   """What a study record notes besides the metrics: grid, kind, pairing seed."""
   cfg = spec.config
   kind = {v: k for k, v in DP_POLICIES.items()}.get(cfg.get("policy"), cfg.get("policy"))
-  return {"grid": "small_resnet", "kind": kind, "pair_seed": cfg.get("seed"),
+  return {"grid": cfg.get("model") or "small_resnet", "kind": kind, "pair_seed": cfg.get("seed"),
           "paired": cfg.get("research_noise_seed") is not None,
           "sweep": spec.run_id.startswith("sweep-")}
 
