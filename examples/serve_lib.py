@@ -43,7 +43,7 @@ def inference_model(model, *, precision: str = "float32"):
 
 
 def export_for_serving(model, export_dir: str, *, precision: str = "float32",
-                       overwrite: bool = False) -> str:
+                       overwrite: bool = False, tokenizer=None) -> str:
   """Saves a serving SavedModel of `model` at `export_dir` (atomically).
 
   The library's ``dpquant_tf.export_for_serving`` with this example's
@@ -56,6 +56,9 @@ def export_for_serving(model, export_dir: str, *, precision: str = "float32",
       non-empty one).
     precision: "float32" or "bfloat16" (inference precision).
     overwrite: replace an existing export.
+    tokenizer: text models: a public tokenizer
+      (``dpquant_tf.data.public_tokenizer``); the export then also serves raw
+      strings (signature ``serve_texts``: ``texts`` -> ``probabilities``).
 
   Returns:
     `export_dir`.
@@ -68,7 +71,7 @@ def export_for_serving(model, export_dir: str, *, precision: str = "float32",
   return dpquant_tf.export_for_serving(
       model, export_dir, precision=precision,
       input_name="token_ids" if text else "images",
-      output="probabilities", overwrite=overwrite)
+      output="probabilities", overwrite=overwrite, tokenizer=tokenizer)
 
 
 def load_for_serving(export_dir: str):

@@ -695,7 +695,11 @@ def train(config: TrainConfig) -> TrainResult:
   if cfg.export_dir:
     from examples import serve_lib  # pylint: disable=g-import-not-at-top
     try:
-      serve_lib.export_for_serving(model, cfg.export_dir)
+      tokenizer = None
+      if ds.is_text:   # raw strings too, where the vocabulary is public
+        tokenizer = dp_data.public_tokenizer(
+            cfg.dataset, vocab_size=ds.vocab_size, max_length=ds.input_shape[0])
+      serve_lib.export_for_serving(model, cfg.export_dir, tokenizer=tokenizer)
     except OSError as e:
       metrics["export_error"] = str(e)
       if cfg.metrics_json:
@@ -704,7 +708,9 @@ def train(config: TrainConfig) -> TrainResult:
                          f"{' in ' + cfg.metrics_json if cfg.metrics_json else ''}"
                          ".") from e
     metrics["export_dir"] = cfg.export_dir
-    print(f"Exported SavedModel (serving_default) to {cfg.export_dir}")
+    print(f"Exported SavedModel (serving_default"
+          f"{', serve_texts: raw strings' if tokenizer is not None else ''}) "
+          f"to {cfg.export_dir}")
     if cfg.metrics_json:
       _write_json(cfg.metrics_json, metrics)
   return TrainResult(metrics=metrics, model=model)

@@ -7,7 +7,10 @@ from dpquant_tf.data._datasets import load_dataset
 from dpquant_tf.data._datasets import parse_spec
 from dpquant_tf.data._datasets import stratified_split
 from dpquant_tf.data._text import HashingTokenizer
+from dpquant_tf.data._text import SYNTHETIC_TEXT_WORDS
+from dpquant_tf.data._text import public_tokenizer
 from dpquant_tf.data._text import synthetic_negation_task
+from dpquant_tf.data._text import synthetic_texts
 from dpquant_tf.data._text import vocabulary_tokenizer
 
 __all__ = [
@@ -16,7 +19,10 @@ __all__ = [
     "HashingTokenizer",
     "load_dataset",
     "parse_spec",
+    "public_tokenizer",
+    "SYNTHETIC_TEXT_WORDS",
     "stratified_split",
     "synthetic_negation_task",
+    "synthetic_texts",
     "vocabulary_tokenizer",
 ]

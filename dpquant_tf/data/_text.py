@@ -43,8 +43,9 @@ import numpy as np
 
 from dpquant_tf import _validation
 
-__all__ = ["HashingTokenizer", "SYNTHETIC_TEXT_VOCAB", "TEXT_TFDS",
-           "load_text_tfds", "load_token_npz", "synthetic_negation_task",
+__all__ = ["HashingTokenizer", "SYNTHETIC_TEXT_VOCAB", "SYNTHETIC_TEXT_WORDS",
+           "TEXT_TFDS", "load_text_tfds", "load_token_npz", "public_tokenizer",
+           "synthetic_negation_task", "synthetic_texts",
            "vocabulary_tokenizer"]
 
 # Token ids of the synthetic task.
@@ -53,6 +54,22 @@ _POSITIVE = tuple(range(3, 11))
 _NEGATIVE = tuple(range(11, 19))
 _FILLER = tuple(range(19, 64))
 SYNTHETIC_TEXT_VOCAB = 64
+# The words of the synthetic task, for ids 2..63 in order (0 pads, 1 is
+# unused / out-of-vocabulary). Made up here, so public: a tokenizer built from
+# them (:func:`public_tokenizer`) learns nothing from any training text.
+SYNTHETIC_TEXT_WORDS = (
+    ("not",)
+    + ("good", "great", "excellent", "lovely", "superb", "nice", "wonderful",
+       "fine")
+    + ("bad", "awful", "poor", "terrible", "boring", "dull", "weak",
+       "horrible")
+    + ("the", "a", "movie", "film", "plot", "actor", "scene", "story", "it",
+       "was", "is", "and", "but", "with", "of", "to", "in", "on", "for",
+       "this", "that", "very", "quite", "rather", "some", "music", "ending",
+       "start", "cast", "script", "camera", "light", "sound", "time", "day",
+       "night", "city", "house", "road", "friend", "family", "dog", "cat",
+       "book", "song"))
+assert len(SYNTHETIC_TEXT_WORDS) == SYNTHETIC_TEXT_VOCAB - 2
 
 # tfds text sets: name -> (text feature, label feature).
 TEXT_TFDS = {"ag_news_subset": ("description", "label"),
@@ -92,6 +109,46 @@ def synthetic_negation_task(n: int, *, max_length: int = 24, seed: int = 0
     ids[i, :length] = row
     labels[i] = int(positive != negated)
   return ids, labels
+
+
+def synthetic_texts(ids) -> list:
+  """The raw strings of synthetic-task token ids (padding dropped).
+
+  ``public_tokenizer("synthetic_text", ...)`` maps them back to the same ids.
+  """
+  ids = np.asarray(ids)
+  if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or (
+      ids.size and (ids.min() < 0 or ids.max() >= SYNTHETIC_TEXT_VOCAB
+                    or (ids == 1).any())):
+    _validation.fail("ids", f"{ids.dtype}{ids.shape}",
+                     f"2-D integer ids of the synthetic task (0 or 2..{SYNTHETIC_TEXT_VOCAB - 1})")
+  return [" ".join(SYNTHETIC_TEXT_WORDS[i - 2] for i in row if i) for row in ids]
+
+
+def public_tokenizer(dataset: str, *, vocab_size: int, max_length: int):
+  """The raw-string tokenizer of a text dataset, or None when it has none.
+
+  Only tokenizers that learned nothing from private data: the synthetic
+  task's made-up words (``"synthetic_text"``), :class:`HashingTokenizer` for
+  the tfds text sets (as their loader tokenizes them); ``npz:`` token ids
+  come without one (their vocabulary is the user's).
+
+  Args:
+    dataset: the dataset spec (``examples/train.py --dataset``).
+    vocab_size: the model's vocabulary size.
+    max_length: the model's input length T.
+  """
+  _validation.check_type("dataset", dataset, str, "a dataset spec string")
+  vocab_size = _validation.check_int("vocab_size", vocab_size, low=3)
+  max_length = _validation.check_int("max_length", max_length, low=1)
+  if dataset == "synthetic_text":
+    if vocab_size != SYNTHETIC_TEXT_VOCAB:
+      _validation.fail("vocab_size", vocab_size,
+                       f"{SYNTHETIC_TEXT_VOCAB} for synthetic_text")
+    return vocabulary_tokenizer(SYNTHETIC_TEXT_WORDS, max_length)
+  if dataset.startswith("tfds:") and dataset[5:] in TEXT_TFDS:
+    return HashingTokenizer(vocab_size, max_length)
+  return None
 
 
 def load_token_npz(path: str, data) -> dict:

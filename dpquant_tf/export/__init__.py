@@ -12,9 +12,11 @@ from dpquant_tf.export._saved_model import check_export_path
 from dpquant_tf.export._saved_model import export_for_serving
 from dpquant_tf.export._saved_model import inference_model
 from dpquant_tf.export._saved_model import SIGNATURE_KEY
+from dpquant_tf.export._saved_model import TEXT_SIGNATURE_KEY
 
 __all__ = [
     "SIGNATURE_KEY",
+    "TEXT_SIGNATURE_KEY",
     "check_export_path",
     "export_for_serving",
     "inference_model",

@@ -25,10 +25,12 @@ import tensorflow as tf
 
 from dpquant_tf import _validation
 
-__all__ = ["Output", "SIGNATURE_KEY", "ServingPrecision", "check_export_path",
+__all__ = ["Output", "SIGNATURE_KEY", "TEXT_SIGNATURE_KEY", "ServingPrecision", "check_export_path",
            "export_for_serving", "inference_model"]
 
 SIGNATURE_KEY = "serving_default"
+# Raw strings in, for exports given a tokenizer.
+TEXT_SIGNATURE_KEY = "serve_texts"
 
 
 class ServingPrecision(enum.Enum):
@@ -142,7 +144,7 @@ def _check_graph_model(model) -> None:
     _validation.fail("model", model, "a built model (call it or fit it first)")
 
 
-def _servable(model, input_name: str, output: Output):
+def _servable(model, input_name: str, output: Output, tokenizer=None):
   module = tf.Module(name="dpquant_servable")
   module.model = model
   # Token ids stay integers (int32, as Embedding takes them); other inputs
@@ -152,20 +154,49 @@ def _servable(model, input_name: str, output: Output):
   spec = tf.TensorSpec([None, *model.input_shape[1:]], in_dtype,
                        name=input_name)
 
-  @tf.function(input_signature=[spec])
-  def serve(inputs):
+  def predict(inputs):
     out = tf.cast(model(inputs, training=False), tf.float32)
     if output is Output.PROBABILITIES:
       out = tf.nn.softmax(out, axis=-1)
     return {output.value: out}
 
-  module.serve = serve
+  module.serve = tf.function(predict, input_signature=[spec])
+  if tokenizer is not None:
+    module.tokenizer = tokenizer   # tracks a TextVectorization's lookup table
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string,
+                                                name="texts")])
+    def serve_texts(texts):
+      return predict(tf.cast(tokenizer(texts), tf.int32))
+
+    module.serve_texts = serve_texts
   return module
+
+
+def _check_tokenizer(tokenizer, model):
+  """A tokenizer's ids fit the model: int ids of its input length, in range."""
+  if not callable(tokenizer):
+    _validation.fail("tokenizer", tokenizer, "a callable raw strings -> token "
+                     "ids (dpquant_tf.data.public_tokenizer)", TypeError)
+  if not (model.inputs and model.inputs[0].dtype.is_integer
+          and len(model.input_shape) == 2):
+    _validation.fail("tokenizer", tokenizer, "None for a model whose input is "
+                     f"not token ids [B, T] (input {model.input_shape})")
+  try:
+    probe = tokenizer(tf.constant(["a b c"]))
+  except Exception as e:  # pylint: disable=broad-except
+    _validation.fail("tokenizer", tokenizer, "a callable that tokenizes a "
+                     f"tf.string batch (it raised {type(e).__name__}: {e})")
+  if not probe.dtype.is_integer or probe.shape.rank != 2 or (
+      probe.shape[1] != model.input_shape[1]):
+    _validation.fail("tokenizer", tokenizer, "integer ids [B, "
+                     f"{model.input_shape[1]}] (the model's input length); it "
+                     f"gives {probe.dtype.name}{probe.shape}")
 
 
 def export_for_serving(model, path: str, *, precision="float32",
                        input_name: str = "inputs", output="logits",
-                       overwrite: bool = False) -> str:
+                       overwrite: bool = False, tokenizer=None) -> str:
   """Writes a deterministic serving SavedModel of `model` to `path`.
 
   Args:
@@ -179,6 +210,10 @@ def export_for_serving(model, path: str, *, precision="float32",
     output: ``"logits"`` (the model's output) or ``"probabilities"``
       (its softmax); the signature's output key is this name.
     overwrite: replace an existing non-empty directory.
+    tokenizer: for a token-id model, a tokenizer that learned nothing from
+      private data (``dpquant_tf.data.public_tokenizer``: a declared
+      vocabulary or hashing). The export then also has a ``serve_texts``
+      signature: ``texts`` (tf.string ``[B]``) -> the same output.
 
   Returns:
     `path`.
@@ -200,6 +235,8 @@ def export_for_serving(model, path: str, *, precision="float32",
   if not input_name.isidentifier():
     _validation.fail("input_name", input_name, "a Python identifier")
   _validation.check_type("overwrite", overwrite, bool, "a bool")
+  if tokenizer is not None:
+    _check_tokenizer(tokenizer, model)
   path = check_export_path(path, name="path", overwrite=overwrite)
   full = os.path.abspath(os.path.expanduser(path))
   parent = os.path.dirname(full)
@@ -209,8 +246,11 @@ def export_for_serving(model, path: str, *, precision="float32",
   old: Optional[str] = None
   try:
     module = _servable(inference_model(model, precision=precision), input_name,
-                       output)
-    tf.saved_model.save(module, tmp, signatures={SIGNATURE_KEY: module.serve})
+                       output, tokenizer)
+    signatures = {SIGNATURE_KEY: module.serve}
+    if tokenizer is not None:
+      signatures[TEXT_SIGNATURE_KEY] = module.serve_texts
+    tf.saved_model.save(module, tmp, signatures=signatures)
     if os.path.isdir(full):
       if os.listdir(full):
         old = tempfile.mkdtemp(prefix=f".{os.path.basename(full)}.old-",

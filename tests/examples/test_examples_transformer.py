@@ -31,6 +31,12 @@ _SERVE = textwrap.dedent("""
     ids[:, :5] = [[2, 5, 20, 21, 22], [5, 20, 21, 22, 23], [13, 2, 20, 21, 0]]
     probs = fn(token_ids=tf.constant(ids))["probabilities"].numpy()
     assert probs.shape == (3, 2) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    # Raw strings (the synthetic task's public words) serve the same ids.
+    texts = tf.saved_model.load(sys.argv[1]).signatures["serve_texts"]
+    words = ["not excellent a movie film", "Excellent a movie, film plot!",
+             "poor not a movie"]
+    by_text = texts(texts=tf.constant(words))["probabilities"].numpy()
+    assert np.array_equal(by_text, probs), (by_text, probs)
     assert "dpquant_tf" not in sys.modules
     print("served", probs.argmax(1))
 """)
