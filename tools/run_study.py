@@ -51,6 +51,8 @@ flags.DEFINE_integer("epochs", None, "Epochs per run (default 5 for the cnn "
 flags.DEFINE_integer("batch_size", 64, "Expected batch size.")
 flags.DEFINE_float("learning_rate", 0.5, "Learning rate of the DP runs.")
 flags.DEFINE_float("nodp_learning_rate", 0.1, "Learning rate of the non-DP runs.")
+flags.DEFINE_enum("nodp_optimizer", None, ["sgd", "adam", "adamw"],
+                  "Optimizer of the non-DP runs (default: the DP runs' one).")
 flags.DEFINE_float("l2_norm_clip", 1.0, "Clip norm.")
 flags.DEFINE_float("delta", 1e-5, "Delta.")
 flags.DEFINE_integer("max_train", None, "Training subset size.")
@@ -163,7 +165,14 @@ def _resnet_runs(layer_names, common):
       study_grid_lib.default_formats(),
       epsilon=FLAGS.epsilon, n_static=FLAGS.n_static,
       dp_policies=FLAGS.policies, nodp_policies=FLAGS.nodp_policies,
-      common=common, nodp_overrides={"learning_rate": FLAGS.nodp_learning_rate})
+      common=common, nodp_overrides=_nodp_overrides())
+
+
+def _nodp_overrides():
+  out = {"learning_rate": FLAGS.nodp_learning_rate}
+  if FLAGS.nodp_optimizer:
+    out["optimizer"] = FLAGS.nodp_optimizer
+  return out
 
 
 def _cnn_runs(layer_names, common):
@@ -171,7 +180,7 @@ def _cnn_runs(layer_names, common):
       layer_names=layer_names, phases=_phases(),
       ratios=[float(r) for r in FLAGS.ratios], n_subsets=FLAGS.n_subsets,
       formats=FLAGS.formats, common=common,
-      nodp_overrides={"learning_rate": FLAGS.nodp_learning_rate})
+      nodp_overrides=_nodp_overrides())
 
 
 if __name__ == "__main__":
