@@ -29,6 +29,9 @@ flags.DEFINE_string("out_prefix", None, "Write <prefix>_results.jsonl, "
                     "<prefix>_report.md and <prefix>_compute.png.")
 flags.DEFINE_float("fp32_margin", study_report_lib.FP32_MARGIN,
                    "Margin of the 'DPQuant - fp32 DP' claim (points).")
+flags.DEFINE_float("nodp_margin", None, "Also judge 'fp32 DP - non-private' "
+                   "at this margin (points, e.g. -10), when the log has "
+                   "non-private fp32 runs.")
 flags.DEFINE_float("alpha", 0.05, "Family-wise error level (Holm).")
 flags.DEFINE_string("title", "Paired small-ResNet study", "Plot title.")
 flags.mark_flag_as_required("log")
@@ -48,6 +51,7 @@ def main(argv):
                                            title=FLAGS.title)
   text = study_report_lib.markdown_report(
       records, fp32_margin=FLAGS.fp32_margin, alpha=FLAGS.alpha,
+      nodp_margin=FLAGS.nodp_margin,
       plot=os.path.basename(plot) if plot else None)
   if FLAGS.out_prefix:
     with open(FLAGS.out_prefix + "_report.md", "w") as f:

@@ -73,10 +73,20 @@ def per_seed(records: Sequence[Mapping[str, Any]]) -> Dict[tuple, Dict[int, floa
 
 
 def build_claims(records: Sequence[Mapping[str, Any]], *,
-                 fp32_margin: float = FP32_MARGIN) -> List[Dict[str, Any]]:
-  """The claims of the log, each with its per-seed paired differences."""
+                 fp32_margin: float = FP32_MARGIN,
+                 nodp_margin: Optional[float] = None) -> List[Dict[str, Any]]:
+  """The claims of the log, each with its per-seed paired differences.
+
+  With `nodp_margin` (points, e.g. -10) also ``fp32 DP - non-private`` per
+  DP setting, when the log has the non-private fp32 runs.
+  """
   seeds = per_seed(records)
   claims = []
+  if nodp_margin is not None and ("nodp", None, None, "fp32") in seeds:
+    for tag in sorted({k[0] for k in seeds if k[0] != "nodp" and k[3] == "fp32"}):
+      claims.append(_claim(f"fp32 DP - non-private ({tag})",
+                           seeds[(tag, None, None, "fp32")],
+                           seeds[("nodp", None, None, "fp32")], nodp_margin))
   cells = sorted({(k[0], k[1], k[2]) for k in seeds if k[3] == "dpquant"
                   and k[0] != "nodp"}, key=lambda c: (c[0], str(c[1]), c[2]))
   for tag, fmt, ratio in cells:
@@ -167,7 +177,8 @@ STATEMENT = (
 
 def markdown_report(records: Sequence[Mapping[str, Any]], *,
                     fp32_margin: float = FP32_MARGIN, alpha: float = 0.05,
-                    plot: Optional[str] = None) -> str:
+                    plot: Optional[str] = None,
+                    nodp_margin: Optional[float] = None) -> str:
   """Cells, per-claim table (with verdicts) and sweep, in Markdown."""
   study, sweep = split_records(records)
   lines = []
@@ -184,7 +195,8 @@ def markdown_report(records: Sequence[Mapping[str, Any]], *,
           f"{row['compute']:.3f} | {row['noise_seeded']}/{row['n']} |")
     lines.append("")
     results = study_stats_lib.decide_claims(
-        build_claims(study, fp32_margin=fp32_margin), alpha=alpha)
+        build_claims(study, fp32_margin=fp32_margin, nodp_margin=nodp_margin),
+        alpha=alpha)
     lines += ["| claim | margin | n pairs | mean diff (points) | sd | "
               f"{100 * (1 - alpha):g}% CI | p | p (Holm) | verdict |",
               "|---|---|---|---|---|---|---|---|---|"]

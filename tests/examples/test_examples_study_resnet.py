@@ -164,6 +164,20 @@ def test_dpquant_worse_than_fp32_by_more_than_the_margin_does_not_hold(tmp_path)
   assert "**does not hold**" in result.splitlines()[0]
 
 
+def test_fp32_dp_against_non_private_claim_only_when_asked(tmp_path):
+  log = str(tmp_path / "study.jsonl")
+  runs = _grid(ratios=[0.5], dp_policies=["fp32", "dpquant"], nodp_policies=["fp32"])
+  effects = {"fp32": 0.0, "static": 0.0, "rotation": 0.0, "dpquant": -1.0}
+  rs.run_study(runs, log, runner=_synthetic_runner(effects), verbose=False)
+  records = rs.load_log(log)
+  assert not any("non-private" in c["name"] for c in sr.build_claims(records))
+  # DP costs 15 points here (the runner's non-DP bonus): within -20, not -10.
+  for margin, verdict in ((-20, "**holds**"), (-10, "**does not hold**")):
+    [row] = [l for l in sr.markdown_report(records, nodp_margin=margin).splitlines()
+             if l.startswith("| fp32 DP - non-private (eps8)")]
+    assert row.endswith(verdict + " |"), row
+
+
 def test_failed_record_withholds_research_seed_values(tmp_path):
   log = str(tmp_path / "study.jsonl")
 
