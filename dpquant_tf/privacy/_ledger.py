@@ -44,6 +44,10 @@ _log = logging.getLogger(__name__)
 
 _JOURNAL_FORMAT = "dpquant_tf privacy journal 1"
 
+# The DP algorithm the statement names, by optimizer class.
+_ALGORITHMS = {"DPQuantOptimizer": "DP-SGD", "DPQuantAdamOptimizer": "DP-Adam",
+               "DPQuantAdamWOptimizer": "DP-AdamW"}
+
 # Sources of private randomness that may be seeded, and what a known seed
 # voids (the statement prints these).
 SEEDED_SOURCES = {
@@ -696,8 +700,11 @@ class PrivacyLedger(tf.Module):
               f"from {min(zs):g} to {max(zs):g}" if zs else "n/a")
     sampling = ("Poisson sampling" if self.sampling_method is
                 SamplingMethod.POISSON else "shuffled fixed-size batches")
+    algorithms = sorted({_ALGORITHMS.get(type(o).__name__, "DP-SGD")
+                         for o in self._attached.optimizers}) or ["DP-SGD"]
     paras = [textwrap.fill(
-        f"DP-SGD (dpquant_tf) performed over {n_text}, noise multiplier "
+        f"{' and '.join(algorithms)} (dpquant_tf) performed over {n_text}, "
+        f"noise multiplier "
         f"{z_text} for {epochs:g} epochs ({steps} steps) using {sampling}, "
         "and no bound on number of examples per user.", width=80)]
     paras.append(textwrap.fill(

@@ -254,3 +254,18 @@ def test_model_checkpoint_files_restored_older_in_a_new_process(tmp_path):
 def test_without_the_journal_the_statement_says_what_cannot_be_seen():
   _, _, ledger = _setup()
   assert "journal" in ledger.statement(DELTA)
+
+
+def test_with_a_journal_a_ledger_newer_than_the_optimizer_is_still_refused(
+    tmp_path):
+  journal = str(tmp_path / "privacy_journal.json")
+  model, _, ledger = _setup(journal=journal)
+  _fit_arrays(model, 1)
+  older = tf.train.Checkpoint(model=model).write(str(tmp_path / "m"))
+  _fit_arrays(model, 2, 1)
+  newer_ledger = tf.train.Checkpoint(ledger=ledger).write(str(tmp_path / "l"))
+  model2, _, ledger2 = _setup(journal=journal)
+  tf.train.Checkpoint(model=model2).read(older)
+  tf.train.Checkpoint(ledger=ledger2).read(newer_ledger)
+  with pytest.raises(ValueError, match="does not match the optimizer"):
+    ledger2.proven_epsilon(DELTA)
