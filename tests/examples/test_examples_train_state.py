@@ -54,6 +54,7 @@ def _epsilon(path):
     return json.load(f)["epsilon"]
 
 
+@pytest.mark.slow   # a real train_lib run: ~15 s alone, minutes under load
 def test_dp_log_line_names_the_optimizer_used(capsys):
   result = train_lib.train(train_lib.TrainConfig(
       policy="none", optimizer="adam", target_epsilon=8.0, dataset="digits",

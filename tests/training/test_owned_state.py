@@ -148,6 +148,15 @@ def test_a_seeded_estimator_is_recorded_and_survives_restore(tmp_path):
       acc.get_epsilon(DELTA), rel=1e-9)
 
 
+def test_the_statement_names_the_dp_algorithm_of_the_optimizer():
+  from dpquant_tf.optimizers import DPQuantAdamOptimizer  # pylint: disable=g-import-not-at-top
+  for cls, name in ((DPQuantOptimizer, "DP-SGD"),
+                    (DPQuantAdamOptimizer, "DP-Adam")):
+    ledger = privacy.PrivacyLedger(dataset_size=N)
+    cls(1.0, 1.0, ledger=ledger, dataset_size=N)
+    assert ledger.statement(DELTA).startswith(f"{name} (dpquant_tf)")
+
+
 # --------------------------------------------- SHUFFLED ledger, sealed data
 def test_a_shuffled_ledger_fed_sealed_batches_records_the_sampler():
   # The steps' q comes from the seal, not from the ledger's declaration; a
