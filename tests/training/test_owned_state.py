@@ -164,16 +164,16 @@ def test_a_shuffled_ledger_fed_sealed_batches_records_the_sampler():
   # several batches of an epoch), so that figure is not the guarantee.
   x, y = _data()
   model, opt, ledger = _setup(sampling="shuffled")
-  hist = model.fit(privacy.poisson_dataset(x, y, Q, 24, steps=16), verbose=0,
+  hist = model.fit(privacy.poisson_dataset(x, y, Q, 24, steps=8), verbose=0,
                    callbacks=[privacy.PrivacyCallback(ledger, DELTA)])
-  assert _qs(opt) == [Q] and opt.dp_event_steps() == 16
-  assert hist.history["epsilon"][-1] == pytest.approx(_poisson_eps(16),
+  assert _qs(opt) == [Q] and opt.dp_event_steps() == 8
+  assert hist.history["epsilon"][-1] == pytest.approx(_poisson_eps(8),
                                                       rel=1e-9)
-  # Seeded: every step a Gaussian mechanism, not ceil(16 q) = 2 of them.
+  # Seeded: every step a Gaussian mechanism, not ceil(8 q) = 1 of them.
   model, opt, ledger = _setup(sampling="shuffled")
-  model.fit(privacy.poisson_dataset(x, y, Q, 24, steps=16, seed=1),
+  model.fit(privacy.poisson_dataset(x, y, Q, 24, steps=8, seed=1),
             verbose=0)
-  assert ledger.proven_epsilon(DELTA) == pytest.approx(_gaussian_eps(16),
+  assert ledger.proven_epsilon(DELTA) == pytest.approx(_gaussian_eps(8),
                                                        rel=1e-9)
 
 
