@@ -93,12 +93,13 @@ def test_a_seeded_sampler_fed_to_fit_is_not_credited_with_amplification():
   assert "from OS entropy" not in text
 
 
-def test_a_seeded_sampler_under_make_private_is_stated_too():
+def test_a_seeded_sampler_under_make_private_is_stated_too(tmp_path):
   x, y = _data()
+  journal = tmp_path / "ckpt" / "privacy_journal.json"
   private = dpquant_tf.make_private(
       tf.keras.Sequential([tf.keras.layers.Dense(2, input_shape=(6,))]),
       x, y, target_epsilon=50.0, delta=DELTA, epochs=1, batch_size=8,
-      loss=_loss())
+      loss=_loss(), journal_path=str(journal))
   private.model.fit(privacy.poisson_dataset(x, y, Q, 24, steps=4, seed=3),
                     verbose=0, callbacks=private.callbacks)
   z = private.noise_multiplier
@@ -109,6 +110,7 @@ def test_a_seeded_sampler_under_make_private_is_stated_too():
                                             rel=1e-9)
   assert private.epsilon() <= 50.0
   assert "sampler" in private.ledger.seeded_sources()
+  assert '"sampler"' in journal.read_text()   # the journal has it too
 
 
 def test_every_seeded_source_survives_checkpoint_and_restore(tmp_path):
