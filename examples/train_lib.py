@@ -123,6 +123,19 @@ class OptimizerName(enum.Enum):
   ADAMW = "adamw"   # decoupled weight decay (TrainConfig.weight_decay)
 
 
+# The name of the DP algorithm each --optimizer trains with (log lines).
+DP_ALGORITHM = {OptimizerName.SGD: "DP-SGD", OptimizerName.ADAM: "DP-Adam",
+                OptimizerName.ADAMW: "DP-AdamW"}
+
+
+def journal_path(checkpoint_dir: Optional[str]) -> Optional[str]:
+  """The privacy journal of a --checkpoint_dir (None without one): the
+  spent budget's high-water mark, read by every resumed run."""
+  if not checkpoint_dir:
+    return None
+  return os.path.join(checkpoint_dir, "privacy_journal.json")
+
+
 # --model=transformer* changes these defaults (flags the user did not set):
 # the offline synthetic text task, DP-SGD at learning rate 1 (fp32 DP: 96.3%
 # test accuracy at epsilon 8 in docs/RESULTS.md; DP-AdamW at 3e-3 and 1e-3
@@ -428,12 +441,14 @@ def _input_pipeline(cfg: TrainConfig, ds, *, batch: int, q: float, estimator,
   if not cfg.dp:
     data = (tf.data.Dataset.from_tensor_slices((ds.x_train, ds.y_train))
             .shuffle(n, seed=cfg.seed).batch(batch))
-    ledger = privacy.PrivacyLedger() if estimator is not None else None
+    ledger = (privacy.PrivacyLedger(journal_path=journal_path(
+        cfg.checkpoint_dir)) if estimator is not None else None)
     return data, int(math.ceil(n / batch)), ledger, 0.0
   # The library's one definition of an epoch's steps (calibration uses it).
   steps_per_epoch = privacy.steps_per_epoch(n, q)
   ledger = privacy.PrivacyLedger(sampling_method=privacy.SamplingMethod.POISSON,
-                                 dataset_size=n)
+                                 dataset_size=n,
+                                 journal_path=journal_path(cfg.checkpoint_dir))
   # delta < 1/N (refused before any step; a warning above 1/(10 N)).
   ledger.check_delta(cfg.delta)
   if cfg.research_sampling_seed is not None:
@@ -450,7 +465,9 @@ def _input_pipeline(cfg: TrainConfig, ds, *, batch: int, q: float, estimator,
   data = distribute.poisson_input(tf.distribute.get_strategy(), ds.x_train,
                                   ds.y_train, q, steps=steps_per_epoch,
                                   seed=cfg.research_sampling_seed)
-  print(f"DP-SGD: noise_multiplier={noise:.4f} clip={cfg.l2_norm_clip} "
+  algorithm = DP_ALGORITHM[_validation.check_enum("optimizer", cfg.optimizer,
+                                                  OptimizerName)]
+  print(f"{algorithm}: noise_multiplier={noise:.4f} clip={cfg.l2_norm_clip} "
         f"Poisson sampling q={q:.4g} (expected batch {batch}), "
         f"{steps_per_epoch} steps/epoch, {cfg.epochs} epochs")
   return data, steps_per_epoch, ledger, noise
@@ -575,8 +592,13 @@ def _report(cfg: TrainConfig, metrics: Dict[str, Any], ledger) -> None:
         "(research_noise_seed / research_sampling_seed / "
         "research_estimator_seed); the guarantee holds only while the seeds "
         "stay secret.")
-  how = ("Poisson sampling" if eps == poisson_eps else
-         f"proven; {poisson_eps:.3f} if the seeded sample were secret")
+  if cfg.research_sampling_seed is not None:
+    how = ("seeded sampler: every step accounted at rate 1, no "
+           "amplification by sampling")
+  elif eps == poisson_eps:
+    how = "Poisson sampling"
+  else:
+    how = f"proven; {poisson_eps:.3f} if the seeded sample were secret"
   print(f"Privacy: epsilon={eps:.3f} at delta={cfg.delta:g} ({how}; "
         f"analysis share {100 * metrics['analysis_share']:.2f}%)")
   print(metrics["privacy_statement"])

@@ -128,7 +128,8 @@ def audit_one_run(
       per-step moves, plain SGD; ``per_step_scores``) or "final" (the total
       parameter change).
     seed: public seed of the data, the canaries, their inclusion and the
-      model initialization. The optimizer's noise is never seeded.
+      model initialization. The optimizer's noise and the Poisson
+      sampling are never seeded.
 
   Returns:
     A ``OneRunAudit``.
@@ -153,8 +154,11 @@ def audit_one_run(
   y = np.concatenate([y_data, y_can[included]]).astype(np.int64)
   n = len(x)
   steps = int(np.ceil(1.0 / sampling_rate))
-  ds = poisson_dataset(x, y, sampling_rate, steps=steps,
-                       seed=int(rng.integers(2**31)))
+  # The sampler draws from OS entropy: a seeded one is accounted at q = 1
+  # and the claim would not be the amplified epsilon under audit. (The
+  # draw keeps the public seed's later values unchanged.)
+  rng.integers(2**31)
+  ds = poisson_dataset(x, y, sampling_rate, steps=steps)
   tf.keras.utils.set_random_seed(int(rng.integers(2**31)))
   model = (model_fn or default_model)(dims, classes)
   ledger = PrivacyLedger(sampling_method=SamplingMethod.POISSON,

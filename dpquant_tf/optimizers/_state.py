@@ -75,6 +75,15 @@ class _SpentHistory:
     self.bank_count = var([k], tf.int64, 0, "dp_spent_count")
     self.bank_used = var([], tf.int32, 0, "dp_spent_used")
     self.bank_overflow = var([], tf.int32, 0, "dp_spent_overflow")
+    # The table as restored when this object took another history (a
+    # checkpoint of another run, e.g. a resumed run in a new process): the
+    # steps that history held before this process (the ledger's journal
+    # compares them with the journal's high-water mark).
+    self.base_q = var([k], tf.float64, 0.0, "dp_base_q")
+    self.base_z = var([k], tf.float64, 0.0, "dp_base_z")
+    self.base_count = var([k], tf.int64, 0, "dp_base_count")
+    self.base_used = var([], tf.int32, 0, "dp_base_used")
+    self.base_id = var([], tf.int64, history_id, "dp_base_history_id")
 
 
 class DPStateMixin:
@@ -114,6 +123,10 @@ class DPStateMixin:
     history_id = secrets.randbits(62)
     self._history_id = self._dp_weight("dp_history_id", [], tf.int64,
                                        history_id)
+    # 1 once the owned step consumed a seeded sampler's batch (recorded at
+    # q = 1); the ledger names the seeded sampler in its statement.
+    self.sampler_seeded_var = self._dp_weight("dp_sampler_seeded", [],
+                                              tf.int32, 0)
     self._spent_holder = _SpentHistory(k, history_id)
     # Created here, so under the tf.distribute strategy's scope when the
     # optimizer is (see distribute/_replica.check_generator_strategy), and
@@ -141,6 +154,12 @@ class DPStateMixin:
     statement should say so.
     """
     return self._seed is not None
+
+  @property
+  def sampler_is_seeded(self) -> bool:
+    """True once a step consumed a seeded ``poisson_dataset``'s batch."""
+    var = getattr(self, "sampler_seeded_var", None)
+    return var is not None and int(var.numpy()) > 0
 
   @property
   def sensitivity_mode(self) -> M.SensitivityMode:
@@ -273,7 +292,16 @@ class DPStateMixin:
     bank = _events.merge_event_tables(h.bank_q, h.bank_z, h.bank_count,
                                       h.bank_used, h.shadow_q, h.shadow_z,
                                       lost)
+
+    def keep_or_table(base, table):
+      return tf.where(same, base, table)
+
     return tf.group(
+        h.base_q.assign(keep_or_table(h.base_q, self._event_q)),
+        h.base_z.assign(keep_or_table(h.base_z, self._event_z)),
+        h.base_count.assign(keep_or_table(h.base_count, self._event_count)),
+        h.base_used.assign(keep_or_table(h.base_used, self._event_used)),
+        h.base_id.assign(keep_or_table(h.base_id, self._history_id)),
         h.bank_q.assign(bank[0]), h.bank_z.assign(bank[1]),
         h.bank_count.assign(bank[2]), h.bank_used.assign(bank[3]),
         h.bank_overflow.assign(tf.maximum(h.bank_overflow,
@@ -339,6 +367,18 @@ class DPStateMixin:
         prev = merged.get(key, (event, 0))
         merged[key] = (event, prev[1] + count)
     return list(merged.values())
+
+  def dp_restored_events(self):
+    """The events this history held when this object took it over from a
+    restored checkpoint of another run ([] if it never did): the steps
+    taken before this process, as far as that checkpoint shows."""
+    self._sync_spent_history()
+    h = self._spent_holder
+    if int(h.base_id.numpy()) != int(self._history_id.numpy()):
+      return []
+    return _events.events_from_table(h.base_q.numpy(), h.base_z.numpy(),
+                                     h.base_count.numpy(),
+                                     h.base_used.numpy(), 0)
 
   def dp_event_steps(self) -> int:
     """Number of DP steps in the (checkpointed) event table: the steps of

@@ -26,11 +26,34 @@ from dpquant_tf import _validation as V
 from dpquant_tf.privacy import _random
 
 __all__ = ["SEAL_WIDTH", "poisson_dataset", "poisson_max_batch_size",
-           "steps_per_epoch"]
+           "sampler_id_is_ours", "steps_per_epoch"]
 
 # Columns of the seal every sampled batch carries: (sampler id, draw index,
 # q, N), the same on every row (so it splits across replicas like the rows).
 SEAL_WIDTH = 4
+
+# Sampler ids: |id| = PROCESS_KEY * 2**ID_BITS + a random 26-bit number, so
+# the owned step recognizes the samplers of THIS process (a seal drawn by
+# another process, e.g. batches saved to disk and replayed after a restart,
+# or one written by hand, does not carry the key). The key is not a
+# cryptographic secret against code running in the process (which could
+# edit the ledger anyway); it rules out replays and hand-made seals. The id
+# is negative for a SEEDED sampler: its batches are known to anyone who
+# knows the seed, so the owned step records them at q = 1.
+ID_BITS = 26
+PROCESS_KEY = secrets.randbits(ID_BITS) + 1
+
+
+def _new_sampler_id(seeded: bool) -> float:
+  sid = float(PROCESS_KEY * 2 ** ID_BITS + secrets.randbits(ID_BITS))
+  return -sid if seeded else sid
+
+
+def sampler_id_is_ours(sid):
+  """Whether the (float64 tensor) sampler id `sid` was made by
+  ``poisson_dataset`` in this process (seeded or not)."""
+  return tf.equal(tf.floor(tf.abs(sid) / float(2 ** ID_BITS)),
+                  tf.constant(float(PROCESS_KEY), tf.float64))
 
 
 def steps_per_epoch(dataset_size: int, sampling_rate: float) -> int:
@@ -84,7 +107,11 @@ def poisson_dataset(x, y, sampling_rate: float,
       this raises an error at iteration (never silently truncated).
     steps: batches per pass (default: ``steps_per_epoch(N, q)`` = ceil(1 / q),
       one epoch in the definition calibration uses).
-    seed: seeds the sampling (tests); None = non-deterministic.
+    seed: seeds the sampling (tests and research); None (default) draws
+      from OS entropy. A seeded sampler's batches are known to anyone who
+      knows the seed: the owned train step records them at q = 1 (no
+      amplification by sampling) and the ledger's statement names the
+      seeded sampler.
 
   Returns:
     A ``tf.data.Dataset`` yielding ``(x_batch, y_batch, mask, seal)`` with
@@ -92,8 +119,10 @@ def poisson_dataset(x, y, sampling_rate: float,
     Keras sample weight) and ``seal`` float64 of shape [max_batch_size, 4]:
     (sampler id, draw index, q, N) on every row. The owned train step claims
     amplification at q only for batches whose seals show they came from one
-    sampler, in the order it drew them (any reordering, repetition,
-    filtering, caching or re-batching on the way is accounted at q = 1).
+    unseeded sampler of this process, in the order it drew them, never
+    consumed before by the model (also across checkpoint restores): any
+    reordering, repetition, filtering, caching, re-batching or replay on the
+    way is accounted at q = 1.
   """
   x = np.asarray(x)
   y = np.asarray(y)
@@ -108,13 +137,13 @@ def poisson_dataset(x, y, sampling_rate: float,
   if steps is None:
     steps = steps_per_epoch(n, q)
   steps = V.check_int("steps", steps, low=1)
-  gen = _random.make_generator(
-      seed=None if seed is None else V.check_int("seed", seed))
+  seed = None if seed is None else V.check_int("seed", seed)
+  gen = _random.make_generator(seed=seed)
   x_t = tf.constant(x)
   y_t = tf.constant(y)
-  # Identity of this sampler (not a secret: the sampling randomness is the
-  # generator's) and the number of batches it has drawn, across passes.
-  sampler_id = float(secrets.randbits(52) + 1)
+  # Identity of this sampler (the sampling randomness is the generator's)
+  # and the number of batches it has drawn, across passes.
+  sampler_id = _new_sampler_id(seed is not None)
   drawn = _tf_utils.local_variable(tf.constant(0, tf.int64),
                                    name="poisson_draws")
 

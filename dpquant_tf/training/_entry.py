@@ -114,7 +114,7 @@ def make_private(model, x, y, *, target_epsilon: float, delta: float,
                  optimizer: str = "sgd", learning_rate: float = 0.1,
                  l2_norm_clip: float = 1.0, policy=None, estimator=None,
                  metrics=None, accountant=Accountant.RDP,
-                 **optimizer_kwargs) -> DPTraining:
+                 journal_path=None, **optimizer_kwargs) -> DPTraining:
   """Makes `model` train on (`x`, `y`) with (target_epsilon, delta)-DP.
 
   Args:
@@ -137,6 +137,10 @@ def make_private(model, x, y, *, target_epsilon: float, delta: float,
     estimator: optional ``LossSensitivityEstimator``.
     metrics: Keras metrics (computed on real rows only, padding excluded).
     accountant: ``Accountant.RDP`` (default) or ``PLD``.
+    journal_path: optional privacy journal of the ledger (a file in the
+      directory where you keep checkpoints): restoring an older checkpoint,
+      also in a new process, then never lowers the spent budget (see
+      ``PrivacyLedger``).
     **optimizer_kwargs: more optimizer arguments (``gradient_bits``...).
 
   Returns:
@@ -171,7 +175,8 @@ def make_private(model, x, y, *, target_epsilon: float, delta: float,
                                      epochs, analyses=analyses,
                                      accountant=accountant)
   ledger = PrivacyLedger(sampling_method=SamplingMethod.POISSON,
-                         dataset_size=n, accountant=accountant)
+                         dataset_size=n, accountant=accountant,
+                         journal_path=journal_path)
   opt = _OPTIMIZERS[optimizer](
       l2_norm_clip=l2_norm_clip, noise_multiplier=noise, ledger=ledger,
       expected_batch_size=q * n, sampling_probability=q,

@@ -10,8 +10,11 @@ differences:
   passed to the metrics as a mask), and their loss is exactly 0 even where the
   model gives them NaN (``Embedding(mask_zero=True)`` on an all-zero row);
 * the step records the q of the library's own sampler when the batch's seal
-  proves it is that sampler's next draw (``sealed_sampling_probability``),
-  else 1 (no amplification by sampling).
+  proves it is the next draw of an unseeded sampler of this process, never
+  consumed before by the model (``sealed_sampling_probability``), else 1 (no
+  amplification by sampling). A seeded sampler's draws are recorded at q = 1
+  and noted on the optimizer (``sampler_seeded_var``), so the ledger's
+  statement names the seeded sampler.
 """
 
 import functools
@@ -19,6 +22,7 @@ import logging
 import tensorflow as tf
 
 from dpquant_tf import _validation as V
+from dpquant_tf.privacy import _sampling
 
 __all__ = ["has_owned_step", "install_dp_train_step", "owned_train_step",
            "per_example_loss", "sealed_sampling_probability"]
@@ -52,6 +56,11 @@ class _SealState:
   ``state`` = (sampler id, next draw index, real rows so far, steps so far)
   of the sampler being consumed; ``seen`` = the last sampler ids (a sampler
   whose first batch comes twice, e.g. through ``.cache()``, is not fresh).
+  ``seen`` is saved with the optimizer's checkpoints (``install_dp_train_step``
+  tracks it as ``dp_seal_seen``), so a run restored from a checkpoint, in a
+  new process too, refuses the draws it consumed before; ``seen_here`` is the
+  same list kept outside every checkpoint (a restore of an older checkpoint
+  cannot shorten it).
   """
 
   def __init__(self, model):
@@ -63,8 +72,10 @@ class _SealState:
                     aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
       self.state = tf.Variable([-1.0, 0.0, 0.0, 0.0], name="dp_seal_state",
                                **kwargs)
-      self.seen = tf.Variable([-1.0] * _SEEN_IDS, name="dp_seal_seen",
+      self.seen = tf.Variable([0.0] * _SEEN_IDS, name="dp_seal_seen",
                               **kwargs)
+      self.seen_here = tf.Variable([0.0] * _SEEN_IDS,
+                                   name="dp_seal_seen_here", **kwargs)
 
 
 def _global_count(real):
@@ -76,28 +87,34 @@ def _global_count(real):
 
 
 def sealed_sampling_probability(state: _SealState, seal, real):
-  """q of this step: the sampler's q if its seal proves the batch is the next
-  draw of one library sampler, consumed as drawn; else 1.0.
+  """(q, seeded) of this step: q is the sampler's q if its seal proves the
+  batch is the next draw of one unseeded library sampler of this process,
+  consumed as drawn; else 1.0. `seeded` (bool tensor): the batch is a
+  seeded sampler's draw (recorded at q = 1).
 
   Also checks the realized batch sizes of a sealed run against q * N and
   stops the run (InvalidArgumentError) when they are too far off.
   """
+  one = tf.constant(1.0, tf.float64)
   if seal is None:
-    return tf.constant(1.0, tf.float64)
+    return one, tf.constant(False)
   seal = tf.cast(tf.convert_to_tensor(seal), tf.float64)
-  if seal.shape.rank != 2 or seal.shape[-1] != 4:
-    return tf.constant(1.0, tf.float64)
+  if seal.shape.rank != 2 or seal.shape[-1] != _sampling.SEAL_WIDTH:
+    return one, tf.constant(False)
   first = seal[0]
   sid, index, q, n = first[0], first[1], first[2], first[3]
   old = state.state.read_value()
   same_draw = tf.reduce_all(tf.equal(seal, first[None, :]))
-  fresh = tf.logical_and(tf.equal(index, 0.0),
-                         tf.logical_not(tf.reduce_any(
-                             tf.equal(state.seen.read_value(), sid))))
+  ours = _sampling.sampler_id_is_ours(sid)
+  was_seen = tf.logical_or(
+      tf.reduce_any(tf.equal(state.seen.read_value(), sid)),
+      tf.reduce_any(tf.equal(state.seen_here.read_value(), sid)))
+  fresh = tf.logical_and(tf.equal(index, 0.0), tf.logical_not(was_seen))
   continuing = tf.logical_and(tf.equal(sid, old[0]), tf.equal(index, old[1]))
   valid_q = tf.logical_and(q > 0.0, q <= 1.0)
-  ok = tf.reduce_all([same_draw, tf.logical_or(fresh, continuing), valid_q,
-                      n >= 1.0])
+  ok = tf.reduce_all([same_draw, ours, tf.logical_or(fresh, continuing),
+                      valid_q, n >= 1.0])
+  seeded = tf.logical_and(ours, sid < 0.0)
   zero = tf.constant(0.0, tf.float64)
   total = tf.where(fresh, zero, old[2]) + _global_count(real)
   steps = tf.where(fresh, zero, old[3]) + 1.0
@@ -112,11 +129,17 @@ def sealed_sampling_probability(state: _SealState, seal, real):
   with tf.control_dependencies([check]):
     new_state = tf.where(ok, tf.stack([sid, index + 1.0, total, steps]),
                          tf.constant([-1.0, 0.0, 0.0, 0.0], tf.float64))
-    seen = tf.where(fresh, tf.concat([sid[None], state.seen[:-1]], 0),
+    remember = tf.logical_and(fresh, ours)
+    seen = tf.where(remember, tf.concat([sid[None], state.seen[:-1]], 0),
                     state.seen.read_value())
-    updates = [state.state.assign(new_state), state.seen.assign(seen)]
+    seen_here = tf.where(
+        remember, tf.concat([sid[None], state.seen_here[:-1]], 0),
+        state.seen_here.read_value())
+    updates = [state.state.assign(new_state), state.seen.assign(seen),
+               state.seen_here.assign(seen_here)]
   with tf.control_dependencies(updates):
-    return tf.where(ok, q, tf.constant(1.0, tf.float64))
+    amplified = tf.logical_and(ok, tf.logical_not(seeded))
+    return tf.where(amplified, q, one), tf.identity(seeded)
 
 
 def _loss_function(model, loss):
@@ -201,7 +224,14 @@ def owned_train_step(model, data, *, loss=None):
     y_pred = model(x, training=True)
     losses, real = per_example_loss(model, y, y_pred, sample_weight,
                                     loss=loss)
-  q = sealed_sampling_probability(state, seal, real)
+  q, seeded = sealed_sampling_probability(state, seal, real)
+  noted = []
+  flag = getattr(optimizer, "sampler_seeded_var", None)
+  if flag is not None:   # the statement names a seeded sampler
+    noted.append(flag.assign(tf.maximum(flag.read_value(),
+                                        tf.cast(seeded, flag.dtype))))
+  with tf.control_dependencies(noted):
+    q = tf.identity(q)
   optimizer._owned_step(model, x, losses, tape, q)  # pylint: disable=protected-access
   # Displayed loss: mean over real rows (padding excluded).
   count = tf.reduce_sum(tf.cast(real, tf.float32))
@@ -248,6 +278,11 @@ def install_dp_train_step(model, *, loss=None):
     # A train function traced before used the old step: rebuild it.
     object.__setattr__(model, "train_function", None)
   opt = getattr(model, "optimizer", None)
+  track = getattr(opt, "_track_trackable", None)
+  if track is not None:
+    # The consumed samplers travel with the optimizer's checkpoints (a
+    # deferred restore fills them when tracked after the restore).
+    track(getattr(model, _STATE).seen, name="dp_seal_seen", overwrite=True)
   var = getattr(opt, "sampling_probability_var", None)
   if var is not None and float(var.numpy()) < 0:
     # Until the first step shows a seal, project budgets at q = 1.

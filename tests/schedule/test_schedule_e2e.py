@@ -57,7 +57,8 @@ def _run(x, y, x_test, y_test, *, epochs, q, target_epsilon, learning_rate,
   sigma = privacy.calibrate_noise_multiplier(target_epsilon, DELTA, n, q * n, epochs,
                                              analyses=analyses)
   max_batch = privacy.poisson_max_batch_size(n, q)
-  ds = privacy.poisson_dataset(x, y, q, max_batch, seed=seed)
+  # Unseeded: a seeded sampler is accounted at q = 1 (no amplification).
+  ds = privacy.poisson_dataset(x, y, q, max_batch)
   ledger = privacy.PrivacyLedger(sampling_method="poisson", dataset_size=n)
   opt = optimizers.DPQuantOptimizer(1.0, sigma, learning_rate=learning_rate,
                                     expected_batch_size=q * n, sampling_probability=q,
