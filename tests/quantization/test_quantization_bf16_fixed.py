@@ -154,7 +154,7 @@ def _cancelling(v, e):
   return x
 
 
-@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("jit", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_bf16_contraction_keeps_each_contribution_within_c(jit):
   model = _seq_model(fixed=True)
   run = _clipped_sum_fn(model, jit)
@@ -167,29 +167,34 @@ def test_bf16_contraction_keeps_each_contribution_within_c(jit):
 
 def test_bf16_contraction_runs_in_bfloat16_only_while_the_layer_is_on():
   model = _seq_model(fixed=True)
-  layer = [l for l in dq.quantized_layers(model) if l.layer.name == "seq_dense"][0]
-  x = np.random.default_rng(2).normal(size=(B, T, K)).astype(np.float32)
-  run = _clipped_sum_fn(model)
-  on = run(x)
-  # The per-example kernel gradients are bf16 tensors: the kernel's clipped
-  # sum differs from the float32 contraction of the same (bf16-exact) taps.
+  layer = [l for l in dq.quantized_layers(model)
+           if l.layer.name == "seq_dense"][0]
+  opt = DPQuantOptimizer(C, 0.0, learning_rate=0.1, expected_batch_size=NORM,
+                         seed=0)
+
+  @tf.function
+  def step(x):
+    with tf.GradientTape() as tape:
+      out = model(x, training=True)
+      loss = _LOSS(tf.zeros_like(out) + 1.0, out)
+    with opt._bind(model, x):  # pylint: disable=protected-access
+      pairs = opt._compute_gradients(loss, model.trainable_variables, tape=tape)  # pylint: disable=protected-access
+    return [g * NORM for g, _ in pairs]
+
+  x = tf.constant(np.random.default_rng(2).normal(size=(B, T, K)), tf.float32)
+  graph_def = step.get_concrete_function(x).graph.as_graph_def()
+  # The per-example contraction of the bf16 layer: a bf16 batched matmul
+  # [B, K, T] x [B, T, O] in the clip (the optimizer's scope).
+  bf16 = tf.bfloat16.as_datatype_enum
+  found = [n.name for f in graph_def.library.function for n in f.node_def
+           if n.op.startswith("BatchMatMul") and n.attr["T"].type == bf16]
+  assert found, "no bf16 per-example contraction"
+  on = step(x)
   layer.enabled.assign(False)
-  off = run(x)
-  ref_model = _seq_model(fixed=False)
-  ref_model.set_weights(model.get_weights())
-  ref = _clipped_sum_fn(ref_model)(x)
-  kernel = [i for i, v in enumerate(model.trainable_variables)
-            if v.name.startswith("seq_dense") or "seq_dense/kernel" in v.name]
-  assert kernel
-  i = kernel[0]
-  # Off: float32 on both models (the dynamic one is off too after assign).
-  ref_layer = [l for l in dq.quantized_layers(ref_model)
-               if l.layer.name == "seq_dense"][0]
-  ref_layer.enabled.assign(False)
-  ref_off = _clipped_sum_fn(ref_model)(x)
-  np.testing.assert_allclose(off[i], ref_off[i], rtol=1e-5, atol=1e-7)
-  # On: close to the float32 contraction (bf16 rounding of the per-example
-  # gradients and of g), not equal to it.
-  assert not np.array_equal(on[i], ref[i])
-  np.testing.assert_allclose(on[i], ref[i], rtol=0,
-                             atol=0.02 * np.abs(ref[i]).max())
+  off = step(x)
+  # Same weights: the bf16 step (bf16 forward, bf16 per-example gradients)
+  # is close to the float32 one, not equal.
+  for a, b in zip(on, off):
+    a, b = a.numpy(), b.numpy()
+    np.testing.assert_allclose(a, b, rtol=0, atol=0.03 * np.abs(b).max())
+  assert any(not np.array_equal(a.numpy(), b.numpy()) for a, b in zip(on, off))
