@@ -31,7 +31,9 @@ bias) or simulated FP8 E4M3 (an extra fake quantization to the FP8 grid, the
 op in float32). Every setting is in the graph as ``tf.cond`` branches, so
 switching does not retrace, also under ``jit_compile``; the outer branch is
 the ``enabled`` switch, so a disabled layer runs its plain float32 op and no
-quantization op. The taps are float32 (the bfloat16 input cast back):
+quantization op. With ``fixed_structure=True`` only the plain op and the
+initial config's structure are built (smaller graphs; XLA compiles only what
+can run), and ``assign_config`` refuses an enabled config of another one. The taps are float32 (the bfloat16 input cast back):
 per-example norms, clipping and noise stay float32.
 
 Why not tfmot's ``quantize_apply``: its quantizers act on forward tensors only

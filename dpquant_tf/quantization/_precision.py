@@ -17,8 +17,12 @@ precision* (``Precision``) is the dtype the op itself runs in:
   FP8 E4M3 grid with per-example / per-channel scales, the op in float32).
   No native FP8 path is built.
 
-Per-example gradient norms, clipping, the clipped sum and the noise never see
-a low-precision tensor: the layer hands float32 taps to the per-example path.
+The layer hands float32 taps to the per-example path. One exception, by
+design (issue 21): a Dense layer on sequences built with
+``fixed_structure=True`` for bf16 has its per-example kernel gradients
+contracted from bf16 operands into bf16 tensors while enabled; their norms are
+bounded and they are clipped and summed as materialized tensors, so the clip
+bound holds for exactly what is added. The noise is always float32.
 """
 
 import enum
