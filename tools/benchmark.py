@@ -53,6 +53,10 @@ flags.DEFINE_float("quant_ratio", 0.5, "Share of quantizable layers quantized.")
 flags.DEFINE_bool("jit_compile", False, "Compile every train step with XLA.")
 flags.DEFINE_enum("bf16_rounding", "stochastic", ["stochastic", "nearest"],
                   "Rounding of the bf16 contenders' casts.")
+flags.DEFINE_bool("bf16_fixed_structure", True,
+                  "Build the bf16 contenders' layers for the bf16 structure "
+                  "only (QuantizedLayer fixed_structure); false: every "
+                  "precision's branch, as before issue 21's XLA fix.")
 flags.DEFINE_bool("smoke", False, "Tiny run (1 round, 1 step, 1 warm-up): "
                   "checks that every contender runs; numbers meaningless.")
 flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
@@ -107,6 +111,7 @@ def main(argv):
   settings = benchmark_lib.Settings(
       rounds=rounds, steps=steps, warmup=warmup,
       bf16_rounding=FLAGS.bf16_rounding,
+      bf16_fixed_structure=FLAGS.bf16_fixed_structure,
       quant_ratio=FLAGS.quant_ratio, seed=FLAGS.seed,
       jit_compile=FLAGS.jit_compile, contenders=tuple(FLAGS.contenders))
   report = benchmark_lib.run(FLAGS.cases, settings, log=logging.info,

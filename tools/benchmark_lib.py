@@ -63,6 +63,7 @@ class Settings:
   seed: int = 0
   jit_compile: bool = False
   bf16_rounding: str = "stochastic"
+  bf16_fixed_structure: bool = True
   contenders: Sequence[str] = CONTENDERS
 
 
@@ -193,8 +194,9 @@ def make_contender(kind: str, model_name: str, batch_size: int,
     if bf16_ratio(kind) is not None:
       bf16 = quantization.LayerQuantConfig(fwd_bits=0, bwd_bits=0,
                                            precision="bf16")
-      model = quantization.quantize_model(base, config=bf16, seed=s.seed,
-                                          rounding=s.bf16_rounding)
+      model = quantization.quantize_model(
+          base, config=bf16, seed=s.seed, rounding=s.bf16_rounding,
+          fixed_structure=s.bf16_fixed_structure)
       plan = _quant_plan(model, bf16_ratio(kind), s.seed, config=bf16)
       quantization.set_plan(model, plan)
       info["quantized_layers"] = plan.enabled_layers()

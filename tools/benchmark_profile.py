@@ -18,7 +18,9 @@ With ``--ops`` it also records one TensorFlow profiler trace per contender
 (``tf.profiler.experimental``, 5 steps) and prints the op types that took the
 most time, with their dtype share: ``bf16_share`` is the share of the step's
 op time spent in ops whose inputs are bfloat16 (parsed from the trace's XPlane
-protobuf; no TensorBoard plugin needed). Logic: tools/benchmark_lib.py builds
+protobuf; no TensorBoard plugin needed), and ``dtype_share`` the share per
+dtype of the op's input (``T``/``Ta``/``SrcT`` attribute: float32, float64,
+bfloat16, ``other`` for ops without one). Logic: tools/benchmark_lib.py builds
 the models and contenders. Results: docs/PERFORMANCE.md.
 """
 
@@ -26,6 +28,7 @@ import collections
 import glob
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -49,6 +52,10 @@ flags.DEFINE_integer("rounds", 5, "Timed rounds per part (median).")
 flags.DEFINE_integer("steps", 2, "Calls per part per round.")
 flags.DEFINE_integer("ops", 5, "Profiled steps per contender (0: no op profile).")
 flags.DEFINE_integer("top", 12, "Op types listed per contender.")
+flags.DEFINE_bool("parts", True, "Time the cumulative parts (forward, "
+                  "backward, clip, step); false: the train step only (each "
+                  "part holds its own buffers: the encoder's 8 part "
+                  "functions took more than 13 GB).")
 flags.DEFINE_enum("bf16_rounding", "stochastic", ["stochastic", "nearest"],
                   "Rounding of the bf16 contenders' casts.")
 
@@ -127,31 +134,52 @@ def _op_profile(fn, steps, dtypes):
   tf.profiler.experimental.stop()
   times = _xplane_op_times(logdir)
   by_type = collections.Counter()
-  bf16 = 0.0
+  by_dtype = collections.Counter()
   for (op_type, op_name), us in times.items():
-    low = dtypes.get(op_name) == "bfloat16"
-    by_type[op_type + (" [bf16]" if low else "")] += us / steps
-    bf16 += us / steps if low else 0.0
+    dtype = dtypes(op_name)
+    mark = {"bfloat16": " [bf16]", "float64": " [f64]"}.get(dtype, "")
+    by_type[op_type + mark] += us / steps
+    by_dtype[dtype] += us / steps
   total = sum(by_type.values())
-  return by_type, total, bf16
+  return by_type, total, by_dtype
 
 
 def _graph_dtypes(model, data):
-  """op name -> 'bfloat16' for every op of the train function whose T is bf16."""
+  """A resolver: traced op name -> dtype of its input ('other' if unknown).
+
+  Ops inside ``tf.cond`` branches are traced as ``<cond>/then/_N/<node>``
+  (or ``else``): the name is resolved through the If node's branch function,
+  recursively, so a branch's bf16 op and the other branch's float32 op of
+  the same name are told apart.
+  """
   fn = model.train_function
-  dtypes = {}
   try:
     concrete = fn.get_concrete_function(data)
   except Exception:  # pylint: disable=broad-except
-    return dtypes
+    return lambda name: "other"
   gdef = concrete.graph.as_graph_def()
-  nodes = list(gdef.node)
-  for f in gdef.library.function:
-    nodes.extend(f.node_def)
-  for n in nodes:
-    if "T" in n.attr and n.attr["T"].type == tf.bfloat16.as_datatype_enum:
-      dtypes[n.name] = "bfloat16"
-  return dtypes
+  functions = {f.signature.name: {n.name: n for n in f.node_def}
+               for f in gdef.library.function}
+  top = {n.name: n for n in gdef.node}
+
+  def dtype_of(node):
+    for attr in ("T", "Ta", "SrcT", "dtype"):
+      if attr in node.attr and node.attr[attr].type:
+        return tf.as_dtype(node.attr[attr].type).name
+    return "other"
+
+  def resolve(name, nodes):
+    if name in nodes:
+      return dtype_of(nodes[name])
+    m = re.match(r"^(.*?)/(then|else)/_\d+/(.*)$", name)
+    if m and m.group(1) in nodes:
+      attr = "then_branch" if m.group(2) == "then" else "else_branch"
+      branch = nodes[m.group(1)].attr[attr].func.name
+      if branch in functions:
+        return resolve(m.group(3), functions[branch])
+    return "other"
+
+  return lambda name: resolve(name, top)
 
 
 def main(argv):
@@ -171,6 +199,8 @@ def main(argv):
       model, _ = benchmark_lib.make_contender(kind, name, batch, weights, s)
       model.train_function = model.make_train_function()
       parts[kind] = _parts(model, data)
+      if not FLAGS.parts:
+        parts[kind] = {"step": parts[kind]["step"]}
       models[kind] = model
       for fn in parts[kind].values():
         _sync(fn())
@@ -187,18 +217,25 @@ def main(argv):
     case = {"model": name, "batch_size": batch, "load": os.getloadavg()[0]}
     print(f"\n== {name} b={batch} (load {os.getloadavg()[0]:.1f}); median ms, "
           "cumulative parts")
-    print("contender      forward  backward  clip     step")
+    names = [p for p in ("forward", "backward", "clip", "step")
+             if p in parts[FLAGS.contenders[0]]]
+    print("contender     " + " ".join(f"{p:>8}" for p in names))
     for kind in FLAGS.contenders:
       med = {p: statistics.median(times[(kind, p)]) for p in parts[kind]}
       case[kind] = {p: round(v, 2) for p, v in med.items()}
-      print(f"{kind:<13} " + " ".join(f"{med[p]:8.1f}" for p in
-                                      ("forward", "backward", "clip", "step")))
+      print(f"{kind:<13} " + " ".join(f"{med[p]:8.1f}" for p in names))
     if FLAGS.ops:
       for kind in FLAGS.contenders:
         dtypes = _graph_dtypes(models[kind], data)
-        by_type, total, bf16 = _op_profile(parts[kind]["step"], FLAGS.ops, dtypes)
+        by_type, total, by_dtype = _op_profile(parts[kind]["step"], FLAGS.ops,
+                                               dtypes)
         case[kind]["op_ms"] = round(total / 1e3, 2)
-        case[kind]["bf16_share"] = round(bf16 / total, 3) if total else None
+        case[kind]["bf16_share"] = (round(by_dtype["bfloat16"] / total, 3)
+                                    if total else None)
+        case[kind]["dtype_share"] = {k: round(v / total, 3)
+                                     for k, v in by_dtype.most_common()}
+        print(f"-- {kind}: op time by dtype of the op's input: " + ", ".join(
+            f"{k} {v / total:.1%}" for k, v in by_dtype.most_common()))
         case[kind]["top_ops"] = {k: round(v / 1e3, 2)
                                  for k, v in by_type.most_common(FLAGS.top)}
         print(f"-- {kind}: op time {total / 1e3:.1f} ms/step (summed over threads), "

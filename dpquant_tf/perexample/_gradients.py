@@ -355,6 +355,9 @@ class PerExampleTaps:
   def _layer_part(self, slot, entries, x, g):
     m, k = self._m_for(x), self._k(x)
     inner = slot.layer.layer
+    if (getattr(slot.layer, "bf16_taps", False) and slot.kind in _BF16_KINDS
+        and isinstance(k, int) and _positions(x) not in (None, 1)):
+      return self._bf16_part(slot, entries, x, g, m, k)
 
     def materialized():
       per_role = _apply_rule(slot.kind, inner, x, g, m, self._chunk)
@@ -384,6 +387,53 @@ class PerExampleTaps:
           lambda: [materialized()[2](scale)[i] for i in order])
       return dict(zip(order, out))
     return sq, lin, finish
+
+
+  def _bf16_part(self, slot, entries, x, g, m, k):
+    """Materialized per-example gradients, contracted in bfloat16 when on.
+
+    Used for Dense layers on sequences (``T > 1`` positions: their ghost
+    bound needs float64 Gram matrices and a float64 contraction). For a layer built for bf16 execution (``bf16_taps``) that is enabled,
+    the kernel's per-example contraction runs on bfloat16 operands (the tap
+    input is bf16-exact; the output gradient is rounded to bf16 once, as the
+    layer's own bf16 backward pass rounds it) with a bfloat16 result, the
+    per-example gradient in bf16. A disabled layer contracts in float32.
+    Either way the result is one ``[M, ...]`` tensor per variable, and the
+    bound and the clipped sum are the materialized ones (``norm_bound`` of
+    exactly these tensors), so the clip argument is unchanged.
+    """
+    inner = slot.layer.layer
+    on = tf.convert_to_tensor(slot.layer.enabled)
+
+    def rule(dtype):
+      def run():
+        per_role = _apply_rule(slot.kind, inner, tf.cast(x, dtype),
+                               tf.cast(g, dtype), m, self._chunk)
+        return {r: tf.cast(t, tf.float32) for r, t in per_role.items()
+                if r != "bias"}
+      return run
+
+    per_role = tf.cond(on, rule(tf.bfloat16), rule(tf.float32))
+    if any(role == "bias" for _, role in entries):
+      # The bias sums positions: keep it float32 (cheap) in both cases.
+      per_role["bias"] = _rules._bias_grad(g, m, x)  # pylint: disable=protected-access
+    return _materialized_part({i: per_role[role] for i, role in entries}, k)
+
+
+def _positions(x):
+  """Positions per example of a Dense input ``[B, ..., K]`` (None: unknown)."""
+  t = 1
+  for d in x.shape[1:-1]:
+    if d is None:
+      return None
+    t *= d
+  return t
+
+
+# Layer kinds whose per-example contraction runs in bf16 for bf16 layers
+# (large GEMMs; narrow convolutions' batched small matmuls are slower in
+# bf16 on oneDNN, see docs/PERFORMANCE.md).
+_BF16_KINDS = (_registry.LayerKind.DENSE,)
 
 
 def _materialized_part(sums, k):

@@ -31,7 +31,9 @@ bias) or simulated FP8 E4M3 (an extra fake quantization to the FP8 grid, the
 op in float32). Every setting is in the graph as ``tf.cond`` branches, so
 switching does not retrace, also under ``jit_compile``; the outer branch is
 the ``enabled`` switch, so a disabled layer runs its plain float32 op and no
-quantization op. The taps are float32 (the bfloat16 input cast back):
+quantization op. With ``fixed_structure=True`` only the plain op and the
+initial config's structure are built (smaller graphs; XLA compiles only what
+can run), and ``assign_config`` refuses an enabled config of another one. The taps are float32 (the bfloat16 input cast back):
 per-example norms, clipping and noise stay float32.
 
 Why not tfmot's ``quantize_apply``: its quantizers act on forward tensors only
@@ -67,6 +69,18 @@ def quantizable_kind(layer):
   return kind if kind in _layer_kinds.QUANTIZABLE else None
 
 
+def _structure_of(precision, fwd_bits, bwd_bits):
+  """(precision, forward quantization on, backward quantization on)."""
+  return (precision, fwd_bits > 0, bwd_bits > 0)
+
+
+def _describe(structure):
+  precision, fwd, bwd = structure
+  return (f"precision={precision.name.lower()}, forward quantization "
+          f"{'on' if fwd else 'off'}, backward quantization "
+          f"{'on' if bwd else 'off'}")
+
+
 @tf.custom_gradient
 def _straight_through(x, k, qx, qk):
   """Returns (qx, qk); gradients flow to x and k unchanged (straight-through)."""
@@ -94,6 +108,15 @@ class QuantizedLayer(_layers.Wrapper):
     weight_scale: `ScaleMode.PER_CHANNEL` (default) or `ScaleMode.PER_TENSOR`.
     seed: None draws the rounding noise from
       `privacy._random.make_generator()` (OS entropy); an int seeds it.
+    fixed_structure: False (default): every setting is in the graph
+      (``tf.cond`` branches), so any config can be assigned without a
+      retrace. True: only the plain op (disabled) and the *initial* config's
+      structure (its precision, forward quantization on/off, backward
+      quantization on/off) are built; formats and bit widths inside it stay
+      variables. An enabled config with another structure is then refused by
+      `assign_config`. Smaller graphs: a float32 layer without quantization
+      has no branch at all, a pure bf16 layer one ``tf.cond``, and XLA
+      compiles only what can run.
     **kwargs: passed to `tf.keras.layers.Wrapper` (e.g. `name`).
   """
 
@@ -102,7 +125,8 @@ class QuantizedLayer(_layers.Wrapper):
                bwd_format=QuantFormat.LUQ_FP4, bwd_bits=4,
                precision=Precision.FLOAT32,
                rounding=Rounding.STOCHASTIC,
-               weight_scale=ScaleMode.PER_CHANNEL, seed=None, **kwargs):
+               weight_scale=ScaleMode.PER_CHANNEL, seed=None,
+               fixed_structure=False, **kwargs):
     kind = quantizable_kind(layer)
     if kind is None:
       _validation.fail("layer", layer, f"a {SUPPORTED} layer", TypeError)
@@ -123,6 +147,11 @@ class QuantizedLayer(_layers.Wrapper):
     self.weight_scale = _validation.check_enum("weight_scale", weight_scale,
                                                ScaleMode)
     self.seed = None if seed is None else _validation.check_int("seed", seed)
+    self.fixed_structure = bool(_validation.check_type(
+        "fixed_structure", fixed_structure, bool))
+    self._structure = _structure_of(self._initial["precision"],
+                                    self._initial["fwd_bits"],
+                                    self._initial["bwd_bits"])
     self.quantize_in_inference = False
     kwargs.setdefault("name", f"quant_{layer.name}")
     super().__init__(layer, **kwargs)
@@ -191,7 +220,11 @@ class QuantizedLayer(_layers.Wrapper):
       rank = x.shape.rank
       if rank == 2 or rank is None:
         return tf.matmul(a=x, b=kernel)
-      z = tf.tensordot(x, kernel, [[rank - 1], [0]])
+      # reshape + matmul, not tf.tensordot: inside a tf.cond branch under
+      # XLA, tensordot's gradient (a transpose by a run-time permutation)
+      # fails to compile ("0 is duplicated in the input").
+      z = tf.matmul(tf.reshape(x, [-1, x.shape[-1]]), kernel)
+      z = tf.reshape(z, tf.concat([tf.shape(x)[:-1], [kernel.shape[-1]]], 0))
       if not tf.executing_eagerly():
         z.set_shape(x.shape.as_list()[:-1] + [kernel.shape[-1]])
       return z
@@ -224,16 +257,21 @@ class QuantizedLayer(_layers.Wrapper):
 
   def _forward_quant(self, x, kernel, fwd_on, fp8_on, weight_axes):
     """Fake quantization of input and kernel (the forward format, then the
-    simulated FP8 grid when that is the precision), straight-through."""
-    qx, qk = tf.cond(
-        fwd_on, lambda: self._quantize_pair(x, kernel, self.fwd_format,
-                                            self.fwd_bits, weight_axes),
-        lambda: (x, kernel))
-    qx, qk = tf.cond(
-        fp8_on, lambda: self._quantize_pair(
-            qx, qk, tf.constant(QuantFormat.FP8_E4M3.id, tf.int32),
-            tf.constant(8, tf.int32), weight_axes),
-        lambda: (qx, qk))
+    simulated FP8 grid when that is the precision), straight-through.
+
+    ``fwd_on``/``fp8_on``: bool tensors (a ``tf.cond`` each) or Python bools
+    (a fixed structure: the step is built or left out)."""
+
+    def step(on, a, b, fmt, bits):
+      if on is False:
+        return a, b
+      quant = lambda: self._quantize_pair(a, b, fmt, bits, weight_axes)
+      return quant() if on is True else tf.cond(on, quant, lambda: (a, b))
+
+    qx, qk = step(fwd_on, x, kernel, self.fwd_format, self.fwd_bits)
+    qx, qk = step(fp8_on, qx, qk,
+                  tf.constant(QuantFormat.FP8_E4M3.id, tf.int32),
+                  tf.constant(8, tf.int32))
     return _straight_through(x, kernel, tf.stop_gradient(qx),
                              tf.stop_gradient(qk))
 
@@ -249,7 +287,11 @@ class QuantizedLayer(_layers.Wrapper):
     xb = _precision.to_bfloat16(x, rounding=self.rounding,
                                 generator=self.generator)
     kb = _precision.to_bfloat16(kernel)
-    return tf.cast(xb, tf.float32), tf.cast(self._linear(xb, kb), tf.float32)
+    # The tap needs no gradient: without stop_gradient the backward pass
+    # adds its zero gradient to the op's (a bf16 AddN per layer, 4% of the
+    # encoder's step).
+    return (tf.cast(tf.stop_gradient(xb), tf.float32),
+            tf.cast(self._linear(xb, kb), tf.float32))
 
   def _enabled_op(self, x, kernel, fwd_on, fp8_on, bf16_on, weight_axes):
     """The op of an enabled layer: fake quantization, then float32 or bf16."""
@@ -259,6 +301,28 @@ class QuantizedLayer(_layers.Wrapper):
                      lambda: (x, kernel))
     return tf.cond(bf16_on, lambda: self._bfloat16_op(qx, qk),
                    lambda: (qx, self._linear(qx, qk)))
+
+  def _fixed_enabled_op(self, x, kernel, weight_axes):
+    """The enabled op of a fixed structure: only the steps it uses."""
+    precision, fwd, _ = self._structure
+    fp8 = precision == Precision.FP8_E4M3
+    qx, qk = x, kernel
+    if fwd or fp8:
+      qx, qk = self._forward_quant(x, kernel, fwd, fp8, weight_axes)
+    if precision == Precision.BFLOAT16:
+      return self._bfloat16_op(qx, qk)
+    return qx, self._linear(qx, qk)
+
+  @property
+  def bf16_taps(self) -> bool:
+    """True when the layer's structure is fixed to bf16 execution.
+
+    Then, whenever the layer is enabled, its tap input is bfloat16-exact
+    (the bf16 input cast back to float32): the per-example path may run its
+    contractions on bfloat16 operands (``dpquant_tf.perexample``).
+    """
+    return (self.fixed_structure
+            and self._structure[0] == Precision.BFLOAT16)
 
   def call(self, inputs, training=None):
     layer = self.layer
@@ -271,6 +335,18 @@ class QuantizedLayer(_layers.Wrapper):
     if training is not None and not self.quantize_in_inference:
       # Inference (training=False) never runs the training plan.
       enabled = tf.logical_and(enabled, tf.cast(training, tf.bool))
+    kernel = tf.convert_to_tensor(kernel_of(layer))
+    weight_axes = self._weight_axes(kernel)
+    if self.fixed_structure:
+      precision, fwd, bwd = self._structure
+      if fwd or precision != Precision.FLOAT32:
+        tap_x, z = tf.cond(
+            enabled, lambda: self._fixed_enabled_op(x, kernel, weight_axes),
+            lambda: (x, self._linear(x, kernel)))
+      else:   # enabled or not, the forward op is the plain one
+        tap_x, z = x, self._linear(x, kernel)
+      bwd_on = tf.logical_and(enabled, self.bwd_bits > 0) if bwd else None
+      return self._finish(inputs, tap_x, z, bwd_on)
     precision = tf.convert_to_tensor(self.precision)
     fwd_on = tf.logical_and(enabled, self.fwd_bits > 0)
     bwd_on = tf.logical_and(enabled, self.bwd_bits > 0)
@@ -278,8 +354,6 @@ class QuantizedLayer(_layers.Wrapper):
                             tf.equal(precision, Precision.FP8_E4M3.id))
     bf16_on = tf.logical_and(enabled,
                              tf.equal(precision, Precision.BFLOAT16.id))
-    kernel = tf.convert_to_tensor(kernel_of(layer))
-    weight_axes = self._weight_axes(kernel)
     # One branch per layer: a disabled layer runs the plain float32 op and
     # no quantization op (the enabled branch is not executed).
     tap_x, z = tf.cond(
@@ -287,12 +361,17 @@ class QuantizedLayer(_layers.Wrapper):
         lambda: self._enabled_op(x, kernel, fwd_on, fp8_on, bf16_on,
                                  weight_axes),
         lambda: (x, self._linear(x, kernel)))
+    return self._finish(inputs, tap_x, z, bwd_on)
+
+  def _finish(self, inputs, tap_x, z, bwd_on):
+    """Bias, taps, the backward quantizer (None: none built), activation."""
+    layer = self.layer
     z = self._add_bias(z)
     if not tf.executing_eagerly() and self.kind in (LayerKind.CONV1D,
                                                      LayerKind.CONV2D):
       z.set_shape(layer.compute_output_shape(inputs.shape))
     _perexample_registry.record_tap(self, tap_x, z)
-    out = self._backward_quantizer(z, bwd_on)
+    out = z if bwd_on is None else self._backward_quantizer(z, bwd_on)
     if layer.activation is not None:
       out = layer.activation(out)
     return out
@@ -340,6 +419,15 @@ class QuantizedLayer(_layers.Wrapper):
     if not self.built:
       raise ValueError(f"Expected layer {self.name!r} to be built before "
                        "assigning a quantization config.")
+    if self.fixed_structure and config.enabled:
+      got = _structure_of(config.precision, config.fwd_bits, config.bwd_bits)
+      if got != self._structure:
+        _validation.fail(
+            "config", config,
+            f"an enabled config of the structure layer {self.name!r} was "
+            f"built with (fixed_structure=True: {_describe(self._structure)}); "
+            f"got {_describe(got)}. Rebuild the model with that config, or "
+            "with fixed_structure=False")
     self.enabled.assign(config.enabled)
     self.fwd_format.assign(config.fwd_format.id)
     self.fwd_bits.assign(config.fwd_bits)
@@ -356,5 +444,5 @@ class QuantizedLayer(_layers.Wrapper):
         bwd_format=init["bwd_format"].name.lower(), bwd_bits=init["bwd_bits"],
         precision=init["precision"].name.lower(),
         rounding=self.rounding.value, weight_scale=self.weight_scale.value,
-        seed=self.seed)
+        seed=self.seed, fixed_structure=self.fixed_structure)
     return config

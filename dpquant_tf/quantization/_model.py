@@ -145,7 +145,7 @@ def quantize_model(model, *, layers: Optional[Iterable[str]] = None,
                    config: Optional[_plan.LayerQuantConfig] = None,
                    rounding: Union[Rounding, str] = Rounding.STOCHASTIC,
                    weight_scale: Union[ScaleMode, str] = ScaleMode.PER_CHANNEL,
-                   seed: Optional[int] = None):
+                   seed: Optional[int] = None, fixed_structure: bool = False):
   """Clones a model with its quantizable layers wrapped in `QuantizedLayer`.
 
   Args:
@@ -158,6 +158,9 @@ def quantize_model(model, *, layers: Optional[Iterable[str]] = None,
     weight_scale: per-channel (default) or per-tensor weight scales.
     seed: None for non-deterministic rounding noise; an int seeds layer i with
       `seed + i` (tests).
+    fixed_structure: build every wrapper for ``config``'s structure only
+      (see `QuantizedLayer`): plans may switch layers on and off and change
+      formats and bits, not the precision or which directions quantize.
 
   Returns:
     The clone, with the original weights; compile it before training.
@@ -175,6 +178,7 @@ def quantize_model(model, *, layers: Optional[Iterable[str]] = None,
   weight_scale = _validation.check_enum("weight_scale", weight_scale, ScaleMode)
   if seed is not None:
     seed = _validation.check_int("seed", seed)
+  _validation.check_type("fixed_structure", fixed_structure, bool)
   candidates = [l for l in _walk(model) if _layers.quantizable_kind(l) is not None]
   names = [l.name for l in candidates]
   if layers is None:
@@ -199,7 +203,8 @@ def quantize_model(model, *, layers: Optional[Iterable[str]] = None,
         inner, enabled=config.enabled, fwd_format=config.fwd_format,
         fwd_bits=config.fwd_bits, bwd_format=config.bwd_format,
         bwd_bits=config.bwd_bits, precision=config.precision,
-        rounding=rounding, weight_scale=weight_scale, seed=layer_seed)
+        rounding=rounding, weight_scale=weight_scale, seed=layer_seed,
+        fixed_structure=fixed_structure)
 
   def copy_weights(old, new):
     new.layer.set_weights(old.get_weights())
