@@ -191,9 +191,15 @@ class QuantizedLayer(_layers.Wrapper):
       rank = x.shape.rank
       if rank == 2 or rank is None:
         return tf.matmul(a=x, b=kernel)
-      z = tf.tensordot(x, kernel, [[rank - 1], [0]])
+      # tf.tensordot's ops (reshape, matmul, reshape) without its transpose:
+      # with a dynamic batch, tensordot computes the (identity) permutation
+      # at run time, and inside this layer's conds XLA cannot compile the
+      # gradient of that transpose ("0 is duplicated in the input").
+      units = kernel.shape[-1]
+      z = tf.matmul(tf.reshape(x, [-1, kernel.shape[0]]), kernel)
+      z = tf.reshape(z, tf.concat([tf.shape(x)[:-1], [units]], 0))
       if not tf.executing_eagerly():
-        z.set_shape(x.shape.as_list()[:-1] + [kernel.shape[-1]])
+        z.set_shape(x.shape.as_list()[:-1] + [units])
       return z
     if kind == LayerKind.EINSUM_DENSE:
       return tf.einsum(layer.equation, x, kernel)
