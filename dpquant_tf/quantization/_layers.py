@@ -209,7 +209,28 @@ class QuantizedLayer(_layers.Wrapper):
           dilation_rate=layer.dilation_rate, data_format=layer.data_format)
     if layer.groups > 1:
       return layer._jit_compiled_convolution_op(x, tf.convert_to_tensor(kernel))  # pylint: disable=protected-access
+    if kind == LayerKind.CONV1D and x.shape.rank == 4:
+      # Conv1D on the input `call` expanded to 2-D (see `_conv1d_axis`).
+      return tf.nn.convolution(
+          x, kernel, strides=[1] + list(layer.strides),
+          padding="VALID" if layer.padding == "causal" else layer.padding.upper(),
+          dilations=[1] + list(layer.dilation_rate),
+          data_format="NHWC" if layer.data_format == "channels_last" else "NCHW")
     return layer.convolution_op(x, kernel)
+
+  def _conv1d_axis(self):
+    """The axis a Conv1D's input gets (size 1) so that the op in the layer's
+    conds is a 2-D convolution, else None.
+
+    ``tf.nn.convolution`` runs a 1-D convolution as expand, conv2d, squeeze;
+    with the squeeze inside the conds, the jacobian (``pfor``) of the step
+    under XLA with a dynamic batch failed ("Input to reshape is a tensor with
+    N values, but the requested shape has 0"). The expand and the squeeze are
+    done outside the conds instead: the same arithmetic.
+    """
+    if self.kind != LayerKind.CONV1D or self.layer.groups > 1:
+      return None
+    return 1 if self.layer.data_format == "channels_last" else 2
 
   def _add_bias(self, z):
     layer, kind = self.layer, self.kind
@@ -286,6 +307,13 @@ class QuantizedLayer(_layers.Wrapper):
                              tf.equal(precision, Precision.BFLOAT16.id))
     kernel = tf.convert_to_tensor(kernel_of(layer))
     weight_axes = self._weight_axes(kernel)
+    axis = self._conv1d_axis()
+    if axis is not None:
+      # Per-example and per-channel scales are unchanged: the new axes have
+      # size 1 (and the kernel's is reduced with the others).
+      x, kernel = tf.expand_dims(x, axis), tf.expand_dims(kernel, 0)
+      if weight_axes is not None:
+        weight_axes = [0] + [a + 1 for a in weight_axes]
     # One branch per layer: a disabled layer runs the plain float32 op and
     # no quantization op (the enabled branch is not executed).
     tap_x, z = tf.cond(
@@ -293,6 +321,8 @@ class QuantizedLayer(_layers.Wrapper):
         lambda: self._enabled_op(x, kernel, fwd_on, fp8_on, bf16_on,
                                  weight_axes),
         lambda: (x, self._linear(x, kernel)))
+    if axis is not None:
+      tap_x, z = tf.squeeze(tap_x, axis), tf.squeeze(z, axis)
     z = self._add_bias(z)
     if not tf.executing_eagerly() and self.kind in (LayerKind.CONV1D,
                                                      LayerKind.CONV2D):

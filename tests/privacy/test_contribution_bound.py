@@ -495,23 +495,34 @@ def test_no_scale_or_draw_of_example_j_depends_on_example_i(jit):
           assert not np.any(t[i]), precision
 
 
-@pytest.mark.parametrize("precision", ["fp8", "bf16"])
-def test_quantized_dense_on_a_sequence_compiles_under_xla(precision):
-  """Forward and backward of a QuantizedLayer around a Dense on a sequence,
-  dynamic batch, ``jit_compile=True`` (failed to compile: "0 is duplicated in
-  the input", the gradient of tensordot's run-time transpose permutation
-  inside the layer's conds); same values as without XLA."""
+@pytest.mark.parametrize("kind, precision", [
+    ("dense", "fp8"), ("dense", "bf16"), ("conv1d", "fp8")])
+def test_quantized_layers_on_sequences_compile_under_xla(kind, precision):
+  """Gradient and per-example jacobian of a QuantizedLayer on a sequence,
+  dynamic batch, ``jit_compile=True``; same values as without XLA. Failed:
+  Dense, "0 is duplicated in the input" (the gradient of tensordot's run-time
+  transpose permutation inside the layer's conds); Conv1D, jacobian only,
+  "Input to reshape is a tensor with N values, but the requested shape has
+  0" (the squeeze of tf.nn.convolution's 1-D path inside the conds)."""
   tf.keras.utils.set_random_seed(0)
-  layer = qz.QuantizedLayer(L.Dense(4), fwd_bits=4, bwd_bits=4,
+  inner = L.Dense(4) if kind == "dense" else L.Conv1D(4, 2, strides=2)
+  layer = qz.QuantizedLayer(inner, fwd_bits=4, bwd_bits=4,
                             precision=precision, rounding="nearest")
   x = tf.constant(np.random.default_rng(0).normal(size=(3, T, K)),
                   tf.float32)
   layer(x)
 
   def step(x):
-    with tf.GradientTape() as tape:
-      loss = tf.reduce_sum(layer(x, training=True) ** 2)
-    return [loss] + tape.gradient(loss, layer.trainable_variables)
+    grads = []
+    for per_example in (False, True):   # one forward pass (tape) each
+      with tf.GradientTape() as tape:
+        out = layer(x, training=True)
+        loss = tf.reduce_sum(tf.reshape(out, [tf.shape(out)[0], -1]) ** 2, 1)
+        total = tf.reduce_sum(loss)
+      variables = layer.trainable_variables
+      grads += (tape.jacobian(loss, variables) if per_example
+                else tape.gradient(total, variables))
+    return grads
 
   spec = [tf.TensorSpec((None, T, K), tf.float32)]
   eager = tf.function(step, input_signature=spec)(x)
