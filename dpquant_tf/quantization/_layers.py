@@ -220,13 +220,15 @@ class QuantizedLayer(_layers.Wrapper):
       rank = x.shape.rank
       if rank == 2 or rank is None:
         return tf.matmul(a=x, b=kernel)
-      # reshape + matmul, not tf.tensordot: inside a tf.cond branch under
-      # XLA, tensordot's gradient (a transpose by a run-time permutation)
-      # fails to compile ("0 is duplicated in the input").
-      z = tf.matmul(tf.reshape(x, [-1, x.shape[-1]]), kernel)
-      z = tf.reshape(z, tf.concat([tf.shape(x)[:-1], [kernel.shape[-1]]], 0))
+      # tf.tensordot's ops (reshape, matmul, reshape) without its transpose:
+      # with a dynamic batch, tensordot computes the (identity) permutation
+      # at run time, and inside this layer's conds XLA cannot compile the
+      # gradient of that transpose ("0 is duplicated in the input").
+      units = kernel.shape[-1]
+      z = tf.matmul(tf.reshape(x, [-1, kernel.shape[0]]), kernel)
+      z = tf.reshape(z, tf.concat([tf.shape(x)[:-1], [units]], 0))
       if not tf.executing_eagerly():
-        z.set_shape(x.shape.as_list()[:-1] + [kernel.shape[-1]])
+        z.set_shape(x.shape.as_list()[:-1] + [units])
       return z
     if kind == LayerKind.EINSUM_DENSE:
       return tf.einsum(layer.equation, x, kernel)
@@ -236,7 +238,28 @@ class QuantizedLayer(_layers.Wrapper):
           dilation_rate=layer.dilation_rate, data_format=layer.data_format)
     if layer.groups > 1:
       return layer._jit_compiled_convolution_op(x, tf.convert_to_tensor(kernel))  # pylint: disable=protected-access
+    if kind == LayerKind.CONV1D and x.shape.rank == 4:
+      # Conv1D on the input `call` expanded to 2-D (see `_conv1d_axis`).
+      return tf.nn.convolution(
+          x, kernel, strides=[1] + list(layer.strides),
+          padding="VALID" if layer.padding == "causal" else layer.padding.upper(),
+          dilations=[1] + list(layer.dilation_rate),
+          data_format="NHWC" if layer.data_format == "channels_last" else "NCHW")
     return layer.convolution_op(x, kernel)
+
+  def _conv1d_axis(self):
+    """The axis a Conv1D's input gets (size 1) so that the op in the layer's
+    conds is a 2-D convolution, else None.
+
+    ``tf.nn.convolution`` runs a 1-D convolution as expand, conv2d, squeeze;
+    with the squeeze inside the conds, the jacobian (``pfor``) of the step
+    under XLA with a dynamic batch failed ("Input to reshape is a tensor with
+    N values, but the requested shape has 0"). The expand and the squeeze are
+    done outside the conds instead: the same arithmetic.
+    """
+    if self.kind != LayerKind.CONV1D or self.layer.groups > 1:
+      return None
+    return 1 if self.layer.data_format == "channels_last" else 2
 
   def _add_bias(self, z):
     layer, kind = self.layer, self.kind
@@ -337,6 +360,13 @@ class QuantizedLayer(_layers.Wrapper):
       enabled = tf.logical_and(enabled, tf.cast(training, tf.bool))
     kernel = tf.convert_to_tensor(kernel_of(layer))
     weight_axes = self._weight_axes(kernel)
+    axis = self._conv1d_axis()
+    if axis is not None:
+      # Per-example and per-channel scales are unchanged: the new axes have
+      # size 1 (and the kernel's is reduced with the others).
+      x, kernel = tf.expand_dims(x, axis), tf.expand_dims(kernel, 0)
+      if weight_axes is not None:
+        weight_axes = [0] + [a + 1 for a in weight_axes]
     if self.fixed_structure:
       precision, fwd, bwd = self._structure
       if fwd or precision != Precision.FLOAT32:
@@ -346,6 +376,8 @@ class QuantizedLayer(_layers.Wrapper):
       else:   # enabled or not, the forward op is the plain one
         tap_x, z = x, self._linear(x, kernel)
       bwd_on = tf.logical_and(enabled, self.bwd_bits > 0) if bwd else None
+      if axis is not None:
+        tap_x, z = tf.squeeze(tap_x, axis), tf.squeeze(z, axis)
       return self._finish(inputs, tap_x, z, bwd_on)
     precision = tf.convert_to_tensor(self.precision)
     fwd_on = tf.logical_and(enabled, self.fwd_bits > 0)
@@ -361,6 +393,8 @@ class QuantizedLayer(_layers.Wrapper):
         lambda: self._enabled_op(x, kernel, fwd_on, fp8_on, bf16_on,
                                  weight_axes),
         lambda: (x, self._linear(x, kernel)))
+    if axis is not None:
+      tap_x, z = tf.squeeze(tap_x, axis), tf.squeeze(z, axis)
     return self._finish(inputs, tap_x, z, bwd_on)
 
   def _finish(self, inputs, tap_x, z, bwd_on):

@@ -119,8 +119,7 @@ def test_bf16_dp_step_traces_and_compiles_under_xla_on_a_small_convnet():
       l2_norm_clip=1.0, noise_multiplier=0.5, learning_rate=0.1, seed=0),
                 loss=tf.keras.losses.SparseCategoricalCrossentropy(
                     from_logits=True, reduction="none"), jit_compile=True)
-  from dpquant_tf import training  # pylint: disable=g-import-not-at-top
-  training.install_dp_train_step(model)   # the owned DP step
+  model.optimizer.install_train_step(model)   # the owned DP step
   rs = np.random.RandomState(0)
   x = rs.standard_normal((8, 8, 8, 1)).astype(np.float32)
   y = rs.randint(0, 3, 8).astype(np.int32)
