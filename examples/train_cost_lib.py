@@ -46,7 +46,9 @@ def cost_report(layers, history, base_cfg, analysis_fraction, step_times=()):
                   "native_layers": list(cost.native_layers),
                   "simulated_layers": list(cost.simulated_layers),
                   "step_time_s": measured.get("step_time_s"),
-                  "epoch_time_s": measured.get("epoch_time_s")})
+                  "epoch_time_s": measured.get("epoch_time_s"),
+                  "epoch_wall_s": measured.get("epoch_wall_s"),
+                  "first_step_s": measured.get("first_step_s")})
   speedup = costmodel.run_speedup(costs) if costs else 1.0
   hw = costmodel.run_hardware_speedup(costs) if costs else 1.0
   return plans, speedup, hw

@@ -14,27 +14,37 @@ __all__ = ["StepTimeCallback"]
 
 
 class StepTimeCallback(tf.keras.callbacks.Callback):
-  """Writes ``step_time_s`` and ``epoch_time_s`` into each epoch's ``logs``.
+  """Writes ``step_time_s``, ``epoch_time_s`` and ``epoch_wall_s`` into ``logs``.
 
   ``step_time_s`` is the mean wall-clock time of the epoch's steps after the
   first (the first step of a run traces and compiles); an epoch of one step
   reports that step. ``epoch_time_s`` is the time from this callback's
   ``on_epoch_begin`` to its ``on_epoch_end``: put the callback last in the
   list so that work other callbacks do at the epoch start (a loss-sensitivity
-  analysis) is not counted. Timing reads the host clock only; it adds no
-  device synchronisation (tensor logs are not converted).
+  analysis) is not counted. ``epoch_wall_s`` counts everything: the time
+  from the previous epoch's end (for the first epoch, from this callback's
+  ``on_train_begin``) to this epoch's end, so the first epoch's tracing and
+  every callback's epoch-start work (the analysis) are in it; the fixed
+  cost of a run is the first epoch's ``epoch_wall_s`` over a later one's.
+  Timing reads the host clock only; it adds no device synchronisation
+  (tensor logs are not converted).
 
   Attributes:
     history: one dict per epoch: ``epoch``, ``step_time_s``, ``epoch_time_s``,
-      ``steps``.
+      ``epoch_wall_s``, ``first_step_s`` (the epoch's first step: in the
+      first epoch, tracing and compiling the train step), ``steps``.
   """
 
   def __init__(self):
     super().__init__()
     self._supports_tf_logs = True
     self.history: List[Dict[str, float]] = []
-    self._begin = self._first_end = None
+    self._begin = self._first_end = self._last_end = None
     self._steps = 0
+
+  def on_train_begin(self, logs=None):
+    del logs
+    self._last_end = time.perf_counter()
 
   def on_epoch_begin(self, epoch, logs=None):
     del epoch, logs
@@ -57,9 +67,13 @@ class StepTimeCallback(tf.keras.callbacks.Callback):
       step_time = (end - self._first_end) / (self._steps - 1)
     else:
       step_time = epoch_time / max(self._steps, 1)
+    wall = end - (self._last_end if self._last_end is not None else self._begin)
+    self._last_end = end
     entry = {"epoch": int(epoch), "step_time_s": float(step_time),
-             "epoch_time_s": float(epoch_time), "steps": int(self._steps)}
+             "epoch_time_s": float(epoch_time), "epoch_wall_s": float(wall),
+             "first_step_s": float((self._first_end or end) - self._begin),
+             "steps": int(self._steps)}
     self.history.append(entry)
     if logs is not None:
-      logs["step_time_s"] = entry["step_time_s"]
-      logs["epoch_time_s"] = entry["epoch_time_s"]
+      for key in ("step_time_s", "epoch_time_s", "epoch_wall_s"):
+        logs[key] = entry[key]

@@ -6,6 +6,7 @@ from dpquant_tf.training._entry import planned_analysis_count
 from dpquant_tf.training._step import install_dp_train_step
 from dpquant_tf.training._step import owned_train_step
 from dpquant_tf.training._step import per_example_loss
+from dpquant_tf.training._step import prepare_first_step
 
 __all__ = [
     "DPTraining",
@@ -14,4 +15,5 @@ __all__ = [
     "owned_train_step",
     "per_example_loss",
     "planned_analysis_count",
+    "prepare_first_step",
 ]

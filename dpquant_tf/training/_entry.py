@@ -88,6 +88,7 @@ class DPTraining:
       The Keras ``History`` (``epsilon`` per epoch, loss and metrics over
       real rows only).
     """
+    _step.prepare_first_step(self.model, self.dataset)  # one trace, not two
     return self.model.fit(self.dataset, epochs=self.epochs,
                                  verbose=verbose,
                                  callbacks=self.callbacks + list(callbacks))

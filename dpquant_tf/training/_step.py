@@ -25,7 +25,8 @@ from dpquant_tf import _validation as V
 from dpquant_tf.privacy import _sampling
 
 __all__ = ["has_owned_step", "install_dp_train_step", "owned_train_step",
-           "per_example_loss", "sealed_sampling_probability"]
+           "per_example_loss", "prepare_first_step",
+           "sealed_sampling_probability"]
 
 _log = logging.getLogger(__name__)
 
@@ -287,6 +288,71 @@ def install_dp_train_step(model, *, loss=None):
   if var is not None and float(var.numpy()) < 0:
     # Until the first step shows a seal, project budgets at q = 1.
     opt.set_sampling_probability(1.0)
+  return model
+
+
+def _spec_zeros(spec):
+  """A one-row zero tensor of a (batch-first) TensorSpec."""
+  shape = [1] + [d if d is not None else 1 for d in spec.shape.as_list()[1:]]
+  return tf.zeros(shape, spec.dtype)
+
+
+def prepare_first_step(model, data):
+  """Creates the variables the first train step would create, before `fit`.
+
+  ``tf.function`` traces a function a second time when its first trace
+  created variables; Keras' first train step creates the optimizer's weights
+  (iterations, hyperparameters, slots, the per-variable gradient bit widths)
+  and the compiled metrics, so without this the DP step, most of a first
+  epoch's cost, is traced twice. This creates them eagerly from the model's
+  variables, its output shapes and the shapes of `data`'s elements: nothing
+  is read from `data` (no element is consumed, no generator advances) and
+  nothing is computed on it. ``make_private`` and ``examples/train.py`` call
+  it; call it yourself before your own ``fit``.
+
+  Args:
+    model: a compiled, built ``tf.keras.Model`` with known outputs (a
+      Functional or Sequential model, or one that has been called).
+    data: the ``tf.data.Dataset`` (or distributed dataset) ``fit`` will read:
+      ``(x, y)``, ``(x, y, sample_weight)`` or a sealed batch of the
+      library's sampler ``(x, y, mask, seal)``.
+
+  Returns:
+    `model`.
+  """
+  if not isinstance(model, tf.keras.Model) or model.optimizer is None:
+    V.fail("model", getattr(model, "name", type(model).__name__),
+           "a compiled tf.keras.Model (call model.compile first)")
+  spec = getattr(data, "element_spec", None)
+  if spec is None:
+    V.fail("data", type(data).__name__, "a tf.data.Dataset (or a "
+           "distributed dataset) whose element_spec gives the batch shapes")
+  parts = spec if isinstance(spec, (tuple, list)) else (spec,)
+  y_spec = parts[1] if len(parts) > 1 else None
+  outputs = getattr(model, "outputs", None)
+  if not model.built or not outputs:
+    V.fail("model", model.name, "a built model with known outputs (a "
+           "Functional or Sequential model with an input shape, or one that "
+           "has been called)")
+  strategy = model.distribute_strategy
+  with strategy.scope():
+    optimizer = model.optimizer
+    variables = model.trainable_variables
+    if hasattr(optimizer, "_owned_step"):   # the gradient bit widths
+      optimizer.build(variables, check_names=False)
+    create = getattr(optimizer, "_create_all_weights", None)
+    if callable(create):   # legacy optimizers (the DP ones among them)
+      create(variables)
+    elif not getattr(optimizer, "_built", True):   # tf.keras' new optimizers
+      optimizer.build(variables)
+    y_pred = [tf.zeros([1] + list(o.shape[1:]), o.dtype) for o in outputs]
+    y_pred = y_pred[0] if len(y_pred) == 1 else y_pred
+    if model.compiled_loss is not None and not model.compiled_loss.built:
+      model.compiled_loss.build(y_pred)
+    metrics = model.compiled_metrics
+    if (metrics is not None and not metrics.built and
+        isinstance(y_spec, tf.TensorSpec)):
+      metrics.build(y_pred, _spec_zeros(y_spec))
   return model
 
 

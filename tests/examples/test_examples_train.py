@@ -77,6 +77,12 @@ def test_bf16_run_reports_native_layers_and_measured_step_times(monkeypatch):
   assert len(m["step_time_s"]) == 2 and all(t > 0 for t in m["step_time_s"])
   assert [p["step_time_s"] for p in m["plan_per_epoch"]] == m["step_time_s"]
   assert all(p["epoch_time_s"] >= p["step_time_s"] for p in m["plan_per_epoch"])
+  # The wall time of an epoch counts the callbacks' epoch-start work too; the
+  # epochs' walls tile the fit, so they sum to less than the whole run.
+  assert all(p["epoch_wall_s"] >= p["epoch_time_s"] for p in m["plan_per_epoch"])
+  assert sum(m["epoch_wall_s"]) <= m["train_seconds"]
+  assert m["first_epoch_ratio"] == pytest.approx(
+      m["epoch_wall_s"][0] / m["epoch_wall_s"][1])
   assert 7.9 <= m["epsilon"] <= 8.0 + 1e-9
 
 
