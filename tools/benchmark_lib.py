@@ -239,11 +239,14 @@ def run_case(model_name: str, batch_size: int, s: Settings,
   tf.keras.utils.set_random_seed(s.seed)
   base = build_model(model_name)
   weights = base.get_weights()
-  data = iter(load_data(batch_size, base.input_shape[1:], model_name))
+  from dpquant_tf import training  # pylint: disable=g-import-not-at-top
+  dataset = load_data(batch_size, base.input_shape[1:], model_name)
+  data = iter(dataset)
   funcs, infos = {}, {}
   for kind in s.contenders:
     log(f"{model_name} b={batch_size} {kind}: warming up")
     model, infos[kind] = make_contender(kind, model_name, batch_size, weights, s)
+    training.prepare_first_step(model, dataset)   # one trace (warm-up only)
     fn = model.make_train_function()
     funcs[kind] = (lambda f=fn: f(data))
     for _ in range(s.warmup):

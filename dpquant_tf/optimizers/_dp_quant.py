@@ -194,8 +194,13 @@ class _DPQuantMixin(_state.DPStateMixin):
              "expected_batch_size is set (one example per microbatch)")
     return checks
 
-  def _check_calling_model(self, model) -> None:
-    """Model checks once per model (``privacy.check_model_privacy``)."""
+  def _check_calling_model(self, model, forward_graph=None) -> None:
+    """Model checks once per model (``privacy.check_model_privacy``).
+
+    `forward_graph`: a function graph that holds the owned train step's
+    own forward pass and loss (only the owned step passes one): its state
+    writes are read from it (no second trace of the model).
+    """
     if model is None or model in self._checked_models:
       return
     try:
@@ -205,8 +210,10 @@ class _DPQuantMixin(_state.DPStateMixin):
       _model_checks = None
     if _model_checks is not None:
       try:
+        if not getattr(forward_graph, "building_function", False):
+          forward_graph = None   # no traced forward pass: trace the model
         with tf.init_scope():
-          _model_checks.check_model_privacy(model)
+          _model_checks.check_model_privacy(model, step_graph=forward_graph)
       except ValueError as e:
         # A plain ValueError: autograph re-raises only exact builtin types
         # from a trace (a subclass would surface as StagingError).
@@ -248,17 +255,20 @@ class _DPQuantMixin(_state.DPStateMixin):
     """
     return self._owned_step(model, x, loss, tape, 1.0)
 
-  def _owned_step(self, model, x, loss, tape, sampling_probability):
+  def _owned_step(self, model, x, loss, tape, sampling_probability,
+                  forward_graph=None):
     """`dp_step` recording `sampling_probability` (a float64 tensor that the
-    owned train step derives from the library sampler's seal, else 1)."""
-    with self._bind(model, x, sampling_probability):
+    owned train step derives from the library sampler's seal, else 1).
+    `forward_graph`: the graph in which the owned train step itself ran the
+    forward pass (see ``StepBinding``)."""
+    with self._bind(model, x, sampling_probability, forward_graph):
       return self.minimize(loss, model.trainable_variables, tape=tape)
 
   @contextlib.contextmanager
-  def _bind(self, model, x, sampling_probability=1.0):
+  def _bind(self, model, x, sampling_probability=1.0, forward_graph=None):
     """Hands `model` and its batch `x` to ``_compute_gradients`` (trace
     time, this thread's Python call only); restored on exit."""
-    binding = _guards.StepBinding(model, x)
+    binding = _guards.StepBinding(model, x, forward_graph)
     previous = (self._step_binding, self._bound_sampling_probability)
     self._step_binding = binding
     self._bound_sampling_probability = sampling_probability
@@ -359,7 +369,7 @@ class _DPQuantMixin(_state.DPStateMixin):
              "batch (Keras' default train_step, minimize or "
              "_compute_gradients in a custom loop)", _guards.UNATTRIBUTED_FIX,
              _guards.UnattributedStepError)
-    self._check_calling_model(binding.model)
+    self._check_calling_model(binding.model, binding.forward_graph)
     runtime_checks = self._check_loss(loss, binding.x)
     self.build(var_list, check_names=False)
     with tf.keras.backend.name_scope(self._name + "/gradients"):

@@ -52,11 +52,15 @@ class StepBinding:
   Attributes:
     model: the ``tf.keras.Model`` whose forward pass produced the loss.
     x: that forward pass's inputs (the loss must have one entry per row).
+    forward_graph: the graph being traced in which the library's own train
+      step ran that forward pass (None elsewhere): the model check reads
+      the state writes of that very forward pass from it instead of tracing
+      the model again.
   """
 
-  __slots__ = ("model", "x")
+  __slots__ = ("model", "x", "forward_graph")
 
-  def __init__(self, model, x):
+  def __init__(self, model, x, forward_graph=None):
     if not isinstance(model, tf.keras.Model):
       V.fail("model", type(model).__name__, "a tf.keras.Model (the model "
              "whose forward pass computed the per-example loss)", TypeError)
@@ -65,6 +69,7 @@ class StepBinding:
              "of tensors with a batch axis)")
     self.model = model
     self.x = x
+    self.forward_graph = forward_graph
 
 
 UNATTRIBUTED_FIX = (

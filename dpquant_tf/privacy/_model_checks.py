@@ -231,16 +231,21 @@ def _handles(var) -> List[tf.Tensor]:
     return []
 
 
-def _assigned_variables(model, signature) -> List[tf.Variable]:
+def _assigned_variables(model, signature, step_graph=None) -> List[tf.Variable]:
   """Variables of `model` that `model(x, training=True)` assigns (any of them).
 
   Weights (trainable or not) and variables its layers hold in attributes
-  (stateful RNN states) count.
+  (stateful RNN states) count. `step_graph`: the graph of a training step
+  being traced, whose ops so far hold the forward pass (and the loss); it is
+  read as it is instead of tracing the forward pass again (the writes found
+  are then those of the step's own forward pass and loss).
   """
   variables = {id(h): v for layer in _all_layers(model)
                for v in _layer_variables(layer) for h in _handles(v)}
   if not variables:
     return []
+  if step_graph is not None:
+    return _graph_writes_to(step_graph, variables)
   # Tapping layers record their last call's tensors; the check may run in
   # the middle of a training step's trace (between the forward pass and the
   # per-example gradients), so the scratch trace must not replace them.
@@ -253,7 +258,11 @@ def _assigned_variables(model, signature) -> List[tf.Variable]:
   finally:
     for layer, (tap_input, tap_output) in zip(tapped, saved):
       layer.tap_input, layer.tap_output = tap_input, tap_output
-  graph = concrete.graph
+  return _graph_writes_to(concrete.graph, variables)
+
+
+def _graph_writes_to(graph, variables) -> List[tf.Variable]:
+  """The `variables` (id(handle) -> variable) that `graph`'s ops assign."""
   by_placeholder = {}
   for external, internal in graph.captures:
     var = variables.get(id(external))
@@ -273,14 +282,15 @@ def _owners(model) -> Dict[int, tf.keras.layers.Layer]:
   return owners
 
 
-def _state_problems(model, skip: Set[int], signature) -> List[str]:
+def _state_problems(model, skip: Set[int], signature,
+                    step_graph=None) -> List[str]:
   """One line per layer whose non-trainable state a training step assigns."""
-  if signature is None:
+  if signature is None and step_graph is None:
     return [f"model {model.name!r}: cannot check which state a training step "
             "updates because its input shape is unknown; build it (give it "
             "an Input or call it once on a batch) or pass input_signature="]
   try:
-    assigned = _assigned_variables(model, signature)
+    assigned = _assigned_variables(model, signature, step_graph)
   except Exception as e:  # pylint: disable=broad-except
     return [f"model {model.name!r}: could not trace model(x, training=True) "
             f"to check which state a training step updates ({type(e).__name__}"
@@ -450,7 +460,8 @@ def _untapped_embedding_problems(model) -> List[str]:
 
 def model_privacy_problems(model, *, input_signature=None, loss=None, x=None,
                            y=None, public_preprocessing=None,
-                           probe_batch: bool = True) -> List[str]:
+                           probe_batch: bool = True,
+                           step_graph=None) -> List[str]:
   """Lists every DP problem of a Keras model at once (empty when fine).
 
   Args:
@@ -468,6 +479,10 @@ def model_privacy_problems(model, *, input_signature=None, loss=None, x=None,
       (adapted on public data). Default: the names declared by the model's
       optimizer's ledger (``PrivacyLedger(public_state=...)``).
     probe_batch: run the batch-independence probe (default True).
+    step_graph: the graph (being traced) of a training step whose ops so
+      far are the step's forward pass and loss; the state writes are read
+      from it instead of from a scratch trace of ``model(x, training=True)``
+      (the library's owned train step passes its own graph).
 
   Returns:
     The problems, one line each, in layer order (state updates, then batch
@@ -486,7 +501,7 @@ def model_privacy_problems(model, *, input_signature=None, loss=None, x=None,
   key = (tuple(id(v) for v in model.variables), repr(signature))
   per_model = _CACHE.setdefault(model, {})
   if key not in per_model:
-    per_model[key] = _state_problems(model, skip, signature)
+    per_model[key] = _state_problems(model, skip, signature, step_graph)
   problems += list(per_model[key])
   if probe_batch and not problems:
     loss = loss if loss is not None else _compiled_loss(model)
@@ -502,7 +517,8 @@ def model_privacy_problems(model, *, input_signature=None, loss=None, x=None,
 
 
 def check_model_privacy(model, *, input_signature=None, loss=None, x=None,
-                        y=None, public_preprocessing=None) -> None:
+                        y=None, public_preprocessing=None,
+                        step_graph=None) -> None:
   """Raises if `model` (with `loss`) breaks per-example DP.
 
   Runs every rule of :func:`model_privacy_problems`, then (when those pass)
@@ -516,13 +532,14 @@ def check_model_privacy(model, *, input_signature=None, loss=None, x=None,
     y: optional probe labels (default synthesized).
     public_preprocessing: preprocessing layer names declared public (default:
       those of the optimizer's ``PrivacyLedger(public_state=...)``).
+    step_graph: see :func:`model_privacy_problems`.
 
   Raises:
     UnsupportedModelError: a ``ValueError`` listing every problem.
   """
   problems = model_privacy_problems(
       model, input_signature=input_signature, loss=loss, x=x, y=y,
-      public_preprocessing=public_preprocessing)
+      public_preprocessing=public_preprocessing, step_graph=step_graph)
   if problems:
     raise UnsupportedModelError(
         f"The model has {len(problems)} problem(s) for differentially private "

@@ -221,6 +221,14 @@ def owned_train_step(model, data, *, loss=None):
   state = getattr(model, _STATE, None)
   if state is None:
     V.fail("model", model.name, "a model prepared with install_dp_train_step")
+  if tf.executing_eagerly():
+    # Eagerly the forward pass below runs at once: check the model first, on
+    # a trace of this step's forward pass and loss (in a trace, a refused
+    # step never runs: the check reads the step's own graph).
+    scratch = tf.function(lambda: per_example_loss(
+        model, y, model(x, training=True), sample_weight, loss=loss))
+    optimizer._check_calling_model(  # pylint: disable=protected-access
+        model, scratch.get_concrete_function().graph)
   with tf.GradientTape() as tape:
     y_pred = model(x, training=True)
     losses, real = per_example_loss(model, y, y_pred, sample_weight,
@@ -233,7 +241,10 @@ def owned_train_step(model, data, *, loss=None):
                                         tf.cast(seeded, flag.dtype))))
   with tf.control_dependencies(noted):
     q = tf.identity(q)
-  optimizer._owned_step(model, x, losses, tape, q)  # pylint: disable=protected-access
+  # The forward pass ran in this graph: the optimizer's model check reads
+  # its state writes from it (no second trace of the model).
+  optimizer._owned_step(model, x, losses, tape, q,  # pylint: disable=protected-access
+                        forward_graph=tf.compat.v1.get_default_graph())
   # Displayed loss: mean over real rows (padding excluded).
   count = tf.reduce_sum(tf.cast(real, tf.float32))
   tracker = None

@@ -161,3 +161,46 @@ def test_fit_refuses_the_running_mean_layer_before_any_step():
     model.fit(x, np.zeros(8, np.int32), batch_size=4, epochs=1, verbose=0)
   for a, b in zip(model.get_weights(), before):
     np.testing.assert_array_equal(a, b)   # the batch mean never left the step
+
+
+@pytest.mark.parametrize("run_eagerly", [False, True])
+def test_owned_step_reads_state_writes_from_its_own_forward_pass(run_eagerly):
+  """The owned train step's check reads the writes of the forward pass it
+  traced (no second trace); eagerly it traces the model as before. Either
+  way the running-mean layer is refused before any weight changes."""
+  model = _running_mean_model()
+  before = [w.copy() for w in model.get_weights()]
+  model.compile(
+      optimizer=dpquant_tf.DPQuantOptimizer(
+          l2_norm_clip=1.0, noise_multiplier=1.0, learning_rate=0.1),
+      loss=tf.keras.losses.SparseCategoricalCrossentropy(
+          from_logits=True, reduction=tf.keras.losses.Reduction.NONE),
+      run_eagerly=run_eagerly)
+  dpquant_tf.install_dp_train_step(model)
+  x = np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32)
+  with pytest.raises(ValueError, match="rm.*batch_mean"):
+    model.fit(x, np.zeros(8, np.int32), batch_size=4, epochs=1, verbose=0)
+  for a, b in zip(model.get_weights(), before):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("run_eagerly", [False, True])
+def test_state_write_in_the_loss_is_found_in_the_step_graph(run_eagerly):
+  """Reading the step's graph sees writes the loss makes too."""
+  model = tf.keras.Sequential([tf.keras.Input((3,)), L.Dense(2, name="head")])
+  head = model.get_layer("head")
+  stash = head.add_weight("stash", (2,), trainable=False, initializer="zeros")
+
+  def leaky_loss(y, logits):
+    stash.assign(tf.reduce_mean(logits, axis=0))
+    return tf.keras.losses.sparse_categorical_crossentropy(
+        y, logits, from_logits=True)
+
+  model.compile(optimizer=dpquant_tf.DPQuantOptimizer(
+      l2_norm_clip=1.0, noise_multiplier=1.0, learning_rate=0.1),
+      loss=leaky_loss, run_eagerly=run_eagerly)
+  dpquant_tf.install_dp_train_step(model)
+  x = np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32)
+  with pytest.raises(ValueError, match="head.*stash"):
+    model.fit(x, np.zeros(8, np.int32), batch_size=4, epochs=1, verbose=0)
+  np.testing.assert_array_equal(stash.numpy(), np.zeros(2, np.float32))
