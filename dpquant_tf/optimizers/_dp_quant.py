@@ -253,7 +253,13 @@ class _DPQuantMixin(_state.DPStateMixin):
       ValueError: a model that breaks per-example DP, a loss that is not one
         entry per input row.
     """
-    return self._owned_step(model, x, loss, tape, 1.0)
+    # Traced: the loss's graph holds the forward pass and the loss (the tape
+    # differentiates through them), so the model check reads their writes.
+    graph = getattr(loss, "graph", None)
+    return self._owned_step(
+        model, x, loss, tape, 1.0,
+        forward_graph=graph if getattr(graph, "building_function", False)
+        else None)
 
   def _owned_step(self, model, x, loss, tape, sampling_probability,
                   forward_graph=None):

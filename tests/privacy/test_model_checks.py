@@ -204,3 +204,26 @@ def test_state_write_in_the_loss_is_found_in_the_step_graph(run_eagerly):
   with pytest.raises(ValueError, match="head.*stash"):
     model.fit(x, np.zeros(8, np.int32), batch_size=4, epochs=1, verbose=0)
   np.testing.assert_array_equal(stash.numpy(), np.zeros(2, np.float32))
+
+
+def test_custom_loop_dp_step_finds_a_state_write_in_the_loss():
+  """dp_step in a traced custom loop: the loss's graph is read."""
+  model = tf.keras.Sequential([tf.keras.Input((3,)), L.Dense(2, name="head")])
+  stash = model.get_layer("head").add_weight(
+      "stash", (2,), trainable=False, initializer="zeros")
+  opt = dpquant_tf.DPQuantOptimizer(l2_norm_clip=1.0, noise_multiplier=1.0,
+                                    learning_rate=0.1)
+  x = tf.random.normal((4, 3))
+
+  @tf.function
+  def step():
+    with tf.GradientTape() as tape:
+      logits = model(x, training=True)
+      stash.assign(tf.reduce_mean(logits, axis=0))
+      loss = tf.keras.losses.sparse_categorical_crossentropy(
+          tf.zeros(4, tf.int32), logits, from_logits=True)
+    return opt.dp_step(model, x, loss, tape)
+
+  with pytest.raises(ValueError, match="head.*stash"):
+    step()
+  np.testing.assert_array_equal(stash.numpy(), np.zeros(2, np.float32))
