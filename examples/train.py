@@ -62,7 +62,8 @@ flags.DEFINE_enum("model", _D.model, ["cnn", "small_resnet", "resnet18",
                   "cnn: TF-Privacy tutorial CNN; ResNets use GroupNorm; "
                   "transformer(_mini): BERT-like encoder on token ids (its "
                   "defaults: --dataset=synthetic_text --optimizer=sgd "
-                  "--learning_rate=1.0 --batch_size=256 --epochs=3).")
+                  "--learning_rate=1.0 --batch_size=256, --epochs=5 for "
+                  "transformer, 3 for transformer_mini).")
 flags.DEFINE_integer("epochs", _D.epochs, "Training epochs.")
 flags.DEFINE_integer("batch_size", _D.batch_size,
                      "Expected batch size (Poisson sampling rate = batch_size / N).")

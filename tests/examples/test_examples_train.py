@@ -83,6 +83,7 @@ def test_bf16_run_reports_native_layers_and_measured_step_times(monkeypatch):
   assert sum(m["epoch_wall_s"]) <= m["train_seconds"]
   assert m["first_epoch_ratio"] == pytest.approx(
       m["epoch_wall_s"][0] / m["epoch_wall_s"][1])
+  assert m["jacobian_fallback"] == []   # the CNN takes the fast path
   assert 7.9 <= m["epsilon"] <= 8.0 + 1e-9
 
 
@@ -167,3 +168,19 @@ def test_train_binary_runs_on_npz(tmp_path):
   assert "Test accuracy:" in proc.stdout and "epsilon=" in proc.stdout
   m = json.loads(metrics.read_text())
   assert m["train_size"] == 40 and math.isfinite(m["epsilon"])
+
+
+def test_fallback_watch_sees_the_per_example_paths_jacobian_warning():
+  """What train.py reports as "no jacobian fallback" is what it would see:
+  a variable without a tap rule (a SimpleRNN) is reported."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from dpquant_tf import perexample  # pylint: disable=g-import-not-at-top
+  model = perexample.tap_model(tf.keras.Sequential([
+      tf.keras.Input((3, 2)), tf.keras.layers.SimpleRNN(2),
+      tf.keras.layers.Dense(2)]))
+  x = tf.ones((4, 3, 2))
+  with train_lib._FallbackWatch() as watch:   # pylint: disable=protected-access
+    with tf.GradientTape(persistent=True) as tape:
+      loss = tf.reduce_sum(model(x) ** 2, axis=1)
+    perexample.per_example_gradients(loss, model.trainable_variables, tape, 4)
+  assert len(watch.messages) == 1 and "simple_rnn" in watch.messages[0]

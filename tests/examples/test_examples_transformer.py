@@ -53,9 +53,12 @@ def test_train_binary_transformer_dp_run_exports_servable_model(tmp_path):
        f"--metrics_json={metrics}", f"--export_dir={export}"],
       capture_output=True, text=True, timeout=1800, cwd=str(tmp_path))
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "jacobian fallback" not in proc.stderr + proc.stdout
+  assert "jacobian fallback for" not in proc.stderr + proc.stdout
+  assert ("fast path for every trainable variable (no jacobian fallback)"
+          in proc.stdout)
   assert "Test accuracy:" in proc.stdout and "SYNTHETIC" in proc.stdout
   m = json.loads(metrics.read_text())
+  assert m["jacobian_fallback"] == []
   assert m["epsilon"] <= 8.0 + 1e-9 and m["config"]["optimizer"] == "sgd"
   assert any(l["name"] == "b1_attention" for l in m["layers"])
   script = tmp_path / "serve.py"
