@@ -287,9 +287,14 @@ def _make_optimizer(cfg: TrainConfig, *, noise: float, ledger, n: int, q: float)
             else {"noise_seed": cfg.research_noise_seed})
   if opt is OptimizerName.ADAMW:
     seeded["weight_decay"] = cfg.weight_decay
+  # Only the bit-width schedule sets gradient bits; other runs build a step
+  # without the gradient quantization branch (a shorter first trace).
+  bits_policy = (_validation.check_enum("policy", cfg.policy, PolicyName)
+                 is PolicyName.BIT_RAMP)
   return cls(l2_norm_clip=cfg.l2_norm_clip, noise_multiplier=noise,
              ledger=ledger, expected_batch_size=q * n, sampling_probability=q,
-             dataset_size=n, learning_rate=cfg.learning_rate, **seeded)
+             dataset_size=n, learning_rate=cfg.learning_rate,
+             gradient_quantization=bits_policy, **seeded)
 
 
 def _analysis_fraction(cfg: TrainConfig, layers, estimator) -> float:

@@ -62,6 +62,7 @@ class _DPQuantMixin(_state.DPStateMixin):
                *,
                ledger=None,
                gradient_bits: _state.BitsSpec = None,
+               gradient_quantization: bool = True,
                sensitivity_mode=M.SensitivityMode.RECLIP,
                update_bits: Optional[int] = None,
                expected_batch_size: Optional[float] = None,
@@ -81,6 +82,11 @@ class _DPQuantMixin(_state.DPStateMixin):
     gradient_accumulation_steps = V.check_int(
         "gradient_accumulation_steps", gradient_accumulation_steps, low=1)
     gradient_bits = _state.check_bits_spec("gradient_bits", gradient_bits)
+    gradient_quantization = V.check_type(
+        "gradient_quantization", gradient_quantization, bool)
+    if not gradient_quantization and _state.any_bits(gradient_bits):
+      V.fail("gradient_bits", gradient_bits, "None or 0 with "
+             "gradient_quantization=False (no quantization branch is built)")
     sensitivity_mode = V.check_enum("sensitivity_mode", sensitivity_mode,
                                     M.SensitivityMode)
     if update_bits is not None:
@@ -110,6 +116,7 @@ class _DPQuantMixin(_state.DPStateMixin):
     super().__init__(query, num_microbatches, gradient_accumulation_steps,
                      **kwargs)
     self._initial_gradient_bits = gradient_bits
+    self._gradient_quantization = gradient_quantization
     self._sensitivity_mode = sensitivity_mode
     self._expected_batch_size = expected_batch_size
     self._dataset_size = dataset_size
@@ -425,7 +432,6 @@ class _DPQuantMixin(_state.DPStateMixin):
     """Like `_clip_quantize_sum`; with gradient quantization off, the clipped
     sum comes from `taps.clipped_sum` (ghost norms, no materialized
     per-example Dense gradients). Same clip, same sensitivity (C)."""
-    quant_on = tf.reduce_any(self._bits_var > 0)
     valid = taps.validity()
 
     def quantized():
@@ -449,7 +455,9 @@ class _DPQuantMixin(_state.DPStateMixin):
       summed = tf.cond(finite, lambda: list(summed), materialized)
       return summed, tf.constant(1.0, tf.float64)
 
-    return tf.cond(quant_on, quantized, plain)
+    if not self._gradient_quantization:   # no quantized branch is built
+      return plain()
+    return tf.cond(tf.reduce_any(self._bits_var > 0), quantized, plain)
 
   def _clip_quantize_sum(self, grads, valid=_NOTED):
     """Clips (and quantizes) per-example gradients; returns sums and the
@@ -471,7 +479,8 @@ class _DPQuantMixin(_state.DPStateMixin):
       q = M.quantize_per_example(clipped, bits, clip, self._generator)
       return M.clip_per_example(q, clip, valid) if reclip else q
 
-    processed = tf.cond(quant_on, quantized, lambda: list(clipped))
+    processed = (tf.cond(quant_on, quantized, lambda: list(clipped))
+                 if self._gradient_quantization else list(clipped))
     # The sum over examples is accumulated in float64 and cast once: a
     # float32 sum's rounding, which no single example owns, could move the
     # result by more than C when one example is removed (docs/PRIVACY.md).
@@ -534,6 +543,7 @@ class _DPQuantMixin(_state.DPStateMixin):
         "num_microbatches": self._num_microbatches,
         "gradient_accumulation_steps": self.gradient_accumulation_steps,
         "gradient_bits": bits,
+        "gradient_quantization": self._gradient_quantization,
         "sensitivity_mode": self._sensitivity_mode.value,
         "update_bits": int(self.update_bits_var.numpy()) or None,
         "expected_batch_size": self._expected_batch_size,
@@ -612,6 +622,11 @@ class DPQuantOptimizer(_DPQuantMixin,
     ledger: optional ``PrivacyLedger`` to attach to.
     gradient_bits: None (off), an int in [2, 24] for all variables, or a
       mapping from variable/layer name to bits (0 = exact).
+    gradient_quantization: True (default): the step holds the gradient
+      quantization branch, so ``set_gradient_bits`` can switch it on at any
+      time without a retrace. False: no such branch is built (a smaller,
+      faster-to-trace step for runs that never quantize gradients);
+      ``set_gradient_bits`` then refuses any bit width but 0.
     sensitivity_mode: ``SensitivityMode.RECLIP`` (default) or ``BOUND``.
     update_bits: bits of the post-noise update quantization (None = off).
     expected_batch_size: normalizer for Poisson batches (q * N).

@@ -35,6 +35,15 @@ def check_bits_spec(name: str, spec: BitsSpec) -> BitsSpec:
   return check_bits(name, spec, allow_zero=False)
 
 
+def any_bits(spec: BitsSpec) -> bool:
+  """Whether a (checked) bits spec quantizes anything (a width above 0)."""
+  if spec is None:
+    return False
+  if isinstance(spec, Mapping):
+    return any(int(v) > 0 for v in spec.values())
+  return int(spec) > 0
+
+
 def name_matches(key: str, var_name: str) -> bool:
   """True if `key` is "*", the variable's name, or one of its layer names."""
   if key in ("*", var_name, var_name.split(":")[0]):
@@ -216,6 +225,10 @@ class DPStateMixin:
       bits = {"*": check_bits("bits", bits, allow_zero=True)}
     else:
       bits = check_bits_spec("bits", bits)
+    if not getattr(self, "_gradient_quantization", True) and any_bits(bits):
+      V.fail("bits", bits, "0 for every variable: this optimizer was built "
+             "with gradient_quantization=False (its step has no gradient "
+             "quantization branch)")
     if self._bits_var is None:
       if "*" in bits:
         self._pending_bits = {}
