@@ -47,7 +47,6 @@ import dataclasses
 import enum
 import hashlib
 import json
-import logging
 import math
 import os
 import sys
@@ -576,27 +575,6 @@ def _callbacks(cfg: TrainConfig, policy, ledger, estimator) -> Tuple[list, Any]:
   return callbacks, scheduler
 
 
-class _FallbackWatch(logging.Handler):
-  """Collects the per-example path's "jacobian fallback" warnings (absl)."""
-
-  def __init__(self):
-    super().__init__(logging.WARNING)
-    self.messages: List[str] = []
-
-  def emit(self, record):
-    message = record.getMessage()
-    if "jacobian fallback" in message:
-      self.messages.append(message)
-
-  def __enter__(self):
-    logging.getLogger("absl").addHandler(self)
-    return self
-
-  def __exit__(self, *exc):
-    logging.getLogger("absl").removeHandler(self)
-    return False
-
-
 def _first_epoch_ratio(timer_history) -> Optional[float]:
   """The first epoch's wall time over the median later epoch's (None with
   fewer than two epochs): the fixed cost of a run (tracing, the first
@@ -734,7 +712,8 @@ def train(config: TrainConfig) -> TrainResult:
   callbacks, scheduler = _callbacks(cfg, policy, ledger, estimator)
   # Variables the first step would create, created now: one trace, not two.
   dp_training.prepare_first_step(model, train_data)
-  with _FallbackWatch() as fallback:
+  from dpquant_tf import perexample  # pylint: disable=g-import-not-at-top
+  with perexample.FallbackWatch() as fallback:
     model.fit(train_data, epochs=cfg.epochs, callbacks=callbacks,
               verbose=cfg.verbose, steps_per_epoch=steps_per_epoch)
   train_seconds = time.time() - start

@@ -39,19 +39,6 @@ class Settings:
   seed: int = 0
 
 
-class _FallbackLines(logging.Handler):
-  """Collects the fast path's jacobian-fallback warnings."""
-
-  def __init__(self):
-    super().__init__(logging.WARNING)
-    self.lines: List[str] = []
-
-  def emit(self, record):
-    message = record.getMessage()
-    if "jacobian fallback" in message:
-      self.lines.append(message)
-
-
 def _check(s: Settings):
   _validation.check_int("global_batch", s.global_batch, low=1)
   _validation.check_int("steps", s.steps, low=1)
@@ -104,7 +91,8 @@ def _measure(s: Settings, r: int, x, y, dp: bool) -> Dict[str, object]:
   if hasattr(model.optimizer, "dp_step"):  # DPQuant: the owned train step
     from dpquant_tf import training  # pylint: disable=g-import-not-at-top
     training.install_dp_train_step(model)
-  handler = _FallbackLines()
+  from dpquant_tf import perexample  # pylint: disable=g-import-not-at-top
+  handler = perexample.FallbackWatch()
   logging.getLogger().addHandler(handler)
   try:
     n_warm = s.warmup_steps * s.global_batch
@@ -119,7 +107,7 @@ def _measure(s: Settings, r: int, x, y, dp: bool) -> Dict[str, object]:
   return {"optimizer": "dp" if dp else "plain", "replicas": r,
           "seconds": seconds,
           "seconds_per_example": seconds / len(x),
-          "fallback": handler.lines}
+          "fallback": handler.messages}
 
 
 def run(s: Settings) -> Dict[str, object]:

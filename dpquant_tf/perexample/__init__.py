@@ -6,6 +6,7 @@ per-example (per-microbatch) gradients. See docs/PERFORMANCE.md and
 docs/PEREXAMPLE.md.
 """
 
+from dpquant_tf.perexample._fallback import FallbackWatch
 from dpquant_tf.perexample._gradients import collect
 from dpquant_tf.perexample._gradients import example_validity
 from dpquant_tf.perexample._gradients import jacobian_gradients
@@ -20,6 +21,7 @@ from dpquant_tf.perexample._taps import TappedLayer
 from dpquant_tf.perexample._taps import tap_model
 
 __all__ = [
+    "FallbackWatch",
     "LayerKind",
     "PerExampleTaps",
     "TappedLayer",

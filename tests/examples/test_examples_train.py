@@ -179,7 +179,7 @@ def test_fallback_watch_sees_the_per_example_paths_jacobian_warning():
       tf.keras.Input((3, 2)), tf.keras.layers.SimpleRNN(2),
       tf.keras.layers.Dense(2)]))
   x = tf.ones((4, 3, 2))
-  with train_lib._FallbackWatch() as watch:   # pylint: disable=protected-access
+  with perexample.FallbackWatch() as watch:
     with tf.GradientTape(persistent=True) as tape:
       loss = tf.reduce_sum(model(x) ** 2, axis=1)
     perexample.per_example_gradients(loss, model.trainable_variables, tape, 4)
