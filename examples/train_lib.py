@@ -710,8 +710,10 @@ def train(config: TrainConfig) -> TrainResult:
       cfg, noise=noise, ledger=ledger if cfg.dp else None, n=n, q=q)
   model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
   callbacks, scheduler = _callbacks(cfg, policy, ledger, estimator)
-  # Variables the first step would create, created now: one trace, not two.
-  dp_training.prepare_first_step(model, train_data)
+  # Variables the first step would create, created now: one trace, not two
+  # (a multi-worker DatasetCreator has no element_spec: traced twice there).
+  if getattr(train_data, "element_spec", None) is not None:
+    dp_training.prepare_first_step(model, train_data)
   from dpquant_tf import perexample  # pylint: disable=g-import-not-at-top
   with perexample.FallbackWatch() as fallback:
     model.fit(train_data, epochs=cfg.epochs, callbacks=callbacks,
