@@ -131,7 +131,7 @@ def test_without_research_seeds_two_processes_differ(tmp_path):
     outs.append(json.loads(path.read_text()))
   for m in outs:
     assert m["research"] == {"noise_seeded": False, "sampling_seeded": False,
-                             "sample_sha256": None}
+                             "estimator_seeded": False, "sample_sha256": None}
     assert "were seeded" not in m["privacy_statement"]
   # Same --seed (initialisation), different noise and samples.
   assert outs[0]["weights_sha256"] != outs[1]["weights_sha256"]
