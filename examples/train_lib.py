@@ -49,6 +49,7 @@ import hashlib
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from typing import Any, Dict, List, Optional, Tuple
@@ -582,9 +583,7 @@ def _first_epoch_ratio(timer_history) -> Optional[float]:
   walls = [t["epoch_wall_s"] for t in timer_history]
   if len(walls) < 2:
     return None
-  later = sorted(walls[1:])
-  mid = len(later) // 2
-  median = later[mid] if len(later) % 2 else (later[mid - 1] + later[mid]) / 2
+  median = statistics.median(walls[1:])
   return float(walls[0] / median) if median > 0 else None
 
 

@@ -13,7 +13,6 @@ measures the overhead of running R replicas, not a speed-up.
 
 import dataclasses
 import json
-import logging
 import time
 from typing import Dict, List, Sequence
 
@@ -92,9 +91,7 @@ def _measure(s: Settings, r: int, x, y, dp: bool) -> Dict[str, object]:
     from dpquant_tf import training  # pylint: disable=g-import-not-at-top
     training.install_dp_train_step(model)
   from dpquant_tf import perexample  # pylint: disable=g-import-not-at-top
-  handler = perexample.FallbackWatch()
-  logging.getLogger().addHandler(handler)
-  try:
+  with perexample.FallbackWatch() as watch:
     n_warm = s.warmup_steps * s.global_batch
     model.fit(x[:n_warm], y[:n_warm], batch_size=s.global_batch, epochs=1,
               shuffle=False, verbose=0)
@@ -102,12 +99,10 @@ def _measure(s: Settings, r: int, x, y, dp: bool) -> Dict[str, object]:
     model.fit(x, y, batch_size=s.global_batch, epochs=1, shuffle=False,
               verbose=0)
     seconds = time.perf_counter() - start
-  finally:
-    logging.getLogger().removeHandler(handler)
   return {"optimizer": "dp" if dp else "plain", "replicas": r,
           "seconds": seconds,
           "seconds_per_example": seconds / len(x),
-          "fallback": handler.messages}
+          "fallback": watch.messages}
 
 
 def run(s: Settings) -> Dict[str, object]:

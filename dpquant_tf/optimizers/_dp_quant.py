@@ -204,12 +204,16 @@ class _DPQuantMixin(_state.DPStateMixin):
   def _check_calling_model(self, model, forward_graph=None) -> None:
     """Model checks once per model (``privacy.check_model_privacy``).
 
-    `forward_graph`: a function graph that holds the owned train step's
-    own forward pass and loss (only the owned step passes one): its state
-    writes are read from it (no second trace of the model).
+    `forward_graph`: a function graph that holds the step's own forward
+    pass and loss, or a callable that traces one (called only when `model`
+    is not checked yet): its state writes are read from it (no second trace
+    of the model). Anything else (None, an eager graph): the check traces
+    the model itself.
     """
     if model is None or model in self._checked_models:
       return
+    if callable(forward_graph):
+      forward_graph = forward_graph()
     try:
       # pylint: disable-next=g-import-not-at-top
       from dpquant_tf.privacy import _model_checks
@@ -262,11 +266,8 @@ class _DPQuantMixin(_state.DPStateMixin):
     """
     # Traced: the loss's graph holds the forward pass and the loss (the tape
     # differentiates through them), so the model check reads their writes.
-    graph = getattr(loss, "graph", None)
-    return self._owned_step(
-        model, x, loss, tape, 1.0,
-        forward_graph=graph if getattr(graph, "building_function", False)
-        else None)
+    return self._owned_step(model, x, loss, tape, 1.0,
+                            forward_graph=getattr(loss, "graph", None))
 
   def _owned_step(self, model, x, loss, tape, sampling_probability,
                   forward_graph=None):
@@ -469,7 +470,6 @@ class _DPQuantMixin(_state.DPStateMixin):
     """
     clip = self.l2_norm_clip_var
     bits = self._bits_var
-    quant_on = tf.reduce_any(bits > 0)
     if valid is _NOTED:
       valid = self._noted_validity()
     clipped = M.clip_per_example(grads, clip, valid)
@@ -479,7 +479,8 @@ class _DPQuantMixin(_state.DPStateMixin):
       q = M.quantize_per_example(clipped, bits, clip, self._generator)
       return M.clip_per_example(q, clip, valid) if reclip else q
 
-    processed = (tf.cond(quant_on, quantized, lambda: list(clipped))
+    processed = (tf.cond(tf.reduce_any(bits > 0), quantized,
+                         lambda: list(clipped))
                  if self._gradient_quantization else list(clipped))
     # The sum over examples is accumulated in float64 and cast once: a
     # float32 sum's rounding, which no single example owns, could move the

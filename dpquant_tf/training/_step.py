@@ -223,12 +223,13 @@ def owned_train_step(model, data, *, loss=None):
     V.fail("model", model.name, "a model prepared with install_dp_train_step")
   if tf.executing_eagerly():
     # Eagerly the forward pass below runs at once: check the model first, on
-    # a trace of this step's forward pass and loss (in a trace, a refused
-    # step never runs: the check reads the step's own graph).
-    scratch = tf.function(lambda: per_example_loss(
-        model, y, model(x, training=True), sample_weight, loss=loss))
+    # a trace of this step's forward pass and loss, made only while the
+    # model is unchecked (in a trace, a refused step never runs: the check
+    # reads the step's own graph).
     optimizer._check_calling_model(  # pylint: disable=protected-access
-        model, scratch.get_concrete_function().graph)
+        model, lambda: tf.function(lambda: per_example_loss(
+            model, y, model(x, training=True), sample_weight, loss=loss)
+        ).get_concrete_function().graph)
   with tf.GradientTape() as tape:
     y_pred = model(x, training=True)
     losses, real = per_example_loss(model, y, y_pred, sample_weight,
