@@ -163,11 +163,16 @@ def test_fit_refuses_the_running_mean_layer_before_any_step():
     np.testing.assert_array_equal(a, b)   # the batch mean never left the step
 
 
-@pytest.mark.parametrize("run_eagerly", [False, True])
-def test_owned_step_reads_state_writes_from_its_own_forward_pass(run_eagerly):
+@pytest.mark.parametrize("compile_kwargs", [
+    {"run_eagerly": False}, {"run_eagerly": True}, {"jit_compile": True},
+    {"steps_per_execution": 2}])
+def test_owned_step_reads_state_writes_from_its_own_forward_pass(
+    compile_kwargs):
   """The owned train step's check reads the writes of the forward pass it
-  traced (no second trace); eagerly it traces the model as before. Either
-  way the running-mean layer is refused before any weight changes."""
+  traced (no second trace; also under XLA and inside the loop of several
+  steps per execution); eagerly it traces forward and loss before running
+  them. Either way the running-mean layer is refused before any weight or
+  state changes."""
   model = _running_mean_model()
   before = [w.copy() for w in model.get_weights()]
   model.compile(
@@ -175,7 +180,7 @@ def test_owned_step_reads_state_writes_from_its_own_forward_pass(run_eagerly):
           l2_norm_clip=1.0, noise_multiplier=1.0, learning_rate=0.1),
       loss=tf.keras.losses.SparseCategoricalCrossentropy(
           from_logits=True, reduction=tf.keras.losses.Reduction.NONE),
-      run_eagerly=run_eagerly)
+      **compile_kwargs)
   dpquant_tf.install_dp_train_step(model)
   x = np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32)
   with pytest.raises(ValueError, match="rm.*batch_mean"):
