@@ -8,13 +8,18 @@ Native bfloat16 contenders (dp_bf16_50, dp_bf16_75, dp_bf16_100) run the
 chosen layers' ops in bfloat16; their speed-up over fp32 DP (``dp``) of the
 same run is printed as ``vs dp`` (dp ms / contender ms).
 
-Each case (``model:batch``) runs in a worker process of its own under a
-resident-memory watchdog (``--memory_limit_mb``, default 8000): a contender
-whose memory, estimated from an earlier case of the same model, would not
-fit is skipped before it runs, and one whose warm-up crosses the limit is
-stopped and skipped; both are listed with the reason in the case's
-``skipped``. Within a case every contender runs on the same model, data and
-batch, alternating round by round; prints median ms per step, examples/s, peak
+Each case (``model:batch``) runs in worker processes under a resident-memory
+watchdog (``--memory_limit_mb``, default 7500, so that no process passes
+8 GB): the contenders share one worker while they fit; when a warm-up
+crosses the limit, the contenders that fitted are timed in one worker and
+the rest in further workers, each beside ``plain`` and ``dp`` (the
+references of the ratios; ``worker_groups`` in the JSON). A contender whose
+memory, estimated from an earlier case of the same model, would not fit, or
+that does not fit beside the references alone, is skipped and listed with
+the reason in the case's ``skipped``; ``max_rss_mb_any_worker`` is the
+highest resident memory any worker reached. Within a worker every contender
+runs on the same model, data and batch, alternating round by round; prints
+median ms per step, examples/s, peak
 memory and the ratios to plain SGD and to TF-Privacy. With --json it prints one
 JSON object whose ``cases`` list holds ``model``, ``batch_size``, ``plain_ms``,
 ``tfprivacy_ms``, ``dp_ms``, ``dp_quant_ms``, ``skipped``,

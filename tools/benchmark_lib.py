@@ -42,9 +42,11 @@ import tensorflow as tf
 BF16_CONTENDERS = ("dp_bf16_50", "dp_bf16_75", "dp_bf16_100")
 CONTENDERS = ("plain", "tfprivacy", "dp", "dp_quant") + BF16_CONTENDERS
 MODELS = ("cnn", "small_resnet", "encoder")
-# Default resident-memory limit of one case (MB): its contenders share one
-# worker process (see `run`).
-MEMORY_LIMIT_MB = 8000
+# Default resident-memory limit of one worker process (MB). The watchdog polls
+# every 50 ms and a warming contender can grow the process by some hundred MB
+# between polls, so the limit stays 500 MB under the 8 GB the benchmark must
+# fit in (issue 21; ``max_rss_mb_any_worker`` in the JSON says what was seen).
+MEMORY_LIMIT_MB = 7500
 # Contenders whose memory grows with the square of the batch: TF-Privacy's
 # jacobian path computes one gradient of the batch's forward per microbatch.
 QUADRATIC_MEMORY = ("tfprivacy",)
@@ -350,7 +352,7 @@ def _rss_mb(pid: int) -> float:
 
 
 def run_watched(cmd: Sequence[str], limit_mb: float,
-                log: Callable[[str], None] = lambda _: None, poll_s: float = 0.2):
+                log: Callable[[str], None] = lambda _: None, poll_s: float = 0.05):
   """Runs ``cmd``; kills it when its resident memory exceeds ``limit_mb``.
 
   Returns:
@@ -384,9 +386,88 @@ def run_watched(cmd: Sequence[str], limit_mb: float,
   return lines, peak, killed, proc.returncode
 
 
+# Contenders every worker group of a case times beside the others, so that
+# each ratio (``dp_vs_<kind>``, ``<kind>_vs_plain``) comes from one process
+# with the contenders interleaved round by round. Both are small.
+REFERENCES = ("plain", "dp")
+
+
+def _mentions(key: str, kind: str) -> bool:
+  return (key.startswith(kind + "_") or key.endswith("_" + kind)
+          or key.endswith("_" + kind + "_round_median"))
+
+
+def run_in_groups(kinds: Sequence[str], run_group, skipped: Dict[str, str],
+                  log: Callable[[str], None] = lambda _: None):
+  """Times ``kinds`` in as few worker processes as the memory limit allows.
+
+  ``run_group(group) -> (case or None, culprit, peak_mb, reason)`` runs one
+  worker for the contenders ``group``; on failure ``culprit`` is the
+  contender that was warming up when the worker was stopped. A worker's
+  memory is the sum of its contenders' graphs and buffers (freed memory is
+  not returned to the system), so a contender that does not fit after the
+  others is not dropped: the contenders that fitted are timed in one worker
+  and the rest in further workers, each beside the `REFERENCES`. A
+  contender is skipped (with the reason, in ``skipped``) only when it does
+  not fit beside the references alone.
+
+  Returns:
+    (merged case or None, groups): the first group's case with the later
+    groups' contenders' fields added (their ratios are to the references of
+    their own group), and one ``{"contenders", "worker_peak_rss_mb"}`` per
+    worker that finished.
+  """
+  refs = [k for k in REFERENCES if k in kinds]
+  done = []
+
+  def attempt(group):
+    case, culprit, peak, reason = run_group(group)
+    if case is not None:
+      done.append((list(group), case, peak))
+      return
+    if culprit not in group:
+      raise RuntimeError(f"benchmark worker for {list(group)} failed "
+                         f"({reason}) before a contender ran")
+    i = group.index(culprit)
+    before, after = list(group[:i]), list(group[i + 1:])
+    if all(k in refs for k in before):
+      skipped[culprit] = reason + (
+          " beside " + ", ".join(before) if before else "")
+      log(f"skipping {culprit}: {skipped[culprit]}")
+      if culprit in refs:
+        refs.remove(culprit)
+      rest = before + after
+      if rest:
+        attempt(rest)
+      return
+    log(f"{culprit} does not fit after {', '.join(before)}: timing it and "
+        "the contenders after it in another worker beside "
+        f"{', '.join(refs) or 'nothing'}")
+    attempt(before)
+    attempt([k for k in refs if k not in after and k != culprit]
+            + [culprit] + after)
+
+  attempt(list(kinds))
+  if not done:
+    return None, []
+  merged = dict(done[0][1])
+  seen = set(done[0][0])
+  for group, case, _ in done[1:]:
+    for kind in group:
+      if kind in seen:
+        continue
+      seen.add(kind)
+      for key, value in case.items():
+        if _mentions(key, kind) and key not in merged:
+          merged[key] = value
+  groups = [{"contenders": g, "worker_peak_rss_mb": round(p, 1)}
+            for g, _, p in done]
+  return merged, groups
+
+
 def _run_isolated(spec: str, s: Settings, limit_mb: float, measured,
                   log: Callable[[str], None]):
-  """One case in a worker process per attempt, under the memory watchdog."""
+  """One case in worker processes under the memory watchdog (`run_in_groups`)."""
   import os  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   model_name, batch = spec.split(":")
@@ -400,32 +481,37 @@ def _run_isolated(spec: str, s: Settings, limit_mb: float, measured,
       skipped[kind] = reason
   script = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                         "benchmark.py")
-  while True:
-    kinds = [k for k in s.contenders if k not in skipped]
-    if not kinds:
-      return {"model": model_name, "batch_size": batch, "skipped": skipped,
-              "worker_peak_rss_mb": None}
+  attempts = []
+
+  def run_group(kinds):
     sub = dataclasses.replace(s, contenders=tuple(kinds))
     cmd = [sys.executable, script,
            "--worker=" + json.dumps({"case": spec, **dataclasses.asdict(sub)})]
     lines, peak, killed, code = run_watched(cmd, limit_mb, log)
+    attempts.append(round(peak, 1))
     result = [l for l in lines if l.startswith("CASE ")]
     if result and not killed:
-      case = json.loads(result[-1][5:])
-      case["skipped"] = skipped
-      case["worker_peak_rss_mb"] = round(peak, 1)
-      return case
+      return json.loads(result[-1][5:]), None, peak, ""
     warming = [l for l in lines if l.endswith(": warming up")]
     culprit = warming[-1].split()[-3].rstrip(":") if warming else None
-    if culprit not in kinds:
-      raise RuntimeError(f"benchmark worker for {spec} failed (exit {code}, "
-                         f"killed={killed}, peak {peak:.0f} MB) before a "
-                         "contender ran")
-    skipped[culprit] = (
-        f"resident memory reached {peak:.0f} MB > {limit_mb:.0f} MB limit "
-        "while warming up (worker stopped)" if killed else
-        f"worker exited with code {code} while warming up")
-    log(f"{spec}: skipping {culprit}: {skipped[culprit]}")
+    reason = (f"resident memory reached {peak:.0f} MB > {limit_mb:.0f} MB "
+              "limit while warming up (worker stopped)" if killed else
+              f"worker exited with code {code} while warming up")
+    return None, culprit, peak, reason
+
+  kinds = [k for k in s.contenders if k not in skipped]
+  case, groups = (run_in_groups(kinds, run_group, skipped,
+                                lambda m: log(f"{spec}: {m}"))
+                  if kinds else (None, []))
+  if case is None:
+    case = {"model": model_name, "batch_size": batch}
+  case["skipped"] = skipped
+  case["worker_groups"] = groups
+  case["worker_peak_rss_mb"] = max(
+      (g["worker_peak_rss_mb"] for g in groups), default=None)
+  # Every worker started for this case, the stopped ones included.
+  case["max_rss_mb_any_worker"] = max(attempts, default=None)
+  return case
 
 
 def run(cases: Sequence[str], s: Settings,
@@ -438,10 +524,13 @@ def run(cases: Sequence[str], s: Settings,
     s: settings.
     log: progress messages.
     memory_limit_mb: None runs every case in this process. A number runs
-      each case in a worker process killed when its resident memory exceeds
-      the limit; a contender whose memory, estimated from an earlier case of
-      the same model (`skip_reason`), would not fit, or whose warm-up hit the
-      limit, is skipped and listed with the reason in the case's ``skipped``.
+      each case in worker processes killed when their resident memory
+      exceeds the limit (`run_in_groups`: contenders that do not fit together
+      run in further workers beside the references); a contender whose
+      memory, estimated from an earlier case of the same model
+      (`skip_reason`), would not fit, or whose warm-up hit the limit beside
+      the references alone, is skipped and listed with the reason in the
+      case's ``skipped``.
   """
   results, measured = [], {}
   for spec in cases:
@@ -458,6 +547,9 @@ def run(cases: Sequence[str], s: Settings,
       "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
       "load_average": [round(v, 2) for v in __import__("os").getloadavg()],
       "memory_limit_mb": memory_limit_mb,
+      "max_rss_mb_any_worker": max(
+          (c["max_rss_mb_any_worker"] for c in results
+           if c.get("max_rss_mb_any_worker") is not None), default=None),
       "machine": {
           "platform": platform.platform(),
           "processor": platform.processor() or platform.machine(),

@@ -16,7 +16,9 @@ and over positions ``t`` such as sequence steps or output pixels):
 * Dense ``z = x W + b``: ``dW_m = sum_{b,t} x_{b,t}^T g_{b,t}``.
 * Conv: the same with ``x`` replaced by its patches (a one-hot-kernel
   convolution or ``tf.image.extract_patches`` with the layer's strides,
-  dilation and padding; Conv1D as a 1xL image). For ``padding="causal"`` the
+  dilation and padding; Conv1D as a 1xL image); at stride 1 with deep
+  patches, equivalently, one contraction per kernel tap of the input window
+  that tap reads (no patches written). For ``padding="causal"`` the
   tap input is the already left-padded input (what the VALID convolution
   sees), as ``QuantizedLayer`` and ``TappedLayer`` record it.
 * DepthwiseConv2D: patches per channel, contracted channel by channel.
@@ -126,18 +128,65 @@ def _conv_geometry(layer, x):
   return x, ks, st, dl, padding
 
 
+def _use_shifted(ks, st, cin) -> bool:
+  """Stride 1 and a patch deeper than the one-hot convolution serves.
+
+  There the per-example kernel gradient is cheaper as one contraction per
+  kernel offset of a shifted view of the input (`_shifted_contract`) than
+  through ``extract_patches``, which writes ``kh*kw`` copies of the input.
+  Measured (batch 64, 3x3, float32, quiet 2-core CPU with oneDNN; ms per
+  call, patches then shifted): 28x28, 16->16 channels 10.3 / 4.0;
+  14x14, 32->32 5.5 / 3.1; 7x7, 64->64 4.2 / 3.7. With stride 2 the strided
+  slices made it 2-3x slower, so strided convolutions keep the patches.
+  """
+  return (tuple(st) == (1, 1) and ks[0] * ks[1] > 1
+          and ks[0] * ks[1] * cin > _IDENTITY_CONV_MAX_DEPTH)
+
+
+def _shifted_contract(x, g, ks, dl, padding, m):
+  """[M, kh, kw, cin, cout]: sum over each microbatch's examples and positions
+  of ``x[b, t + offset(i, j)] (x) g[b, t]`` for a stride-1 convolution.
+
+  Output position ``t`` of a stride-1 convolution reads input position
+  ``t + (i*dh, j*dw)`` (after SAME padding) with kernel tap ``(i, j)``, so
+  tap ``(i, j)``'s gradient is a contraction of the padded input's window
+  starting there with ``g``: the same sums as the patches' contraction, in
+  another order.
+  """
+  kh, kw = ks
+  dh, dw = dl
+  if padding == "SAME":
+    ph, pw = (kh - 1) * dh, (kw - 1) * dw
+    x = tf.pad(x, [[0, 0], [ph // 2, ph - ph // 2], [pw // 2, pw - pw // 2],
+                   [0, 0]])
+  oh = g.shape[1] if g.shape[1] is not None else tf.shape(g)[1]
+  ow = g.shape[2] if g.shape[2] is not None else tf.shape(g)[2]
+  ga = _per_mb(g, m, 1)
+  taps = []
+  for i in range(kh):
+    for j in range(kw):
+      xs = x[:, i * dh:i * dh + oh, j * dw:j * dw + ow, :]
+      taps.append(_contract(_per_mb(xs, m, 1), ga))      # [M, cin, cout]
+  return tf.stack(taps, axis=1)                          # [M, kh*kw, cin, cout]
+
+
 def conv_grads(layer, x, g, m) -> Dict[str, tf.Tensor]:
   """Conv1D / Conv2D (any strides, dilation, SAME/VALID/causal, groups)."""
   x, ks, st, dl, padding = _conv_geometry(layer, x)
   g = _to_channels_last(layer, g)
+  if layer.rank == 1:
+    g = g[:, None]
   cin = x.shape[-1]
   groups = getattr(layer, "groups", 1) or 1
-  p = _patches(x, ks, st, dl, padding)
   kk = ks[0] * ks[1]
-  if groups == 1:
+  if groups == 1 and _use_shifted(ks, st, cin):
+    dk = _shifted_contract(x, g, ks, dl, padding, m)
+  elif groups == 1:
+    p = _patches(x, ks, st, dl, padding)
     dk = _contract(_per_mb(p, m, 1), _per_mb(g, m, 1))   # [M, kk*cin, cout]
   else:
     cout = g.shape[-1]
+    p = _patches(x, ks, st, dl, padding)
     pa = tf.reshape(_per_mb(p, m, 1), [m, -1, kk, groups, cin // groups])
     ga = tf.reshape(_per_mb(g, m, 1), [m, -1, groups, cout // groups])
     dk = tf.einsum("mtkgc,mtgd->mkcgd", pa, ga)

@@ -70,6 +70,14 @@ LAYERS = {
     "conv2d_rect_s": (lambda: L.Conv2D(3, (2, 3), strides=(1, 2),
                                        padding="same"), (6, 7, 2)),
     "conv2d_big_depth": (lambda: L.Conv2D(4, 3, padding="same"), (5, 5, 16)),
+    # Stride 1 with patches deeper than 128: the shifted-window contraction.
+    "conv2d_shifted_valid_dil": (lambda: L.Conv2D(3, 3, dilation_rate=2),
+                                 (8, 7, 16)),
+    "conv2d_shifted_same_even": (lambda: L.Conv2D(
+        3, (2, 4), dilation_rate=(2, 1), padding="same"), (6, 7, 17)),
+    "conv1d_shifted_causal": (lambda: L.Conv1D(4, 3, padding="causal",
+                                               dilation_rate=2), (9, 48)),
+    "conv1d_shifted_same": (lambda: L.Conv1D(4, 4, padding="same"), (9, 33)),
     "conv2d_1x1_s2": (lambda: L.Conv2D(4, 1, strides=2), (6, 6, 3)),
     "conv2d_groups": (lambda: L.Conv2D(4, 3, groups=2), (6, 6, 4)),
     "conv1d_same": (lambda: L.Conv1D(4, 3, strides=2, padding="same"), (9, 3)),
@@ -137,7 +145,7 @@ def test_embedding_matches_jacobian():
 
 
 @pytest.mark.parametrize("name", [
-    "conv2d_same_s2", "group_norm",
+    "conv2d_same_s2", "group_norm", "conv2d_shifted_same_even",
     pytest.param("depthwise", marks=pytest.mark.slow),
     pytest.param("einsum_seq", marks=pytest.mark.slow)])
 def test_xla_matches_jacobian(name):
@@ -146,6 +154,33 @@ def test_xla_matches_jacobian(name):
   model = pe.tap_model(_model(layer_fn, shape))
   x, y = _data(shape)
   _assert_close(*_both(model, x, y, B // 2, jit=True))
+
+
+@pytest.mark.parametrize("name,patches", [
+    ("conv2d_shifted_valid_dil", False), ("conv2d_shifted_same_even", False),
+    ("conv1d_shifted_causal", False), ("conv2d_same_s2", True),
+    ("conv2d_big_depth", False)])
+def test_which_conv_contraction_runs(name, patches):
+  """Stride 1 with patches deeper than 128 builds no patches op (the
+  shifted-window contraction, checked against the jacobian above); strided
+  convolutions keep the patches."""
+  layer_fn, shape = LAYERS[name]
+  model = pe.tap_model(_model(layer_fn, shape))
+  x, y = _data(shape)
+
+  @tf.function
+  def f():
+    with tf.GradientTape() as tape:
+      loss = _LOSS(y, model(x, training=True))
+    return pe.per_example_gradients(loss, model.trainable_variables, tape, 2)
+  graph = f.get_concrete_function().graph
+  ops = {op.type for op in graph.get_operations()}
+  # The one-hot patch convolution is a Conv2D whose filter is an identity.
+  eye = [op for op in graph.get_operations() if op.type == "Conv2D"
+         and len(op.inputs[1].shape) == 4
+         and op.inputs[1].shape[2] != op.inputs[1].shape[3]
+         and op.inputs[1].shape[3] == np.prod(op.inputs[1].shape[:3])]
+  assert (("ExtractImagePatches" in ops) or bool(eye)) == patches, sorted(ops)
 
 
 def test_the_fast_path_really_differs_from_a_wrong_rule():

@@ -79,3 +79,53 @@ def test_benchmark_case_times_bf16_contenders_beside_fp32_dp():
   assert case["dp_vs_dp_bf16_100"] == pytest.approx(
       case["dp_ms"] / case["dp_bf16_100_ms"], rel=1e-2)
   assert set(case["dp_bf16_100_execution"].values()) == {"bfloat16 (native)"}
+
+
+def _fake_runner(sizes, limit, calls):
+  """A worker whose memory is the sum of its contenders' sizes (nothing freed)."""
+  def run_group(group):
+    calls.append(list(group))
+    used = 0
+    for kind in group:
+      used += sizes[kind]
+      if used > limit:
+        return None, kind, used, f"resident memory reached {used} MB"
+    case = {"model": "m", "batch_size": 1}
+    for kind in group:
+      case[f"{kind}_ms"] = float(len(calls))          # which worker timed it
+      if kind != "dp" and "dp" in group:
+        case[f"dp_vs_{kind}"] = float(len(calls))
+    return case, None, used, ""
+  return run_group
+
+
+def test_contenders_that_do_not_fit_together_run_in_further_workers():
+  sizes = {"plain": 100, "dp": 300, "tfprivacy": 7000, "dp_quant": 300,
+           "dp_bf16_50": 2000, "dp_bf16_100": 2000}
+  kinds = list(sizes)
+  calls, skipped = [], {}
+  case, groups = lib.run_in_groups(kinds, _fake_runner(sizes, 3000, calls),
+                                   skipped)
+  # tfprivacy cannot fit even beside plain and dp: skipped with the reason.
+  assert list(skipped) == ["tfprivacy"]
+  assert "7400 MB" in skipped["tfprivacy"] and "beside plain, dp" in skipped["tfprivacy"]
+  # Every other contender was timed, each beside both references.
+  assert [g["contenders"] for g in groups] == [
+      ["plain", "dp", "dp_quant", "dp_bf16_50"], ["plain", "dp", "dp_bf16_100"]]
+  for kind in ("dp_quant", "dp_bf16_50", "dp_bf16_100"):
+    assert f"{kind}_ms" in case and f"dp_vs_{kind}" in case
+  # The later contender's fields come from its own worker (ratios to the
+  # references timed there); the references' from the first.
+  assert case["dp_bf16_100_ms"] == case["dp_vs_dp_bf16_100"] == len(calls)
+  assert case["dp_ms"] == case["dp_bf16_50_ms"] != case["dp_bf16_100_ms"]
+  assert max(g["worker_peak_rss_mb"] for g in groups) <= 3000
+
+
+def test_a_reference_that_cannot_fit_is_skipped_not_retried_forever():
+  sizes = {"plain": 100, "dp": 5000, "dp_bf16_100": 100}
+  calls, skipped = [], {}
+  case, groups = lib.run_in_groups(list(sizes), _fake_runner(sizes, 3000, calls),
+                                   skipped)
+  assert list(skipped) == ["dp"] and len(calls) == 2
+  assert groups[0]["contenders"] == ["plain", "dp_bf16_100"]
+  assert "dp_vs_dp_bf16_100" not in case
