@@ -80,7 +80,7 @@ RESEARCH_SEEDS = ("research_noise_seed", "research_sampling_seed",
 class NativeFormat(enum.Enum):
   """Execution precisions by name (the op itself runs in this precision).
 
-  bf16: inputs and kernel cast to bfloat16 (stochastic rounding), the op and
+  bf16: inputs and kernel cast to bfloat16 (to nearest), the op and
   its backward pass in bfloat16; faster where the hardware has bf16 units.
   fp8_e4m3: FP8 E4M3 simulated (rounded, op in float32) on every device.
   """

@@ -56,7 +56,7 @@ flags.DEFINE_integer("steps", 3, "Steps per contender per round.")
 flags.DEFINE_integer("warmup", 2, "Warm-up steps per contender.")
 flags.DEFINE_float("quant_ratio", 0.5, "Share of quantizable layers quantized.")
 flags.DEFINE_bool("jit_compile", False, "Compile every train step with XLA.")
-flags.DEFINE_enum("bf16_rounding", "stochastic", ["stochastic", "nearest"],
+flags.DEFINE_enum("bf16_rounding", "nearest", ["nearest", "stochastic"],
                   "Rounding of the bf16 contenders' casts.")
 flags.DEFINE_bool("bf16_fixed_structure", True,
                   "Build the bf16 contenders' layers for the bf16 structure "

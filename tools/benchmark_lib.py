@@ -15,8 +15,9 @@ what ``fit`` runs each step). Contenders:
   (INT4-SAWB forward, LUQ-FP4 backward; a seeded static random subset).
 * ``dp_bf16_<pct>`` (``dp_bf16_50``, ``dp_bf16_75``, ``dp_bf16_100``): the
   same with a *native* bfloat16 plan quantizing ``round(pct/100 * n)``
-  layers: their matmul/convolution runs in bfloat16 (stochastic rounding on
-  the way in by default), nothing simulated. Ratios to ``dp`` (fp32 DP,
+  layers: their matmul/convolution runs in bfloat16 (the input cast to
+  nearest by default, stochastically with ``bf16_rounding="stochastic"``),
+  nothing simulated. Ratios to ``dp`` (fp32 DP,
   quantization off) measured in the same run: ``dp_vs_<kind>`` is the
   speed-up (dp ms / contender ms).
 
@@ -64,7 +65,7 @@ class Settings:
   quant_ratio: float = 0.5
   seed: int = 0
   jit_compile: bool = False
-  bf16_rounding: str = "stochastic"
+  bf16_rounding: str = "nearest"
   bf16_fixed_structure: bool = True
   contenders: Sequence[str] = CONTENDERS
 
@@ -197,7 +198,7 @@ def make_contender(kind: str, model_name: str, batch_size: int,
       bf16 = quantization.LayerQuantConfig(fwd_bits=0, bwd_bits=0,
                                            precision="bf16")
       model = quantization.quantize_model(
-          base, config=bf16, seed=s.seed, rounding=s.bf16_rounding,
+          base, config=bf16, seed=s.seed, bf16_rounding=s.bf16_rounding,
           fixed_structure=s.bf16_fixed_structure)
       plan = _quant_plan(model, bf16_ratio(kind), s.seed, config=bf16)
       quantization.set_plan(model, plan)

@@ -56,7 +56,7 @@ flags.DEFINE_bool("parts", True, "Time the cumulative parts (forward, "
                   "backward, clip, step); false: the train step only (each "
                   "part holds its own buffers: the encoder's 8 part "
                   "functions took more than 13 GB).")
-flags.DEFINE_enum("bf16_rounding", "stochastic", ["stochastic", "nearest"],
+flags.DEFINE_enum("bf16_rounding", "nearest", ["nearest", "stochastic"],
                   "Rounding of the bf16 contenders' casts.")
 
 

@@ -144,6 +144,7 @@ def clone_with(model, replace: Callable[[tf.keras.layers.Layer], Optional[tf.ker
 def quantize_model(model, *, layers: Optional[Iterable[str]] = None,
                    config: Optional[_plan.LayerQuantConfig] = None,
                    rounding: Union[Rounding, str] = Rounding.STOCHASTIC,
+                   bf16_rounding: Union[Rounding, str] = Rounding.NEAREST,
                    weight_scale: Union[ScaleMode, str] = ScaleMode.PER_CHANNEL,
                    seed: Optional[int] = None, fixed_structure: bool = False):
   """Clones a model with its quantizable layers wrapped in `QuantizedLayer`.
@@ -154,7 +155,9 @@ def quantize_model(model, *, layers: Optional[Iterable[str]] = None,
       Conv2D, DepthwiseConv2D and EinsumDense layer).
     config: initial `LayerQuantConfig` of every wrapped layer (default: on,
       INT4-SAWB forward, LUQ-FP4 backward).
-    rounding: rounding of every wrapped layer.
+    rounding: rounding of every wrapped layer's quantization formats.
+    bf16_rounding: rounding of the input's bfloat16 cast where a layer runs
+      in bfloat16 (default nearest; see `QuantizedLayer`).
     weight_scale: per-channel (default) or per-tensor weight scales.
     seed: None for non-deterministic rounding noise; an int seeds layer i with
       `seed + i` (tests).
@@ -175,6 +178,8 @@ def quantize_model(model, *, layers: Optional[Iterable[str]] = None,
   _validation.check_type("config", config, _plan.LayerQuantConfig,
                          "a LayerQuantConfig")
   rounding = _validation.check_enum("rounding", rounding, Rounding)
+  bf16_rounding = _validation.check_enum("bf16_rounding", bf16_rounding,
+                                         Rounding)
   weight_scale = _validation.check_enum("weight_scale", weight_scale, ScaleMode)
   if seed is not None:
     seed = _validation.check_int("seed", seed)
@@ -203,7 +208,8 @@ def quantize_model(model, *, layers: Optional[Iterable[str]] = None,
         inner, enabled=config.enabled, fwd_format=config.fwd_format,
         fwd_bits=config.fwd_bits, bwd_format=config.bwd_format,
         bwd_bits=config.bwd_bits, precision=config.precision,
-        rounding=rounding, weight_scale=weight_scale, seed=layer_seed,
+        rounding=rounding, bf16_rounding=bf16_rounding,
+        weight_scale=weight_scale, seed=layer_seed,
         fixed_structure=fixed_structure)
 
   def copy_weights(old, new):

@@ -31,7 +31,8 @@ def _ops(concrete):
 def _dense(config, fixed, rounding="stochastic", shape=(8,), units=5):
   inp = tf.keras.Input(shape)
   base = tf.keras.Model(inp, L.Dense(units, name="d")(inp))
-  return dq.quantize_model(base, config=config, rounding=rounding, seed=4,
+  return dq.quantize_model(base, config=config, rounding=rounding,
+                           bf16_rounding=rounding, seed=4,
                            fixed_structure=fixed)
 
 

@@ -14,7 +14,8 @@ L = tf.keras.layers
 def _dense_model(config, rounding="stochastic", shape=(8,)):
   inp = tf.keras.Input(shape)
   base = tf.keras.Model(inp, L.Dense(5, name="d")(inp))
-  return dq.quantize_model(base, config=config, rounding=rounding, seed=4)
+  return dq.quantize_model(base, config=config, rounding=rounding,
+                           bf16_rounding=rounding, seed=4)
 
 
 def _all_ops(concrete):
@@ -104,6 +105,32 @@ def test_bf16_kernel_cast_is_nearest_and_input_cast_stochastic():
   x = tf.constant(rs.standard_normal((64, 8)).astype(np.float32))
   outs = np.stack([model(x, training=True).numpy() for _ in range(5)])
   assert outs.std(0).max() > 0
+
+
+def test_bf16_input_cast_is_nearest_by_default_and_config_round_trips():
+  inp = tf.keras.Input((8,))
+  base = tf.keras.Model(inp, L.Dense(5, name="d")(inp))
+  bf16 = dq.LayerQuantConfig(fwd_bits=0, bwd_bits=0, precision="bf16")
+  model = dq.quantize_model(base, config=bf16, seed=4)
+  (layer,) = dq.quantized_layers(model)
+  assert layer.rounding == dq.Rounding.STOCHASTIC      # the formats'
+  assert layer.bf16_rounding == dq.Rounding.NEAREST
+  x = tf.constant(np.random.RandomState(1).standard_normal((64, 8)),
+                  tf.float32)
+  outs = np.stack([model(x, training=True).numpy() for _ in range(3)])
+  assert np.all(outs == outs[0])
+  xb = tf.cast(tf.cast(x, tf.bfloat16), tf.float32)
+  kb = tf.cast(tf.cast(layer.layer.kernel, tf.bfloat16), tf.float32)
+  want = (xb @ kb + layer.layer.bias).numpy()
+  np.testing.assert_allclose(outs[0], want, rtol=0,
+                             atol=0.01 * np.abs(want).max())
+  config = layer.get_config()
+  assert config["bf16_rounding"] == "nearest"
+  again = dq.QuantizedLayer.from_config(
+      {**config, "bf16_rounding": "stochastic"})
+  assert again.bf16_rounding == dq.Rounding.STOCHASTIC
+  with pytest.raises(ValueError, match="bf16_rounding='up'"):
+    dq.quantize_model(base, config=bf16, bf16_rounding="up")
 
 
 @pytest.mark.slow  # 20-60 s on a quiet 2-core machine (XLA compile)
