@@ -42,7 +42,7 @@ import tensorflow as tf
 
 BF16_CONTENDERS = ("dp_bf16_50", "dp_bf16_75", "dp_bf16_100")
 CONTENDERS = ("plain", "tfprivacy", "dp", "dp_quant") + BF16_CONTENDERS
-MODELS = ("cnn", "small_resnet", "encoder")
+MODELS = ("cnn", "small_resnet", "resnet18", "encoder")
 # Default resident-memory limit of one worker process (MB). The watchdog polls
 # every 50 ms and a warming contender can grow the process by some hundred MB
 # between polls, so the limit stays 500 MB under the 8 GB the benchmark must
@@ -145,6 +145,8 @@ def build_model(name: str):
     return models.tutorial_cnn()
   if name == "small_resnet":
     return models.small_resnet_gn()
+  if name == "resnet18":  # GroupNorm ResNet-18, 32x32x3 (MNIST resized)
+    return models.resnet18_gn()
   if name == "encoder":
     return benchmark_encoder()
   raise ValueError(f"Expected model={name!r} to be one of {MODELS}.")
