@@ -24,7 +24,7 @@ from dpquant_tf import _layer_kinds
 from dpquant_tf.perexample import _registry
 from dpquant_tf.perexample import _rules
 
-__all__ = ["ghost_operands", "ghost_part"]
+__all__ = ["conv_ghost_positions", "ghost_operands", "ghost_part"]
 
 
 # With T > 1 positions the rigorous ghost bound needs float64 Gram matrices
@@ -46,6 +46,26 @@ class GhostOperands(NamedTuple):
   a: tf.Tensor          # [B, T, K]
   g: tf.Tensor          # [B, T, O]
   kernel_shape: list
+
+
+def conv_ghost_positions(kind, layer, g) -> Optional[int]:
+  """Positions T of a Conv layer whose ghost norm pays (static shapes only),
+  else None: the layers whose `ghost_part` runs the float64 arithmetic when
+  ``T > 1``."""
+  if kind not in _layer_kinds.CONVS or (getattr(layer, "groups", 1) or 1) != 1:
+    return None
+  g2 = _rules._to_channels_last(layer, g)  # pylint: disable=protected-access
+  dims = g2.shape[1:-1]
+  if None in dims or g2.shape[-1] is None:
+    return None
+  t = 1
+  for d in dims:
+    t *= d
+  kernel = layer.kernel.shape.as_list()   # [*kernel_size, cin, cout]
+  size = 1
+  for d in kernel:
+    size *= d
+  return t if _ghost_pays(t, size) else None
 
 
 def ghost_operands(kind, layer, x, g) -> Optional[GhostOperands]:

@@ -355,8 +355,9 @@ class PerExampleTaps:
   def _layer_part(self, slot, entries, x, g):
     m, k = self._m_for(x), self._k(x)
     inner = slot.layer.layer
-    if (getattr(slot.layer, "bf16_taps", False) and slot.kind in _BF16_KINDS
-        and isinstance(k, int) and _positions(x) not in (None, 1)):
+    if getattr(slot.layer, "bf16_taps", False) and isinstance(k, int) and (
+        (slot.kind in _BF16_KINDS and _positions(x) not in (None, 1))
+        or _ghost.conv_ghost_positions(slot.kind, inner, g) not in (None, 1)):
       return self._bf16_part(slot, entries, x, g, m, k)
 
     def materialized():
@@ -392,8 +393,11 @@ class PerExampleTaps:
   def _bf16_part(self, slot, entries, x, g, m, k):
     """Materialized per-example gradients, contracted in bfloat16 when on.
 
-    Used for Dense layers on sequences (``T > 1`` positions: their ghost
-    bound needs float64 Gram matrices and a float64 contraction). For a layer built for bf16 execution (``bf16_taps``) that is enabled,
+    Used for Dense layers on sequences and for convolutions whose ghost norm
+    would pay (``T > 1`` positions: their ghost bound needs float64 Gram
+    matrices and a float64 contraction; narrower convolutions keep their
+    float32 materialized path, whose small batched matmuls bf16 does not
+    speed up). For a layer built for bf16 execution (``bf16_taps``) that is enabled,
     the kernel's per-example contraction runs on bfloat16 operands (the tap
     input is bf16-exact; the output gradient is rounded to bf16 once, as the
     layer's own bf16 backward pass rounds it) with a bfloat16 result, the

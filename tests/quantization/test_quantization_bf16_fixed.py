@@ -199,3 +199,79 @@ def test_bf16_contraction_runs_in_bfloat16_only_while_the_layer_is_on():
     a, b = a.numpy(), b.numpy()
     np.testing.assert_allclose(a, b, rtol=0, atol=0.03 * np.abs(b).max())
   assert any(not np.array_equal(a.numpy(), b.numpy()) for a, b in zip(on, off))
+
+
+# A convolution whose ghost norm pays (T = 16 positions, K*O = 73728): in
+# float32 DP its ghost bound runs float64 Grams and a float64 contraction;
+# a bf16 layer contracts its per-example gradients in bf16 instead.
+HW, CIN, COUT = 4, 64, 128
+
+
+def _wide_conv_model():
+  tf.keras.utils.set_random_seed(0)
+  inp = tf.keras.Input((HW, HW, CIN))
+  h = L.Conv2D(COUT, 3, padding="same", name="wide_conv")(inp)
+  out = L.Dense(2, name="head")(L.GlobalAveragePooling2D()(h))
+  model = dq.quantize_model(tf.keras.Model(inp, out), config=BF16,
+                            layers=["wide_conv"], rounding="nearest", seed=0,
+                            fixed_structure=True)
+  return pe.tap_model(model)
+
+
+def _conv_step(model, batch=B):
+  opt = DPQuantOptimizer(C, 0.0, learning_rate=0.1, expected_batch_size=NORM,
+                         seed=0)
+
+  # A static batch: the head's single-position ghost then needs no Gram
+  # matrices either (with a dynamic batch it takes the general T path).
+  @tf.function(input_signature=[tf.TensorSpec((batch, HW, HW, CIN))])
+  def step(x):
+    with tf.GradientTape() as tape:
+      out = model(x, training=True)
+      loss = _LOSS(tf.zeros_like(out) + 1.0, out)
+    with opt._bind(model, x):  # pylint: disable=protected-access
+      pairs = opt._compute_gradients(loss, model.trainable_variables, tape=tape)  # pylint: disable=protected-access
+    return [g * NORM for g, _ in pairs]
+  return step
+
+
+def test_wide_bf16_conv_contracts_in_bf16_not_in_float64():
+  from dpquant_tf.perexample import _ghost  # pylint: disable=g-import-not-at-top
+  model = _wide_conv_model()
+  (layer,) = dq.quantized_layers(model)
+  g = tf.zeros((B, HW, HW, COUT))
+  assert _ghost.conv_ghost_positions(pe.LayerKind.CONV2D, layer.layer, g) == 16
+  step = _conv_step(model)
+  graph_def = step.get_concrete_function().graph.as_graph_def()
+  nodes = [n for f in graph_def.library.function for n in f.node_def]
+  nodes += list(graph_def.node)
+  matmuls = {n.attr["T"].type for n in nodes if n.op.startswith("BatchMatMul")}
+  assert tf.bfloat16.as_datatype_enum in matmuls
+  assert tf.float64.as_datatype_enum not in matmuls   # no ghost Gram matrices
+  x = tf.constant(np.random.default_rng(3).normal(size=(B, HW, HW, CIN)),
+                  tf.float32)
+  on = step(x)
+  layer.enabled.assign(False)
+  off = step(x)
+  for a, b in zip(on, off):
+    a, b = a.numpy(), b.numpy()
+    np.testing.assert_allclose(a, b, rtol=0, atol=0.03 * np.abs(b).max())
+
+
+def test_wide_bf16_conv_keeps_each_contribution_within_c():
+  model = _wide_conv_model()
+  step = _conv_step(model)
+
+  def run(x):
+    return [t.numpy().astype(np.float64) for t in step(tf.constant(x))]
+  x = np.random.default_rng(4).normal(size=(B, HW, HW, CIN)).astype(np.float32)
+  x[0] = 0
+  x[0, 0, 0, 0], x[0, 0, 1, 0], x[0, 1, 1, 1] = 2.0 ** 30, -2.0 ** 30, 2.0 ** 17
+  for i in (0, 1):
+    with_i = run(x)
+    without = [t.numpy().astype(np.float64) for t in
+               _conv_step(model, B - 1)(tf.constant(np.delete(x, i, axis=0)))]
+    assert all(np.isfinite(a).all() for a in with_i)
+    contribution = np.sqrt(sum(np.sum((a - b) ** 2)
+                               for a, b in zip(with_i, without)))
+    assert 0.0 < contribution <= C * (1 + 1e-6), (i, contribution)
