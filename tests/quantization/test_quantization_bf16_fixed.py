@@ -124,7 +124,8 @@ def _seq_model(fixed):
   return pe.tap_model(model)
 
 
-def _clipped_sum_fn(model, jit=False):
+def _dp_sum_step(model, spec, jit=False):
+  """tf.function: the optimizer's clipped sum (noise 0) times NORM."""
   opt = DPQuantOptimizer(C, 0.0, learning_rate=0.1, expected_batch_size=NORM,
                          seed=0)
 
@@ -136,8 +137,11 @@ def _clipped_sum_fn(model, jit=False):
       pairs = opt._compute_gradients(loss, model.trainable_variables, tape=tape)  # pylint: disable=protected-access
     return [g * NORM for g, _ in pairs]
 
-  fn = tf.function(step, jit_compile=jit,
-                   input_signature=[tf.TensorSpec((None, T, K))])
+  return tf.function(step, jit_compile=jit, input_signature=[spec])
+
+
+def _clipped_sum_fn(model, jit=False):
+  fn = _dp_sum_step(model, tf.TensorSpec((None, T, K)), jit)
   return lambda x: [t.numpy().astype(np.float64) for t in fn(tf.constant(x))]
 
 
@@ -170,31 +174,24 @@ def test_bf16_contraction_runs_in_bfloat16_only_while_the_layer_is_on():
   model = _seq_model(fixed=True)
   layer = [l for l in dq.quantized_layers(model)
            if l.layer.name == "seq_dense"][0]
-  opt = DPQuantOptimizer(C, 0.0, learning_rate=0.1, expected_batch_size=NORM,
-                         seed=0)
-
-  @tf.function
-  def step(x):
-    with tf.GradientTape() as tape:
-      out = model(x, training=True)
-      loss = _LOSS(tf.zeros_like(out) + 1.0, out)
-    with opt._bind(model, x):  # pylint: disable=protected-access
-      pairs = opt._compute_gradients(loss, model.trainable_variables, tape=tape)  # pylint: disable=protected-access
-    return [g * NORM for g, _ in pairs]
-
+  step = _dp_sum_step(model, tf.TensorSpec((None, T, K)))
   x = tf.constant(np.random.default_rng(2).normal(size=(B, T, K)), tf.float32)
-  graph_def = step.get_concrete_function(x).graph.as_graph_def()
+  graph_def = step.get_concrete_function().graph.as_graph_def()
   # The per-example contraction of the bf16 layer: a bf16 batched matmul
   # [B, K, T] x [B, T, O] in the clip (the optimizer's scope).
   bf16 = tf.bfloat16.as_datatype_enum
   found = [n.name for f in graph_def.library.function for n in f.node_def
            if n.op.startswith("BatchMatMul") and n.attr["T"].type == bf16]
   assert found, "no bf16 per-example contraction"
+  _assert_bf16_close_to_float32(step, layer, x)
+
+
+def _assert_bf16_close_to_float32(step, layer, x):
+  """Same weights: the bf16 step (bf16 forward, bf16 per-example gradients)
+  is close to the float32 one (the layer switched off), not equal."""
   on = step(x)
   layer.enabled.assign(False)
   off = step(x)
-  # Same weights: the bf16 step (bf16 forward, bf16 per-example gradients)
-  # is close to the float32 one, not equal.
   for a, b in zip(on, off):
     a, b = a.numpy(), b.numpy()
     np.testing.assert_allclose(a, b, rtol=0, atol=0.03 * np.abs(b).max())
@@ -219,20 +216,9 @@ def _wide_conv_model():
 
 
 def _conv_step(model, batch=B):
-  opt = DPQuantOptimizer(C, 0.0, learning_rate=0.1, expected_batch_size=NORM,
-                         seed=0)
-
   # A static batch: the head's single-position ghost then needs no Gram
   # matrices either (with a dynamic batch it takes the general T path).
-  @tf.function(input_signature=[tf.TensorSpec((batch, HW, HW, CIN))])
-  def step(x):
-    with tf.GradientTape() as tape:
-      out = model(x, training=True)
-      loss = _LOSS(tf.zeros_like(out) + 1.0, out)
-    with opt._bind(model, x):  # pylint: disable=protected-access
-      pairs = opt._compute_gradients(loss, model.trainable_variables, tape=tape)  # pylint: disable=protected-access
-    return [g * NORM for g, _ in pairs]
-  return step
+  return _dp_sum_step(model, tf.TensorSpec((batch, HW, HW, CIN)))
 
 
 def test_wide_bf16_conv_contracts_in_bf16_not_in_float64():
@@ -250,12 +236,7 @@ def test_wide_bf16_conv_contracts_in_bf16_not_in_float64():
   assert tf.float64.as_datatype_enum not in matmuls   # no ghost Gram matrices
   x = tf.constant(np.random.default_rng(3).normal(size=(B, HW, HW, CIN)),
                   tf.float32)
-  on = step(x)
-  layer.enabled.assign(False)
-  off = step(x)
-  for a, b in zip(on, off):
-    a, b = a.numpy(), b.numpy()
-    np.testing.assert_allclose(a, b, rtol=0, atol=0.03 * np.abs(b).max())
+  _assert_bf16_close_to_float32(step, layer, x)
 
 
 def test_wide_bf16_conv_keeps_each_contribution_within_c():
