@@ -81,16 +81,12 @@ def ghost_operands(kind, layer, x, g) -> Optional[GhostOperands]:
     return GhostOperands(tf.reshape(x, [b, t, k_in]),
                          tf.reshape(g, [b, t, out]),
                          layer.kernel.shape.as_list())
-  if kind in _layer_kinds.CONVS and (getattr(layer, "groups", 1) or 1) == 1:
+  t = conv_ghost_positions(kind, layer, g)
+  if t is not None:
     x2, ks, st, dl, padding = _rules._conv_geometry(layer, x)  # pylint: disable=protected-access
     g2 = _rules._to_channels_last(layer, g)  # pylint: disable=protected-access
-    if layer.rank == 1:
-      g2 = g2[:, None]
-    t = g2.shape[1] * g2.shape[2] if None not in g2.shape[1:3] else None
     k_in = ks[0] * ks[1] * x2.shape[-1]
     out = g2.shape[-1]
-    if t is None or not _ghost_pays(t, k_in * out):
-      return None
     b = tf.shape(x)[0]
     p = _rules._patches(x2, ks, st, dl, padding)  # pylint: disable=protected-access
     return GhostOperands(tf.reshape(p, [b, t, k_in]),
