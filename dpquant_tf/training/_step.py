@@ -87,6 +87,27 @@ def _global_count(real):
   return count
 
 
+def _global_expected(q, n):
+  """Expected real rows of one step over every replica: q * N summed over
+  the samplers feeding them.
+
+  A sampler's draw is split across the replicas of one worker (one input
+  pipeline per worker: `dpquant_tf.distribute`), so each replica adds its
+  pipeline's ``q * N`` divided by the worker's local replicas: one
+  sampler under MirroredStrategy gives ``q * N``; W workers with one
+  sampler each over shards of N_i rows give ``sum_i q * N_i`` (their
+  all-reduced rows are the sum of W Binomials).
+  """
+  expected = q * n
+  ctx = tf.distribute.get_replica_context()
+  if ctx is not None:
+    local = (len(ctx.strategy.extended.worker_devices)
+             if tf.distribute.has_strategy() else 1)
+    expected = ctx.all_reduce(tf.distribute.ReduceOp.SUM,
+                              expected / float(max(1, local)))
+  return expected
+
+
 def sealed_sampling_probability(state: _SealState, seal, real):
   """(q, seeded) of this step: q is the sampler's q if its seal proves the
   batch is the next draw of one unseeded library sampler of this process,
@@ -119,7 +140,7 @@ def sealed_sampling_probability(state: _SealState, seal, real):
   zero = tf.constant(0.0, tf.float64)
   total = tf.where(fresh, zero, old[2]) + _global_count(real)
   steps = tf.where(fresh, zero, old[3]) + 1.0
-  mean = steps * q * n
+  mean = steps * _global_expected(q, n)
   spread = _Z_REALIZED * tf.sqrt(tf.maximum(mean * (1.0 - q), 0.0)) + 1.0
   size_ok = tf.logical_or(tf.logical_not(ok),
                           tf.abs(total - mean) <= spread)

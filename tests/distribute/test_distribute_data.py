@@ -71,6 +71,36 @@ def test_poisson_input_under_mirrored_strategy_trains_with_global_q():
   assert event.sampling_probability == pytest.approx(q)
 
 
+def test_realized_batch_check_under_mirrored_strategy():
+  """One sampler split over two replicas: its own draws pass, draws with
+  every second row dropped (half the rate) stop the run. The expected rows
+  are q * N once, not once per replica (the two-worker example, where each
+  worker samples its own shard, is the slow test of
+  test_distribute_train_example.py)."""
+  n, q, steps = 512, 0.125, 8
+  x, y = _helpers.data(n=n)
+  strategy = _helpers.mirrored(2)
+
+  def fit(halve):
+    data = distribute.poisson_input(strategy, x, y, q, steps=steps)
+    if halve:
+      data = data.map(lambda a, b, w, s: (
+          a, b, w * tf.cast(tf.range(tf.shape(w)[0]) % 2, w.dtype), s))
+    with strategy.scope():
+      model = tf.keras.Sequential([tf.keras.layers.Dense(3, input_shape=(5,))])
+      model.compile(optimizer=optimizers.DPQuantOptimizer(
+          l2_norm_clip=1.0, noise_multiplier=1.0, learning_rate=0.1,
+          expected_batch_size=q * n, dataset_size=n),
+                    loss=_helpers.per_example_mse())
+    dpquant_tf.install_dp_train_step(model)
+    model.fit(data, epochs=1, steps_per_epoch=steps, verbose=0)
+    return model
+
+  assert fit(halve=False).optimizer.dp_events()[0][1] == steps
+  with pytest.raises(tf.errors.InvalidArgumentError, match="Realized"):
+    fit(halve=True)
+
+
 def test_too_small_shard_is_refused():
   fn = distribute.sharded_poisson_dataset_fn(np.zeros((1, 1)), np.zeros((1,)),
                                              0.5, steps=1)
