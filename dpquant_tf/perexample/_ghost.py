@@ -49,32 +49,26 @@ class GhostOperands(NamedTuple):
 
 
 def conv_ghost_positions(kind, layer, g) -> Optional[int]:
-  """Positions T of a Conv layer whose ghost norm pays (static shapes only),
-  else None: the layers whose `ghost_part` runs the float64 arithmetic when
-  ``T > 1``."""
+  """Positions T of a Conv layer whose ghost norm pays (static shapes only,
+  no op built), else None: the layers whose `ghost_part` runs the float64
+  arithmetic when ``T > 1``."""
   if kind not in _layer_kinds.CONVS or (getattr(layer, "groups", 1) or 1) != 1:
     return None
-  g2 = _rules._to_channels_last(layer, g)  # pylint: disable=protected-access
-  dims = g2.shape[1:-1]
-  if None in dims or g2.shape[-1] is None:
+  if getattr(layer, "data_format", "channels_last") == "channels_first":
+    positions, channels = g.shape[2:], g.shape[1]
+  else:
+    positions, channels = g.shape[1:-1], g.shape[-1]
+  t = positions.num_elements()
+  if t is None or channels is None:
     return None
-  t = 1
-  for d in dims:
-    t *= d
-  kernel = layer.kernel.shape.as_list()   # [*kernel_size, cin, cout]
-  size = 1
-  for d in kernel:
-    size *= d
-  return t if _ghost_pays(t, size) else None
+  return t if _ghost_pays(t, layer.kernel.shape.num_elements()) else None
 
 
 def ghost_operands(kind, layer, x, g) -> Optional[GhostOperands]:
   """(A, G) of a Dense or Conv layer when the ghost norm is cheaper, else None."""
   if kind is _registry.LayerKind.DENSE:
     k_in, out = x.shape[-1], g.shape[-1]
-    t = 1
-    for d in x.shape[1:-1]:
-      t = None if (d is None or t is None) else t * d
+    t = x.shape[1:-1].num_elements()
     if t is None or k_in is None or not _ghost_pays(t, k_in * out):
       return None
     b = tf.shape(x)[0]

@@ -356,7 +356,8 @@ class PerExampleTaps:
     m, k = self._m_for(x), self._k(x)
     inner = slot.layer.layer
     if getattr(slot.layer, "bf16_taps", False) and isinstance(k, int) and (
-        (slot.kind in _BF16_KINDS and _positions(x) not in (None, 1))
+        (slot.kind in _BF16_KINDS
+         and x.shape[1:-1].num_elements() not in (None, 1))
         or _ghost.conv_ghost_positions(slot.kind, inner, g) not in (None, 1)):
       return self._bf16_part(slot, entries, x, g, m, k)
 
@@ -422,16 +423,6 @@ class PerExampleTaps:
       # The bias sums positions: keep it float32 (cheap) in both cases.
       per_role["bias"] = _rules._bias_grad(g, m, x)  # pylint: disable=protected-access
     return _materialized_part({i: per_role[role] for i, role in entries}, k)
-
-
-def _positions(x):
-  """Positions per example of a Dense input ``[B, ..., K]`` (None: unknown)."""
-  t = 1
-  for d in x.shape[1:-1]:
-    if d is None:
-      return None
-    t *= d
-  return t
 
 
 # Layer kinds whose per-example contraction runs in bf16 for bf16 layers

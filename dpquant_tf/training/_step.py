@@ -79,18 +79,11 @@ class _SealState:
                                    name="dp_seal_seen_here", **kwargs)
 
 
-def _global_count(real):
-  count = tf.reduce_sum(tf.cast(real, tf.float64))
-  ctx = tf.distribute.get_replica_context()
-  if ctx is not None:
-    count = ctx.all_reduce(tf.distribute.ReduceOp.SUM, count)
-  return count
+def _global_rows(real, q, n):
+  """(real rows, expected rows) of one step over every replica, in one
+  all-reduce.
 
-
-def _global_expected(q, n):
-  """Expected real rows of one step over every replica: q * N summed over
-  the samplers feeding them.
-
+  The expected rows are q * N summed over the samplers feeding the replicas.
   A sampler's draw is split across the replicas of one worker (one input
   pipeline per worker: `dpquant_tf.distribute`), so each replica adds its
   pipeline's ``q * N`` divided by the worker's local replicas: one
@@ -98,14 +91,15 @@ def _global_expected(q, n):
   sampler each over shards of N_i rows give ``sum_i q * N_i`` (their
   all-reduced rows are the sum of W Binomials).
   """
-  expected = q * n
+  count = tf.reduce_sum(tf.cast(real, tf.float64))
   ctx = tf.distribute.get_replica_context()
-  if ctx is not None:
-    local = (len(ctx.strategy.extended.worker_devices)
-             if tf.distribute.has_strategy() else 1)
-    expected = ctx.all_reduce(tf.distribute.ReduceOp.SUM,
-                              expected / float(max(1, local)))
-  return expected
+  if ctx is None:
+    return count, q * n
+  local = (len(ctx.strategy.extended.worker_devices)
+           if tf.distribute.has_strategy() else 1)
+  both = ctx.all_reduce(tf.distribute.ReduceOp.SUM,
+                        tf.stack([count, q * n / float(max(1, local))]))
+  return both[0], both[1]
 
 
 def sealed_sampling_probability(state: _SealState, seal, real):
@@ -138,9 +132,10 @@ def sealed_sampling_probability(state: _SealState, seal, real):
                       valid_q, n >= 1.0])
   seeded = tf.logical_and(ours, sid < 0.0)
   zero = tf.constant(0.0, tf.float64)
-  total = tf.where(fresh, zero, old[2]) + _global_count(real)
+  rows, expected = _global_rows(real, q, n)
+  total = tf.where(fresh, zero, old[2]) + rows
   steps = tf.where(fresh, zero, old[3]) + 1.0
-  mean = steps * _global_expected(q, n)
+  mean = steps * expected
   spread = _Z_REALIZED * tf.sqrt(tf.maximum(mean * (1.0 - q), 0.0)) + 1.0
   size_ok = tf.logical_or(tf.logical_not(ok),
                           tf.abs(total - mean) <= spread)
