@@ -33,6 +33,8 @@ from typing import Dict
 
 import tensorflow as tf
 
+from dpquant_tf.perexample import _norms
+
 __all__ = ["UnsupportedLayerError", "conv_grads", "dense_grads", "depthwise_conv2d_grads",
            "einsum_dense_grads", "embedding_grads", "group_norm_grads",
            "layer_norm_grads"]
@@ -334,6 +336,15 @@ def group_norm_grads(layer, x, g, m) -> Dict[str, tf.Tensor]:
   axis = layer.axis % rank
   if axis == 0:
     raise UnsupportedLayerError("GroupNormalization over the batch axis")
+  if _norms.fusable(layer, x) and g.dtype == tf.float32:
+    gg, gb = _norms.group_norm_param_sums(x, g, groups=layer.groups,
+                                          epsilon=layer.epsilon)
+    out = {}
+    if layer.scale:
+      out["gamma"] = _mean_mb(gg, m)
+    if layer.center:
+      out["beta"] = _mean_mb(gb, m)
+    return out
   shape = tf.shape(x)
   c = x.shape[axis]
   grouped = [shape[i] for i in range(rank)]

@@ -4,8 +4,10 @@
 layers it does not wrap (unquantized models, Embedding, LayerNormalization,
 GroupNormalization), :func:`tap_model` clones a Sequential or Functional model
 and wraps every layer that has a per-example rule in a :class:`TappedLayer`.
-The wrapper computes exactly what the layer computes (same variables, same
-ops); it only records the tensors the rules need and applies the activation
+The wrapper computes what the layer computes, with the same variables and
+ops, except GroupNormalization (channels last, no mask), whose forward and
+backward pass it runs as fused programs of the same formulas
+(``perexample._norms``: about 1.5-1.8x faster there); it only records the tensors the rules need and applies the activation
 itself so that the tap output is the pre-activation ``z``.
 """
 
@@ -13,6 +15,7 @@ itself so that the tap output is the pre-activation ``z``.
 import tensorflow as tf
 
 from dpquant_tf import _validation
+from dpquant_tf.perexample import _norms
 from dpquant_tf.perexample import _registry
 
 __all__ = ["TappedLayer", "safe_ids", "tap_model"]
@@ -60,12 +63,26 @@ class TappedLayer(tf.keras.layers.Wrapper):
     valid = None
     if isinstance(self.layer, tf.keras.layers.Embedding):
       inputs, valid = safe_ids(inputs, self.layer.input_dim)
-    z = self.layer(inputs, *args, **kwargs)
+    if (not args and set(kwargs) <= {"mask", "training"}
+        and _norms.fusable(self.layer, inputs, kwargs.get("mask"))):
+      z = self._fused_group_norm(inputs)
+    else:
+      z = self.layer(inputs, *args, **kwargs)
     if getattr(self.layer, "padding", None) == "causal":
       # The op sees the left-padded input; the rule expects that tensor.
       inputs = tf.pad(inputs, self.layer._compute_causal_padding(inputs))  # pylint: disable=protected-access
     _registry.record_tap(self, inputs, z, valid)
     return self.activation(z) if self.activation is not None else z
+
+  def _fused_group_norm(self, inputs):
+    """The wrapped GroupNormalization, fused (``perexample._norms``)."""
+    layer = self.layer
+    if not layer.built:
+      layer.build(inputs.shape)
+    gamma = layer.gamma if layer.scale else None
+    beta = layer.beta if layer.center else None
+    return _norms.group_norm(inputs, gamma, beta, groups=layer.groups,
+                             epsilon=layer.epsilon)
 
   def compute_output_shape(self, input_shape):
     return self.layer.compute_output_shape(input_shape)
