@@ -19,6 +19,11 @@ fast path is faster). Switches:
   (``perexample._norms``) in the forward, backward and per-example rule;
   off: Keras' own layer and the general normalization rule (as before
   2026-12-05, second session).
+* ``bf16_conv_contraction``: layers built for bf16 contract their
+  per-example gradients on bf16 operands
+  (``perexample._gradients._bf16_contraction``); off: float32 everywhere
+  (slower than before 2026-12-05, when wide convolutions were already in
+  bf16: use it with a bf16 contender to see the whole bf16 contraction).
 """
 
 import os
@@ -35,13 +40,15 @@ from absl import flags  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from dpquant_tf import training  # noqa: E402
+from dpquant_tf.perexample import _gradients  # noqa: E402
 from dpquant_tf.perexample import _norms  # noqa: E402
 from dpquant_tf.perexample import _rules  # noqa: E402
 from tools import benchmark_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("case", "small_resnet:64", "model:batch (benchmark_lib).")
-flags.DEFINE_enum("switch", "shifted", ["shifted", "fused_group_norm"],
+flags.DEFINE_enum("switch", "shifted", ["shifted", "fused_group_norm",
+                                        "bf16_conv_contraction"],
                   "The fast path to turn off in the second copy.")
 flags.DEFINE_string("contender", "dp", "benchmark_lib contender to build.")
 flags.DEFINE_integer("rounds", 9, "Timed rounds (median).")
@@ -50,7 +57,8 @@ flags.DEFINE_integer("warmup", 3, "Warm-up steps per contender.")
 
 
 _SWITCHES = {"shifted": (_rules, "_use_shifted"),
-             "fused_group_norm": (_norms, "fusable")}
+             "fused_group_norm": (_norms, "fusable"),
+             "bf16_conv_contraction": (_gradients, "_bf16_contraction")}
 
 
 def main(argv):

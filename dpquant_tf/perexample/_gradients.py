@@ -355,10 +355,7 @@ class PerExampleTaps:
   def _layer_part(self, slot, entries, x, g):
     m, k = self._m_for(x), self._k(x)
     inner = slot.layer.layer
-    if getattr(slot.layer, "bf16_taps", False) and isinstance(k, int) and (
-        (slot.kind in _BF16_KINDS
-         and x.shape[1:-1].num_elements() not in (None, 1))
-        or _ghost.conv_ghost_positions(slot.kind, inner, g) not in (None, 1)):
+    if isinstance(k, int) and _bf16_contraction(slot, x, g):
       return self._bf16_part(slot, entries, x, g, m, k)
 
     def materialized():
@@ -394,11 +391,10 @@ class PerExampleTaps:
   def _bf16_part(self, slot, entries, x, g, m, k):
     """Materialized per-example gradients, contracted in bfloat16 when on.
 
-    Used for Dense layers on sequences and for convolutions whose ghost norm
-    would pay (``T > 1`` positions: their ghost bound needs float64 Gram
-    matrices and a float64 contraction; narrower convolutions keep their
-    float32 materialized path, whose small batched matmuls bf16 does not
-    speed up). For a layer built for bf16 execution (``bf16_taps``) that is enabled,
+    Used for Dense layers on sequences and for ungrouped convolutions with
+    more than one output position (``_bf16_contraction``; their ghost bound,
+    where it would pay, needs float64 Gram matrices and a float64
+    contraction). For a layer built for bf16 execution (``bf16_taps``) that is enabled,
     the kernel's per-example contraction runs on bfloat16 operands (the tap
     input is bf16-exact; the output gradient is rounded to bf16 once, as the
     layer's own bf16 backward pass rounds it) with a bfloat16 result, the
@@ -425,10 +421,28 @@ class PerExampleTaps:
     return _materialized_part({i: per_role[role] for i, role in entries}, k)
 
 
-# Layer kinds whose per-example contraction runs in bf16 for bf16 layers
-# (large GEMMs; narrow convolutions' batched small matmuls are slower in
-# bf16 on oneDNN, see docs/PERFORMANCE.md).
-_BF16_KINDS = (_registry.LayerKind.DENSE,)
+def _bf16_contraction(slot, x, g) -> bool:
+  """Whether a layer's per-example gradients take ``_bf16_part``.
+
+  Layers built for bf16 execution (``bf16_taps``): Dense layers with more
+  than one position per example (a single position has no contraction to
+  speed up), and every ungrouped convolution with more than one position.
+  Narrow convolutions were left in float32 until the second session of
+  2026-12-05: their batched matmuls gain little from bf16 alone (1.1x), but
+  in bf16 the shifted windows and patches are half the bytes and the
+  forward pass's bf16 copy of the input is what they read; measured with
+  ``tools/benchmark_switch.py --switch=bf16_conv_contraction``
+  (docs/PERFORMANCE.md).
+  """
+  if not getattr(slot.layer, "bf16_taps", False):
+    return False
+  inner = slot.layer.layer
+  if slot.kind == _registry.LayerKind.DENSE:
+    return x.shape[1:-1].num_elements() not in (None, 1)
+  if (slot.kind in (_registry.LayerKind.CONV1D, _registry.LayerKind.CONV2D)
+      and (getattr(inner, "groups", 1) or 1) == 1):
+    return g.shape[1:-1].num_elements() not in (None, 1)
+  return False
 
 
 def _materialized_part(sums, k):

@@ -198,19 +198,23 @@ def _assert_bf16_close_to_float32(step, layer, x):
   assert any(not np.array_equal(a.numpy(), b.numpy()) for a, b in zip(on, off))
 
 
-# A convolution whose ghost norm pays (T = 16 positions, K*O = 73728): in
-# float32 DP its ghost bound runs float64 Grams and a float64 contraction;
-# a bf16 layer contracts its per-example gradients in bf16 instead.
-HW, CIN, COUT = 4, 64, 128
+# Convolutions of bf16 layers contract their per-example gradients in bf16:
+# "wide" is one whose ghost norm pays (T = 16 positions, K*O = 73728: in
+# float32 DP its ghost bound runs float64 Grams and a float64 contraction);
+# "patches" a narrow strided one (one-hot patches), "shifted" a narrow
+# stride-1 one with patches deeper than 128 (shifted windows).
+CONVS = {"wide": (4, 64, 128, 1), "patches": (6, 2, 4, 2),
+         "shifted": (6, 16, 8, 1)}
 
 
-def _wide_conv_model():
+def _conv_model(name):
+  hw, cin, cout, stride = CONVS[name]
   tf.keras.utils.set_random_seed(0)
-  inp = tf.keras.Input((HW, HW, CIN))
-  h = L.Conv2D(COUT, 3, padding="same", name="wide_conv")(inp)
+  inp = tf.keras.Input((hw, hw, cin))
+  h = L.Conv2D(cout, 3, strides=stride, padding="same", name="conv")(inp)
   out = L.Dense(2, name="head")(L.GlobalAveragePooling2D()(h))
   model = dq.quantize_model(tf.keras.Model(inp, out), config=BF16,
-                            layers=["wide_conv"], rounding="nearest", seed=0,
+                            layers=["conv"], rounding="nearest", seed=0,
                             fixed_structure=True)
   return pe.tap_model(model)
 
@@ -218,15 +222,23 @@ def _wide_conv_model():
 def _conv_step(model, batch=B):
   # A static batch: the head's single-position ghost then needs no Gram
   # matrices either (with a dynamic batch it takes the general T path).
-  return _dp_sum_step(model, tf.TensorSpec((batch, HW, HW, CIN)))
+  return _dp_sum_step(model, tf.TensorSpec((batch,) + model.input_shape[1:]))
 
 
-def test_wide_bf16_conv_contracts_in_bf16_not_in_float64():
+def _conv_input(model, seed):
+  return np.random.default_rng(seed).normal(
+      size=(B,) + model.input_shape[1:]).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", sorted(CONVS))
+def test_bf16_conv_contracts_in_bf16_not_in_float64(name):
   from dpquant_tf.perexample import _ghost  # pylint: disable=g-import-not-at-top
-  model = _wide_conv_model()
+  model = _conv_model(name)
   (layer,) = dq.quantized_layers(model)
-  g = tf.zeros((B, HW, HW, COUT))
-  assert _ghost.conv_ghost_positions(pe.LayerKind.CONV2D, layer.layer, g) == 16
+  if name == "wide":
+    g = tf.zeros((B, 4, 4, 128))
+    assert _ghost.conv_ghost_positions(pe.LayerKind.CONV2D, layer.layer,
+                                       g) == 16
   step = _conv_step(model)
   graph_def = step.get_concrete_function().graph.as_graph_def()
   nodes = [n for f in graph_def.library.function for n in f.node_def]
@@ -234,18 +246,17 @@ def test_wide_bf16_conv_contracts_in_bf16_not_in_float64():
   matmuls = {n.attr["T"].type for n in nodes if n.op.startswith("BatchMatMul")}
   assert tf.bfloat16.as_datatype_enum in matmuls
   assert tf.float64.as_datatype_enum not in matmuls   # no ghost Gram matrices
-  x = tf.constant(np.random.default_rng(3).normal(size=(B, HW, HW, CIN)),
-                  tf.float32)
-  _assert_bf16_close_to_float32(step, layer, x)
+  _assert_bf16_close_to_float32(step, layer, tf.constant(_conv_input(model, 3)))
 
 
-def test_wide_bf16_conv_keeps_each_contribution_within_c():
-  model = _wide_conv_model()
+@pytest.mark.parametrize("name", sorted(CONVS))
+def test_bf16_conv_keeps_each_contribution_within_c(name):
+  model = _conv_model(name)
   step = _conv_step(model)
 
   def run(x):
     return [t.numpy().astype(np.float64) for t in step(tf.constant(x))]
-  x = np.random.default_rng(4).normal(size=(B, HW, HW, CIN)).astype(np.float32)
+  x = _conv_input(model, 4)
   x[0] = 0
   x[0, 0, 0, 0], x[0, 0, 1, 0], x[0, 1, 1, 1] = 2.0 ** 30, -2.0 ** 30, 2.0 ** 17
   for i in (0, 1):
