@@ -13,11 +13,12 @@ variables is written out:
          d = dy * gamma
     dgamma_i = sum over positions of dy_i * xhat_i,  dbeta_i = sum of dy_i
 
-and, where every shape is static, each part is one XLA program (a cluster
-inside the ordinary graph, compiled once per shape; inlined under an outer
-``jit_compile``), which fuses those passes into a few loops. With a dynamic
-dimension (Poisson batches) the same formulas run as ordinary ops, so a new
-batch size never compiles anything. Numerics: the same float32 formulas in
+and each part is one XLA program (a cluster inside the ordinary graph,
+compiled once per shape; inlined under an outer ``jit_compile``), which
+fuses those passes into a few loops. A dynamic batch (Poisson sampling) is
+padded with zero examples to a multiple of 16 first, so a run compiles a
+handful of buckets, not one program per batch size; with another dynamic
+dimension the same formulas run as ordinary ops. Numerics: the same float32 formulas in
 another order (outputs agree with Keras' to a few ulps; tested).
 
 Only the channels-last layout without a mask is fused; anything else runs the
@@ -95,8 +96,33 @@ _BACKWARD_XLA = _compiled(_backward_impl)
 _PARAM_SUMS_XLA = _compiled(_param_sums_impl)
 
 
-def _static(*tensors) -> bool:
-  return all(t is None or t.shape.is_fully_defined() for t in tensors)
+# A dynamic batch (Poisson sampling) is padded with zero examples to a
+# multiple of this many, so XLA compiles one program per bucket, not per
+# batch size. A zero example is exact padding: its statistics are mean 0 and
+# rsqrt(eps), its xhat is 0, and with a zero output gradient it adds nothing
+# to dgamma, dbeta or any other example's values (each example's
+# normalization is its own).
+_BUCKET = 16
+
+
+def _mode(*tensors) -> Optional[str]:
+  """"static": every shape known; "bucketed": all but the batch; else None."""
+  shapes = [t.shape for t in tensors if t is not None]
+  if all(s.is_fully_defined() for s in shapes):
+    return "static"
+  if all(s.rank is not None and s[1:].is_fully_defined() for s in shapes):
+    return "bucketed"
+  return None
+
+
+def _pad_batch(t, size):
+  pad = size - tf.shape(t)[0]
+  return tf.pad(t, [[0, pad]] + [[0, 0]] * (t.shape.rank - 1))
+
+
+def _bucket(t):
+  b = tf.shape(t)[0]
+  return b, (b + _BUCKET - 1) // _BUCKET * _BUCKET
 
 
 def group_norm(x, gamma: Optional[tf.Tensor], beta: Optional[tf.Tensor], *,
@@ -114,10 +140,7 @@ def group_norm(x, gamma: Optional[tf.Tensor], beta: Optional[tf.Tensor], *,
     ``y`` of ``x``'s shape; differentiable in ``x``, ``gamma`` and ``beta``.
   """
   args = [tf.convert_to_tensor(t) for t in (gamma, beta) if t is not None]
-  xla = _static(x)
-  forward = _FORWARD_XLA if xla else _forward_impl
-  backward = _BACKWARD_XLA if xla else _backward_impl
-
+  mode = _mode(x)
   has_gamma, has_beta = gamma is not None, beta is not None
 
   @tf.custom_gradient
@@ -125,12 +148,28 @@ def group_norm(x, gamma: Optional[tf.Tensor], beta: Optional[tf.Tensor], *,
     params = list(params)
     scale = params.pop(0) if has_gamma else None
     offset = params.pop(0) if has_beta else None
-    y, mean, rstd = forward(x, scale, offset, groups, epsilon)
+    if mode == "bucketed":
+      b, size = _bucket(x)
+      xp = _pad_batch(x, size)
+      y, mean, rstd = _FORWARD_XLA(xp, scale, offset, groups, epsilon)
+      y = y[:b]
+    elif mode == "static":
+      xp = x
+      y, mean, rstd = _FORWARD_XLA(x, scale, offset, groups, epsilon)
+    else:
+      xp = x
+      y, mean, rstd = _forward_impl(x, scale, offset, groups, epsilon)
 
     def grad(dy):
       if not tf.executing_eagerly():
         dy.set_shape(x.shape)
-      dx, dgamma, dbeta = backward(x, scale, mean, rstd, dy, groups)
+      if mode == "bucketed":
+        dx, dgamma, dbeta = _BACKWARD_XLA(xp, scale, mean, rstd,
+                                          _pad_batch(dy, size), groups)
+        dx = dx[:b]
+      else:
+        backward = _BACKWARD_XLA if mode == "static" else _backward_impl
+        dx, dgamma, dbeta = backward(xp, scale, mean, rstd, dy, groups)
       return [dx] + ([dgamma] if has_gamma else []) + (
           [dbeta] if has_beta else [])
     return y, grad
@@ -145,6 +184,12 @@ def group_norm_param_sums(x, g, *, groups: int,
   The gradients of one example's loss with respect to ``gamma`` and ``beta``
   when ``g`` is the gradient at the layer's output.
   """
-  if _static(x, g):
+  mode = _mode(x, g)
+  if mode == "static":
     return _PARAM_SUMS_XLA(x, g, groups, epsilon)
+  if mode == "bucketed":
+    b, size = _bucket(x)
+    gg, gb = _PARAM_SUMS_XLA(_pad_batch(x, size), _pad_batch(g, size), groups,
+                             epsilon)
+    return gg[:b], gb[:b]
   return _param_sums_impl(x, g, groups, epsilon)
