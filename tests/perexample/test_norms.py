@@ -206,3 +206,45 @@ def test_the_tapped_step_runs_the_fused_programs():
   assert len(compiled) >= 2, [op.type for op in graph.get_operations()]
   assert not [op for op in graph.get_operations()
               if "weighted_moments" in op.name]
+
+
+@tf.keras.utils.register_keras_serializable("test_norms")
+class _Scale(L.Layer):
+  """No per-example rule: its gradients take the jacobian (pfor) fallback,
+  whose backward pass runs through the fused GroupNorm's gradient."""
+
+  def build(self, input_shape):
+    self.w = self.add_weight("w", shape=input_shape[-1:], initializer="ones")
+
+  def call(self, x):
+    return x * self.w
+
+
+def test_jacobian_fallback_through_the_fused_group_norm_and_reload(tmp_path):
+  tf.keras.utils.set_random_seed(6)
+  inp = tf.keras.Input((6, 6, 2))
+  h = _Scale(name="scale")(L.Conv2D(6, 3, padding="same")(inp))
+  h = L.GroupNormalization(3, name="gn")(h)
+  plain = tf.keras.Model(inp, L.Dense(3)(L.Flatten()(h)))
+  for v in plain.get_layer("gn").weights:
+    v.assign(tf.random.normal(v.shape))
+  tapped = pe.tap_model(plain)
+  x = tf.random.normal((4, 6, 6, 2))
+  y = tf.constant([0, 1, 2, 1])
+
+  @tf.function
+  def fast():
+    with tf.GradientTape(persistent=True) as tape:
+      loss = _LOSS(y, tapped(x, training=True))
+    return pe.per_example_gradients(loss, tapped.trainable_variables, tape, 4)
+
+  ref = []
+  for i in range(4):
+    with tf.GradientTape() as tape:
+      loss = tf.reduce_mean(_LOSS(y[i:i + 1], plain(x[i:i + 1])))
+    ref.append(tape.gradient(loss, plain.trainable_variables))
+  for a, b in zip(fast(), [tf.stack(g) for g in zip(*ref)]):
+    _close(a, b)
+  path = str(tmp_path / "tapped.keras")
+  tapped.save(path)
+  _close(tf.keras.models.load_model(path)(x), plain(x), tol=1e-6)
