@@ -8,7 +8,8 @@ by the user may have been transformed on the way, so its steps are recorded
 without amplification (q = 1). Batches are
 padded to ``max_batch_size`` rows with a 0/1 mask used as the Keras sample
 weight: padded rows have loss 0 and contribute exactly zero gradient, and the
-shape never changes (no XLA retrace). Train with
+shape never changes (no XLA retrace; outside XLA the owned train step cuts
+the padding to at most 15 rows before any work, ``training._step``). Train with
 ``DPQuantOptimizer(expected_batch_size=q * N, ...)`` so the sum is normalized
 by the expected, data-independent batch size.
 """

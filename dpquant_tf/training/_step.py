@@ -1,10 +1,13 @@
 """The owned training step: the one path every DP step takes.
 
-``owned_train_step(model, data)`` is Keras' ``train_step`` with three
+``owned_train_step(model, data)`` is Keras' ``train_step`` with four
 differences:
 
 * the per-example loss is computed here and handed, with the model and the
   input batch, to ``optimizer._owned_step`` (no stack frames are read);
+* a batch of the library's sampler is cut to its real rows plus at most 15
+  padding rows before the forward pass (``_trim_padding``; not under XLA,
+  with microbatches or while gradient quantization is on);
 * rows whose sample weight is 0 (the padding of Poisson batches) are excluded
   from the displayed loss and from every compiled metric (the weight is
   passed to the metrics as a mask), and their loss is exactly 0 even where the
@@ -222,6 +225,81 @@ def _masked(y_pred, real):
   return out
 
 
+# A sealed batch is cut to its real rows rounded up to a multiple of this
+# many (at least this many) before the forward pass.
+_TRIM_BUCKET = 16
+
+
+def _in_xla_context() -> bool:
+  try:
+    from tensorflow.python.ops import control_flow_util  # pylint: disable=g-import-not-at-top
+  except ImportError:  # pragma: no cover
+    return False
+  return bool(control_flow_util.GraphOrParentsInXlaContext(
+      tf.compat.v1.get_default_graph()))
+
+
+def _trim_padding(model, x, y, sample_weight, seal):
+  """Drops the padding rows of a batch of the library's sampler, but for a
+  bucket of at most 15 (and at least 16 rows in all).
+
+  The sampler pads every batch to a fixed ``max_batch_size`` (118 rows for
+  an expected 64 at N = 4,000: overflow probability 1e-9), and a padding row
+  (sample weight 0) costs a whole example's forward, backward and
+  per-example work while contributing exactly zero. Real rows are kept in
+  their order, then padding rows up to the bucket: the sum, the clip of
+  every real row and the realized-batch count are unchanged, and the shapes
+  a run sees are a few buckets. Not done under XLA (its shapes must be
+  static: the fixed padded shape is what makes one compile), nor with
+  ``num_microbatches`` set (microbatches are groups of the padded rows), nor
+  while gradient quantization is on (``_draws_do_not_follow_rows``), nor
+  for batches without a seal.
+  """
+  if (seal is None or sample_weight is None or not tf.is_tensor(seal)
+      or seal.shape.rank != 2 or seal.shape[-1] != _sampling.SEAL_WIDTH
+      or getattr(model.optimizer, "_num_microbatches", None) is not None
+      or getattr(model, "jit_compile", False) or _in_xla_context()):
+    return x, y, sample_weight, seal
+  weight = tf.convert_to_tensor(sample_weight)
+  if weight.shape.rank != 1:
+    return x, y, sample_weight, seal
+  trim = _draws_do_not_follow_rows(model.optimizer)
+  if trim is None:
+    return x, y, sample_weight, seal
+  keep = weight > 0
+  rows = tf.shape(keep)[0]
+  count = tf.reduce_sum(tf.cast(keep, tf.int32))
+  size = tf.minimum(rows, tf.maximum(
+      _TRIM_BUCKET, (count + _TRIM_BUCKET - 1) // _TRIM_BUCKET * _TRIM_BUCKET))
+  size = tf.where(trim, size, rows)
+  order = tf.where(trim, tf.argsort(tf.cast(tf.logical_not(keep), tf.int32),
+                                    stable=True), tf.range(rows))[:size]
+
+  def take(t):
+    return tf.gather(t, order) if t is not None else None
+  return (tf.nest.map_structure(take, x), tf.nest.map_structure(take, y),
+          take(weight), take(seal))
+
+
+def _draws_do_not_follow_rows(optimizer):
+  """Whether this step's random draws are as many whatever the row count:
+  a bool tensor, or None when that cannot be known at trace time.
+
+  The gradient quantization draws one uniform per element of the
+  per-example gradients (``[rows, ...]``): while any gradient bit width is
+  on, trimming would make the number of draws follow the realized batch
+  size, and docs/PRIVACY.md's coupling argument takes it to depend on the
+  plan only. Every other draw (DP noise, update quantization, the layers'
+  rounding keys) is one key per tensor or one value per model parameter.
+  """
+  if not getattr(optimizer, "_gradient_quantization", False):
+    return tf.constant(True)
+  bits = getattr(optimizer, "_bits_var", None)
+  if bits is None:
+    return None
+  return tf.logical_not(tf.reduce_any(bits > 0))
+
+
 def owned_train_step(model, data, *, loss=None):
   """One owned DP training step of `model` on `data`.
 
@@ -229,6 +307,7 @@ def owned_train_step(model, data, *, loss=None):
   sampler ``(x, y, mask, seal)``.
   """
   x, y, sample_weight, seal = _unpack(data)
+  x, y, sample_weight, seal = _trim_padding(model, x, y, sample_weight, seal)
   optimizer = model.optimizer
   if not hasattr(optimizer, "_owned_step"):
     V.fail("model.optimizer", type(optimizer).__name__,

@@ -238,6 +238,82 @@ def test_realized_batch_sizes_far_from_q_stop_the_run():
               callbacks=[privacy.PrivacyCallback(ledger, DELTA)])
 
 
+# ------------------------------------------------- trimmed padding rows
+class _RowsSeen(tf.keras.metrics.Metric):
+  """The most rows any step's forward pass produced this epoch."""
+
+  def __init__(self, name="rows_seen", **kwargs):
+    super().__init__(name=name, **kwargs)
+    self.rows = self.add_weight(name="rows", initializer="zeros")
+
+  def update_state(self, y_true, y_pred, sample_weight=None):
+    del y_true, sample_weight
+    self.rows.assign(tf.maximum(self.rows,
+                                tf.cast(tf.shape(y_pred)[0], tf.float32)))
+
+  def result(self):
+    return self.rows
+
+
+def _sealed_fit(jit_compile=False, noise=1.0, seed=None, epochs=1,
+                gradient_bits=None):
+  x, y = _data()
+  q = 0.125   # 50 expected rows, padded to 100
+  ledger = privacy.PrivacyLedger(sampling_method="poisson", dataset_size=N)
+  opt = DPQuantOptimizer(1.0, noise, ledger=ledger, sampling_probability=q,
+                         dataset_size=N, expected_batch_size=q * N, seed=0,
+                         gradient_bits=gradient_bits)
+  model = _model(opt, jit_compile=jit_compile, metrics=[_RowsSeen()])
+  ds = privacy.poisson_dataset(x, y, q, 100, steps=6, seed=seed)
+  hist = model.fit(ds, epochs=epochs, verbose=0,
+                   callbacks=[privacy.PrivacyCallback(ledger, DELTA)])
+  return model, opt, hist
+
+
+def test_padding_rows_are_trimmed_before_the_forward_pass():
+  """At most 15 padding rows reach the model (in buckets of 16 rows), and the
+  run keeps its amplification."""
+  model, opt, hist = _sealed_fit()
+  rows = hist.history["rows_seen"][-1]
+  assert rows % 16 == 0 and 16 <= rows <= 80, rows   # 50 +- 4 sigma, not 100
+  assert _recorded_qs(opt) == [0.125]
+  del model
+
+
+def test_trimming_changes_no_update():
+  """Noise 0, the same seeded draws: the weights after trimmed steps equal
+  those after steps on the whole padded batch (padding adds exact zeros)."""
+  from dpquant_tf.training import _step  # pylint: disable=g-import-not-at-top
+  trimmed, _, hist = _sealed_fit(noise=0.0, seed=3)
+  bucket = _step._TRIM_BUCKET  # pylint: disable=protected-access
+  _step._TRIM_BUCKET = 10 ** 6  # pylint: disable=protected-access
+  try:
+    whole, _, hist_whole = _sealed_fit(noise=0.0, seed=3)
+  finally:
+    _step._TRIM_BUCKET = bucket  # pylint: disable=protected-access
+  assert hist.history["rows_seen"][-1] < hist_whole.history["rows_seen"][-1]
+  assert hist_whole.history["rows_seen"][-1] == 100
+  for a, b in zip(trimmed.get_weights(), whole.get_weights()):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert any(not np.array_equal(a, b) for a, b in
+             zip(trimmed.get_weights(), _model().get_weights()))
+
+
+def test_with_gradient_bits_on_the_padded_shape_is_kept():
+  """Gradient quantization draws one uniform per per-example gradient
+  element: trimming would make their number follow the realized batch."""
+  _, opt, hist = _sealed_fit(gradient_bits=8)
+  assert hist.history["rows_seen"][-1] == 100
+  _, _, hist = _sealed_fit(gradient_bits=None)   # built but off: trimmed
+  assert hist.history["rows_seen"][-1] <= 80
+
+
+def test_under_xla_the_padded_shape_is_kept():
+  _, opt, hist = _sealed_fit(jit_compile=True)
+  assert hist.history["rows_seen"][-1] == 100
+  assert _recorded_qs(opt) == [0.125]
+
+
 # -------------------------------------------------------- padding rows
 def _separable_model():
   """Exact on the data (label = x0 > 0, |x0| >= 1), class 1 on zero rows."""
