@@ -261,8 +261,10 @@ def _trim_padding(model, x, y, sample_weight, seal):
       or getattr(model, "jit_compile", False) or _in_xla_context()):
     return x, y, sample_weight, seal
   weight = tf.convert_to_tensor(sample_weight)
-  if weight.shape.rank != 1:
-    return x, y, sample_weight, seal
+  leaves = tf.nest.flatten((x, y))
+  if weight.shape.rank != 1 or not all(
+      isinstance(t, tf.Tensor) and t.shape.rank for t in leaves):
+    return x, y, sample_weight, seal   # e.g. sparse or ragged inputs
   trim = _draws_do_not_follow_rows(model.optimizer)
   if trim is None:
     return x, y, sample_weight, seal
