@@ -24,7 +24,8 @@ from dpquant_tf import _layer_kinds
 from dpquant_tf.perexample import _registry
 from dpquant_tf.perexample import _rules
 
-__all__ = ["conv_ghost_positions", "ghost_operands", "ghost_part"]
+__all__ = ["conv_ghost_positions", "conv_positions", "ghost_operands",
+           "ghost_part"]
 
 
 # With T > 1 positions the rigorous ghost bound needs float64 Gram matrices
@@ -48,10 +49,9 @@ class GhostOperands(NamedTuple):
   kernel_shape: list
 
 
-def conv_ghost_positions(kind, layer, g) -> Optional[int]:
-  """Positions T of a Conv layer whose ghost norm pays (static shapes only,
-  no op built), else None: the layers whose `ghost_part` runs the float64
-  arithmetic when ``T > 1``."""
+def conv_positions(kind, layer, g) -> Optional[int]:
+  """Output positions T per example of an ungrouped Conv layer (static
+  shapes only, no op built), else None."""
   if kind not in _layer_kinds.CONVS or (getattr(layer, "groups", 1) or 1) != 1:
     return None
   if getattr(layer, "data_format", "channels_last") == "channels_first":
@@ -59,7 +59,14 @@ def conv_ghost_positions(kind, layer, g) -> Optional[int]:
   else:
     positions, channels = g.shape[1:-1], g.shape[-1]
   t = positions.num_elements()
-  if t is None or channels is None:
+  return None if t is None or channels is None else t
+
+
+def conv_ghost_positions(kind, layer, g) -> Optional[int]:
+  """Positions T of a Conv layer whose ghost norm pays, else None: the
+  layers whose `ghost_part` runs the float64 arithmetic when ``T > 1``."""
+  t = conv_positions(kind, layer, g)
+  if t is None:
     return None
   return t if _ghost_pays(t, layer.kernel.shape.num_elements()) else None
 

@@ -436,13 +436,9 @@ def _bf16_contraction(slot, x, g) -> bool:
   """
   if not getattr(slot.layer, "bf16_taps", False):
     return False
-  inner = slot.layer.layer
   if slot.kind == _registry.LayerKind.DENSE:
     return x.shape[1:-1].num_elements() not in (None, 1)
-  if (slot.kind in (_registry.LayerKind.CONV1D, _registry.LayerKind.CONV2D)
-      and (getattr(inner, "groups", 1) or 1) == 1):
-    return g.shape[1:-1].num_elements() not in (None, 1)
-  return False
+  return _ghost.conv_positions(slot.kind, slot.layer.layer, g) not in (None, 1)
 
 
 def _materialized_part(sums, k):

@@ -18,8 +18,8 @@ compiled once per shape; inlined under an outer ``jit_compile``), which
 fuses those passes into a few loops. A dynamic batch (Poisson sampling) is
 padded with zero examples to a multiple of 16 first, so a run compiles a
 handful of buckets, not one program per batch size; with another dynamic
-dimension the same formulas run as ordinary ops. Numerics: the same float32 formulas in
-another order (outputs agree with Keras' to a few ulps; tested).
+dimension the same formulas run as ordinary ops. Numerics: the same float32
+formulas in another order (outputs agree with Keras' to a few ulps; tested).
 
 Only the channels-last layout without a mask is fused; anything else runs the
 layer's own ``call``.

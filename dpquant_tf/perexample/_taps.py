@@ -7,8 +7,9 @@ and wraps every layer that has a per-example rule in a :class:`TappedLayer`.
 The wrapper computes what the layer computes, with the same variables and
 ops, except GroupNormalization (channels last, no mask), whose forward and
 backward pass it runs as fused programs of the same formulas
-(``perexample._norms``: about 1.5-1.8x faster there); it only records the tensors the rules need and applies the activation
-itself so that the tap output is the pre-activation ``z``.
+(``perexample._norms``: about 1.5-1.8x faster there); it only records the
+tensors the rules need and applies the activation itself so that the tap
+output is the pre-activation ``z``.
 """
 
 
