@@ -24,6 +24,11 @@ fast path is faster). Switches:
   (``perexample._gradients._bf16_contraction``); off: float32 everywhere
   (slower than before 2026-12-05, when wide convolutions were already in
   bf16: use it with a bf16 contender to see the whole bf16 contraction).
+* ``expanded_norm_params``: a fused GroupNorm takes its parameters as
+  per-example copies, whose gradient (out of the backward program) is the
+  per-example result (``perexample._taps.expand_norm_params``); off: the
+  rule recomputes the normalization from the tap input (as before
+  2026-12-05, third session).
 """
 
 import os
@@ -43,12 +48,14 @@ from dpquant_tf import training  # noqa: E402
 from dpquant_tf.perexample import _gradients  # noqa: E402
 from dpquant_tf.perexample import _norms  # noqa: E402
 from dpquant_tf.perexample import _rules  # noqa: E402
+from dpquant_tf.perexample import _taps  # noqa: E402
 from tools import benchmark_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("case", "small_resnet:64", "model:batch (benchmark_lib).")
 flags.DEFINE_enum("switch", "shifted", ["shifted", "fused_group_norm",
-                                        "bf16_conv_contraction"],
+                                        "bf16_conv_contraction",
+                                        "expanded_norm_params"],
                   "The fast path to turn off in the second copy.")
 flags.DEFINE_string("contender", "dp", "benchmark_lib contender to build.")
 flags.DEFINE_integer("rounds", 9, "Timed rounds (median).")
@@ -58,7 +65,8 @@ flags.DEFINE_integer("warmup", 3, "Warm-up steps per contender.")
 
 _SWITCHES = {"shifted": (_rules, "_use_shifted"),
              "fused_group_norm": (_norms, "fusable"),
-             "bf16_conv_contraction": (_gradients, "_bf16_contraction")}
+             "bf16_conv_contraction": (_gradients, "_bf16_contraction"),
+             "expanded_norm_params": (_taps, "expand_norm_params")}
 
 
 def main(argv):

@@ -115,9 +115,8 @@ def _tap_problem(tapped, num_examples):
       return None, "its taps belong to another trace"
     if tap.calls > 1:
       return None, f"called {tap.calls} times in one step"
-  kind = _registry.kind_of(tapped.layer)
   try:
-    _signature(_RULES[kind], tapped.layer, x, z, 1)
+    _signature(_rule_of(tapped, tap), tapped.layer, x, z, 1)
   except _rules.UnsupportedLayerError as e:
     return None, f"unsupported: {e}"
   return tap, None
@@ -208,7 +207,8 @@ def collect(loss, var_list: Sequence[tf.Variable], tape, num_microbatches=None,
   g_outs = tape.gradient(loss, outputs,
                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
   layers = [(slot, entries, _rows_checked(tap.tap_input, num_examples,
-                                           _layer_name(slot.layer)), g)
+                                           _layer_name(slot.layer)), g,
+             _rule_of(slot.layer, tap))
             for (slot, tap, entries), g in zip(groups.values(), g_outs)]
   fb = {}
   if fallback_idx:
@@ -279,9 +279,9 @@ class PerExampleTaps:
   def per_example_gradients(self) -> List[tf.Tensor]:
     """One ``[M, *var.shape]`` tensor per variable, in ``var_list`` order."""
     grads: List[Optional[tf.Tensor]] = [None] * len(self._vars)
-    for slot, entries, x, g in self._layers:
+    for slot, entries, x, g, rule in self._layers:
       m, k = self._m_for(x), self._k(x)
-      per_role = _apply_rule(slot.kind, slot.layer.layer, x, g, m, self._chunk)
+      per_role = _apply_rule(rule, slot.layer.layer, x, g, m, self._chunk)
       for i, role in entries:
         t = per_role[role]
         if isinstance(k, int):
@@ -335,8 +335,8 @@ class PerExampleTaps:
       ``[M]`` float64 norm bounds ``u_i`` before clipping.
     """
     parts = []   # (sq [M], lin [M], finisher(scale) -> {i: sum})
-    for slot, entries, x, g in self._layers:
-      parts.append(self._layer_part(slot, entries, x, g))
+    for slot, entries, x, g, rule in self._layers:
+      parts.append(self._layer_part(slot, entries, x, g, rule))
     for i, t in self._fallback.items():
       parts.append(_materialized_part({i: t}, 1))
     sq = tf.add_n([p[0] for p in parts])
@@ -352,17 +352,18 @@ class PerExampleTaps:
                              tf.shape(self._vars[i]))
     return sums, bound
 
-  def _layer_part(self, slot, entries, x, g):
+  def _layer_part(self, slot, entries, x, g, rule):
     m, k = self._m_for(x), self._k(x)
     inner = slot.layer.layer
     if isinstance(k, int) and _bf16_contraction(slot, x, g):
       return self._bf16_part(slot, entries, x, g, m, k)
 
     def materialized():
-      per_role = _apply_rule(slot.kind, inner, x, g, m, self._chunk)
+      per_role = _apply_rule(rule, inner, x, g, m, self._chunk)
       return _materialized_part({i: per_role[role] for i, role in entries}, k)
 
-    operands = _ghost.ghost_operands(slot.kind, inner, x, g)
+    operands = (None if rule is not _RULES.get(slot.kind)
+                else _ghost.ghost_operands(slot.kind, inner, x, g))
     if operands is None:
       return materialized()
     if not (isinstance(self._n, int) and x.shape[0] == self._n):
@@ -408,7 +409,7 @@ class PerExampleTaps:
 
     def rule(dtype):
       def run():
-        per_role = _apply_rule(slot.kind, inner, tf.cast(x, dtype),
+        per_role = _apply_rule(_RULES[slot.kind], inner, tf.cast(x, dtype),
                                tf.cast(g, dtype), m, self._chunk)
         return {r: tf.cast(t, tf.float32) for r, t in per_role.items()
                 if r != "bias"}
@@ -474,9 +475,15 @@ def _batch(x):
   return x.shape[0] if x.shape[0] is not None else tf.shape(x)[0]
 
 
-def _apply_rule(kind, inner, x, g, m, chunk_size):
+def _rule_of(tapped, tap):
+  """The per-example rule of a tapped layer's recorded tap."""
+  if tap.expanded:
+    return _rules.expanded_param_grads
+  return _RULES[_registry.kind_of(tapped.layer)]
+
+
+def _apply_rule(rule, inner, x, g, m, chunk_size):
   """Runs a rule on the whole batch, or chunk by chunk with ``tf.map_fn``."""
-  rule = _RULES[kind]
   b = x.shape[0]
   if (chunk_size is None or b is None or not isinstance(m, int)
       or b <= chunk_size):

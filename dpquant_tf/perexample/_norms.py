@@ -57,22 +57,33 @@ def _moments(x, groups, epsilon):
   return xg, mean, tf.math.rsqrt(var + epsilon)
 
 
+def _per_example(p, x):
+  """A parameter ``[C]`` as is; per-example ``[B, C]`` as ``[B, 1, .., C]``."""
+  if p is None or p.shape.rank == 1:
+    return p
+  return tf.reshape(p, tf.concat([tf.shape(p)[:1],
+                                  tf.ones([x.shape.rank - 2], tf.int32),
+                                  tf.shape(p)[1:]], 0))
+
+
 def _forward_impl(x, gamma, beta, groups, epsilon):
   xg, mean, rstd = _moments(x, groups, epsilon)
   y = tf.reshape((xg - mean) * rstd, tf.shape(x))
   if gamma is not None:
-    y = y * gamma
+    y = y * _per_example(gamma, x)
   if beta is not None:
-    y = y + beta
+    y = y + _per_example(beta, x)
   return y, mean, rstd
 
 
 def _backward_impl(x, gamma, mean, rstd, dy, groups):
+  """``dx`` and the per-example ``dgamma``, ``dbeta`` (``[B, C]`` each)."""
   xhat = (_grouped(x, groups) - mean) * rstd
-  d = _grouped(dy * gamma if gamma is not None else dy, groups)
+  d = _grouped(dy * _per_example(gamma, x) if gamma is not None else dy,
+               groups)
   dx = rstd * (d - tf.reduce_mean(d, [1, 3], keepdims=True)
                - xhat * tf.reduce_mean(d * xhat, [1, 3], keepdims=True))
-  positions = list(range(dy.shape.rank - 1))
+  positions = list(range(1, dy.shape.rank - 1))
   dgamma = tf.reduce_sum(dy * tf.reshape(xhat, tf.shape(x)), positions)
   dbeta = tf.reduce_sum(dy, positions)
   return tf.reshape(dx, tf.shape(x)), dgamma, dbeta
@@ -129,10 +140,17 @@ def group_norm(x, gamma: Optional[tf.Tensor], beta: Optional[tf.Tensor], *,
                groups: int, epsilon: float) -> tf.Tensor:
   """Channels-last GroupNormalization of ``x`` with its analytic gradient.
 
+  The gradients of ``gamma`` and ``beta`` come out of the backward program
+  per example (sums over positions, ``[B, C]``); for ``[C]`` parameters they
+  are then summed over the batch. Given per-example parameters (``[B, C]``,
+  every row the layer's, as ``TappedLayer`` passes them), their gradient is
+  each example's own: the per-example gradients of the layer's parameters,
+  with no further pass over the activations.
+
   Args:
     x: float32 ``[B, ..., C]``.
-    gamma: ``[C]`` scale, or None (``scale=False``).
-    beta: ``[C]`` offset, or None (``center=False``).
+    gamma: ``[C]`` scale, per-example ``[B, C]``, or None (``scale=False``).
+    beta: ``[C]`` offset, per-example ``[B, C]``, or None (``center=False``).
     groups: number of groups (divides ``C``).
     epsilon: added to the variance.
 
@@ -148,10 +166,14 @@ def group_norm(x, gamma: Optional[tf.Tensor], beta: Optional[tf.Tensor], *,
     params = list(params)
     scale = params.pop(0) if has_gamma else None
     offset = params.pop(0) if has_beta else None
+    scale_p, offset_p = scale, offset
     if mode == "bucketed":
       b, size = _bucket(x)
       xp = _pad_batch(x, size)
-      y, mean, rstd = _FORWARD_XLA(xp, scale, offset, groups, epsilon)
+      # Per-example parameters are padded with zero rows, as x is.
+      scale_p, offset_p = [p if p is None or p.shape.rank == 1
+                           else _pad_batch(p, size) for p in (scale, offset)]
+      y, mean, rstd = _FORWARD_XLA(xp, scale_p, offset_p, groups, epsilon)
       y = y[:b]
     elif mode == "static":
       xp = x
@@ -164,14 +186,17 @@ def group_norm(x, gamma: Optional[tf.Tensor], beta: Optional[tf.Tensor], *,
       if not tf.executing_eagerly():
         dy.set_shape(x.shape)
       if mode == "bucketed":
-        dx, dgamma, dbeta = _BACKWARD_XLA(xp, scale, mean, rstd,
+        dx, dgamma, dbeta = _BACKWARD_XLA(xp, scale_p, mean, rstd,
                                           _pad_batch(dy, size), groups)
-        dx = dx[:b]
+        dx, dgamma, dbeta = dx[:b], dgamma[:b], dbeta[:b]
       else:
         backward = _BACKWARD_XLA if mode == "static" else _backward_impl
-        dx, dgamma, dbeta = backward(xp, scale, mean, rstd, dy, groups)
-      return [dx] + ([dgamma] if has_gamma else []) + (
-          [dbeta] if has_beta else [])
+        dx, dgamma, dbeta = backward(xp, scale_p, mean, rstd, dy, groups)
+      grads = [dx]
+      for on, p, dp in ((has_gamma, scale, dgamma), (has_beta, offset, dbeta)):
+        if on:   # per-example rows for [B, C] parameters, else their sum
+          grads.append(dp if p.shape.rank == 2 else tf.reduce_sum(dp, 0))
+      return grads
     return y, grad
 
   return fused(x, *args)

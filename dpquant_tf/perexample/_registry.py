@@ -83,6 +83,10 @@ class Tap(NamedTuple):
   tap_output: object
   calls: int      # calls by this replica in this trace (1 when eager)
   valid: object = None   # [B] bool: the example's inputs were in range
+  # True: tap_output is ``[B, P]``, the layer's parameters copied per example
+  # and used as such, so the gradient there is each example's parameter
+  # gradient (``_rules.expanded_param_grads``); tap_input is the layer's input.
+  expanded: bool = False
 
 
 def replica_key():
@@ -121,7 +125,8 @@ def _store(create: bool):
   return store
 
 
-def record_tap(layer, tap_input, tap_output, valid=None) -> None:
+def record_tap(layer, tap_input, tap_output, valid=None, *,
+               expanded: bool = False) -> None:
   """Records one call of a tapped layer: the one place taps are written.
 
   Stores the taps under the current trace and replica (:func:`replica_key`),
@@ -138,6 +143,10 @@ def record_tap(layer, tap_input, tap_output, valid=None) -> None:
       could not use as given (an Embedding id outside ``[0, input_dim)``,
       replaced by a valid id before the lookup): such an example is given
       clip scale 0 on every path (:func:`example_validity`).
+    expanded: ``tap_output`` holds the layer's parameters copied per example
+      (``[B, P]``: ``gamma`` then ``beta``, those it has) and the layer used
+      those copies: the gradient there is per example (see
+      ``Tap.expanded``).
   """
   key = replica_key()
   eager = tf.executing_eagerly()
@@ -149,7 +158,7 @@ def record_tap(layer, tap_input, tap_output, valid=None) -> None:
     if previous is not None and not eager and previous.valid is not None:
       valid = (previous.valid if valid is None
                else tf.logical_and(previous.valid, valid))
-    per_replica[key] = Tap(tap_input, tap_output, calls, valid)
+    per_replica[key] = Tap(tap_input, tap_output, calls, valid, expanded)
     layer.tap_input = tap_input
     layer.tap_output = tap_output
 

@@ -35,8 +35,9 @@ import tensorflow as tf
 
 from dpquant_tf.perexample import _norms
 
-__all__ = ["UnsupportedLayerError", "conv_grads", "dense_grads", "depthwise_conv2d_grads",
-           "einsum_dense_grads", "embedding_grads", "group_norm_grads",
+__all__ = ["UnsupportedLayerError", "conv_grads", "dense_grads",
+           "depthwise_conv2d_grads", "einsum_dense_grads",
+           "expanded_param_grads", "embedding_grads", "group_norm_grads",
            "layer_norm_grads"]
 
 
@@ -334,6 +335,25 @@ def layer_norm_grads(layer, x, g, m) -> Dict[str, tf.Tensor]:
   mean, var = tf.nn.moments(xf, axes=axes, keepdims=True)
   xhat = tf.cast((xf - mean) * tf.math.rsqrt(var + layer.epsilon), g.dtype)
   return _affine_norm_grads(layer, xhat, g, m, axes)
+
+
+def expanded_param_grads(layer, x, g, m) -> Dict[str, tf.Tensor]:  # pylint: disable=unused-argument
+  """Normalization parameters used as per-example copies (an expanded tap).
+
+  ``g`` is the gradient at the ``[B, P]`` copies (``gamma`` then ``beta``,
+  those the layer has, as ``TappedLayer`` concatenates them): row ``b`` is
+  example ``b``'s gradient, so the rule only splits and sums microbatches.
+  """
+  out, start = {}, 0
+  for role, on in (("gamma", layer.scale), ("beta", layer.center)):
+    if on:
+      size = getattr(layer, role).shape.num_elements()
+      out[role] = _mean_mb(g[:, start:start + size], m)
+      start += size
+  if g.shape[-1] is not None and g.shape[-1] != start:
+    raise UnsupportedLayerError(
+        f"an expanded tap of {g.shape[-1]} values for {start} parameters")
+  return out
 
 
 def group_norm_grads(layer, x, g, m) -> Dict[str, tf.Tensor]:

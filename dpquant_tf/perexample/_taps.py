@@ -66,9 +66,8 @@ class TappedLayer(tf.keras.layers.Wrapper):
       inputs, valid = safe_ids(inputs, self.layer.input_dim)
     if (not args and set(kwargs) <= {"mask", "training"}
         and _norms.fusable(self.layer, inputs, kwargs.get("mask"))):
-      z = self._fused_group_norm(inputs)
-    else:
-      z = self.layer(inputs, *args, **kwargs)
+      return self._fused_group_norm(inputs)
+    z = self.layer(inputs, *args, **kwargs)
     if getattr(self.layer, "padding", None) == "causal":
       # The op sees the left-padded input; the rule expects that tensor.
       inputs = tf.pad(inputs, self.layer._compute_causal_padding(inputs))  # pylint: disable=protected-access
@@ -76,14 +75,42 @@ class TappedLayer(tf.keras.layers.Wrapper):
     return self.activation(z) if self.activation is not None else z
 
   def _fused_group_norm(self, inputs):
-    """The wrapped GroupNormalization, fused (``perexample._norms``)."""
+    """The wrapped GroupNormalization, fused (``perexample._norms``).
+
+    Its parameters enter as per-example copies ``[B, P]`` (``gamma`` then
+    ``beta``, those the layer has): the same values in every row, so the
+    output is the layer's. The gradient at that tensor is each example's
+    gradient of ``gamma`` and ``beta``, which the fused backward program
+    computes on its way (``_norms.group_norm``), so the tap records it as an
+    expanded-parameter tap (``_registry.Tap.expanded``) and the per-example
+    rule only reads it (``_rules.expanded_param_grads``): no pass over the
+    activations beyond the backward pass itself.
+    """
     layer = self.layer
     if not layer.built:
       layer.build(inputs.shape)
-    gamma = layer.gamma if layer.scale else None
-    beta = layer.beta if layer.center else None
-    return _norms.group_norm(inputs, gamma, beta, groups=layer.groups,
-                             epsilon=layer.epsilon)
+    if not expand_norm_params(layer):
+      z = _norms.group_norm(inputs, layer.gamma if layer.scale else None,
+                            layer.beta if layer.center else None,
+                            groups=layer.groups, epsilon=layer.epsilon)
+      _registry.record_tap(self, inputs, z)
+      return z
+    params = [p for p, on in ((layer.gamma, layer.scale),
+                              (layer.beta, layer.center)) if on]
+    c = inputs.shape[-1]
+    batch = inputs.shape[0]
+    rows = batch if batch is not None else tf.shape(inputs)[0]
+    flat = tf.concat([tf.convert_to_tensor(p) for p in params], 0)
+    expanded = tf.broadcast_to(flat[None], tf.stack([rows, flat.shape[0]]))
+    if not tf.executing_eagerly():
+      expanded.set_shape([batch, flat.shape[0]])
+    split = iter([expanded[:, :c], expanded[:, c:]])
+    gamma = next(split) if layer.scale else None
+    beta = next(split) if layer.center else None
+    z = _norms.group_norm(inputs, gamma, beta, groups=layer.groups,
+                          epsilon=layer.epsilon)
+    _registry.record_tap(self, inputs, expanded, expanded=True)
+    return z
 
   def compute_output_shape(self, input_shape):
     return self.layer.compute_output_shape(input_shape)
@@ -106,6 +133,16 @@ class TappedLayer(tf.keras.layers.Wrapper):
     if activation is not None:
       layer.activation = tf.keras.activations.get(activation)
     return layer
+
+
+def expand_norm_params(layer) -> bool:
+  """Whether a fused GroupNorm takes its parameters as per-example copies
+  (``TappedLayer._fused_group_norm``): when it has any. Without them
+  (``tools/benchmark_switch.py --switch=expanded_norm_params`` turns this
+  off) the tap is the output and the rule recomputes the normalization from
+  the input (``_norms.group_norm_param_sums``): one more fused program per
+  layer."""
+  return bool(layer.scale or layer.center)
 
 
 def safe_ids(ids, input_dim):

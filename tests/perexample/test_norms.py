@@ -248,3 +248,75 @@ def test_jacobian_fallback_through_the_fused_group_norm_and_reload(tmp_path):
   path = str(tmp_path / "tapped.keras")
   tapped.save(path)
   _close(tf.keras.models.load_model(path)(x), plain(x), tol=1e-6)
+
+
+def _gn_model(**kwargs):
+  inp = tf.keras.Input((5, 5, 2))
+  h = L.Conv2D(6, 3, padding="same", name="conv")(inp)
+  h = L.GroupNormalization(3, name="gn", **kwargs)(h)
+  h = L.Flatten()(L.ReLU()(h))
+  return tf.keras.Model(inp, L.Dense(3, name="head")(h))
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("kwargs", [{}, {"scale": False}, {"center": False},
+                                    {"scale": False, "center": False}],
+                         ids=["both", "no_scale", "no_center", "neither"])
+def test_expanded_parameter_taps_give_each_examples_gradient(kwargs, dynamic,
+                                                             monkeypatch):
+  """The fused GroupNorm's parameters enter as per-example copies, so the
+  gradient there is each example's: it matches a backward pass per example
+  and the rule that recomputes the normalization (the switch off); the
+  clipped sum agrees too. Padding a dynamic batch pads the copies."""
+  from dpquant_tf.perexample import _registry
+  from dpquant_tf.perexample import _taps
+  tf.keras.utils.set_random_seed(8)
+  plain = _gn_model(**kwargs)
+  for v in plain.get_layer("gn").weights:
+    v.assign(tf.random.normal(v.shape))
+  rng = np.random.default_rng(9)
+  x = tf.constant(rng.normal(size=(5, 5, 5, 2)) + 0.5, tf.float32)
+  y = tf.constant(rng.integers(0, 3, size=5), tf.int32)
+  spec = [tf.TensorSpec((None if dynamic else 5, 5, 5, 2), tf.float32),
+          tf.TensorSpec((None if dynamic else 5,), tf.int32)]
+
+  def run(tapped):
+    expanded = []
+
+    @tf.function(input_signature=spec)
+    def fast(x, y):
+      with tf.GradientTape() as tape:
+        loss = _LOSS(y, tapped(x, training=True))
+      expanded.append(_registry.current_tap(tapped.get_layer("tap_gn")).expanded)
+      taps = pe.collect(loss, tapped.trainable_variables, tape)
+      return taps.per_example_gradients(), taps.clipped_sum(0.5)[0]
+    out = fast(x, y)
+    return out, expanded[0]
+
+  (grads, sums), expanded = run(pe.tap_model(plain))
+  assert expanded == bool(kwargs.get("scale", True) or kwargs.get("center", True))
+  monkeypatch.setattr(_taps, "expand_norm_params", lambda layer: False)
+  (grads_off, sums_off), expanded_off = run(pe.tap_model(plain))
+  assert not expanded_off
+  ref = []
+  for i in range(5):
+    with tf.GradientTape() as tape:
+      loss = tf.reduce_mean(_LOSS(y[i:i + 1], plain(x[i:i + 1])))
+    ref.append(tape.gradient(loss, plain.trainable_variables))
+  ref = [tf.stack(g) for g in zip(*ref)]
+  assert len(grads) == len(ref) == len(plain.trainable_variables)
+  for a, b, c in zip(grads, grads_off, ref):
+    _close(a, c)
+    _close(b, c)
+  for a, b in zip(sums, sums_off):
+    _close(a, b)
+
+
+def test_expanded_tap_shape_is_checked_by_its_rule():
+  """The rule refuses a tap whose width is not the layer's parameters."""
+  from dpquant_tf.perexample import _rules
+  layer = _keras_gn((4, 4, 6), 3, seed=0)
+  got = _rules.expanded_param_grads(layer, None, tf.ones((2, 12)), 2)
+  np.testing.assert_array_equal(got["gamma"], np.ones((2, 6)))
+  with pytest.raises(_rules.UnsupportedLayerError, match="11 values for 12"):
+    _rules.expanded_param_grads(layer, None, tf.ones((2, 11)), 2)
