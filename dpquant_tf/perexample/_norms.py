@@ -13,13 +13,24 @@ variables is written out:
          d = dy * gamma
     dgamma_i = sum over positions of dy_i * xhat_i,  dbeta_i = sum of dy_i
 
-and each part is one XLA program (a cluster inside the ordinary graph,
+The moments are sums over positions per channel (a column reduction over
+``[B, positions, C]``), then over each group's channels; the backward pass
+derives the group means it needs from the per-channel sums that are also
+``dgamma`` and ``dbeta`` (two passes: 1.3-1.5x faster than reducing the
+``[B, positions, groups, C / groups]`` view, measured 2026-12-05). Each part
+is one XLA program (a cluster inside the ordinary graph,
 compiled once per shape; inlined under an outer ``jit_compile``), which
 fuses those passes into a few loops. A dynamic batch (Poisson sampling) is
 padded with zero examples to a multiple of 16 first, so a run compiles a
 handful of buckets, not one program per batch size; with another dynamic
 dimension the same formulas run as ordinary ops. Numerics: the same float32
 formulas in another order (outputs agree with Keras' to a few ulps; tested).
+
+The per-example gradients of ``gamma`` and ``beta`` come out of the
+backward program: ``TappedLayer`` passes the parameters as per-example
+copies ``[B, C]``, whose gradient is each example's (``group_norm``);
+``group_norm_param_sums`` (a third program that recomputes the moments)
+serves a tap of the output instead.
 
 Only the channels-last layout without a mask is fused; anything else runs the
 layer's own ``call``.
@@ -43,58 +54,87 @@ def fusable(layer, inputs, mask=None) -> bool:
           and layer.compute_dtype == "float32")
 
 
-def _grouped(t, groups):
-  """[B, ..., C] -> [B, positions, groups, C / groups]."""
-  shape = tf.shape(t)
-  return tf.reshape(t, [shape[0], -1, groups, shape[-1] // groups])
+def _flat(t):
+  """[B, ..., C] -> [B, positions, C]."""
+  return tf.reshape(t, tf.stack([tf.shape(t)[0], -1, t.shape[-1]]))
 
 
-def _moments(x, groups, epsilon):
-  """(x grouped, mean, rsqrt(var + eps)), statistics [B, 1, groups, 1]."""
-  xg = _grouped(x, groups)
-  mean = tf.reduce_mean(xg, [1, 3], keepdims=True)
-  var = tf.reduce_mean(tf.square(xg - mean), [1, 3], keepdims=True)
-  return xg, mean, tf.math.rsqrt(var + epsilon)
+def _group_sums(s, groups):
+  """[B, C] -> [B, groups]: sums over each group's channels."""
+  c = s.shape[-1]
+  return tf.reduce_sum(tf.reshape(s, tf.stack([tf.shape(s)[0], groups,
+                                               c // groups])), 2)
 
 
-def _per_example(p, x):
-  """A parameter ``[C]`` as is; per-example ``[B, C]`` as ``[B, 1, .., C]``."""
-  if p is None or p.shape.rank == 1:
-    return p
-  return tf.reshape(p, tf.concat([tf.shape(p)[:1],
-                                  tf.ones([x.shape.rank - 2], tf.int32),
-                                  tf.shape(p)[1:]], 0))
+def _per_channel(t, c):
+  """[B, groups] -> [B, C]: each group's value on its channels."""
+  return tf.repeat(t, c // t.shape[-1], axis=1)
+
+
+def _count(xf, groups):
+  """Values per example and group, as float32."""
+  return tf.cast(tf.shape(xf)[1] * (xf.shape[-1] // groups), tf.float32)
+
+
+def _moments(xf, groups, epsilon):
+  """``(mean, rsqrt(var + eps))``, each ``[B, groups]``, of ``xf``
+  ``[B, positions, C]``: sums over positions per channel (one column
+  reduction), then over each group's channels; the variance from the
+  deviations (two passes, as Keras)."""
+  c, n = xf.shape[-1], _count(xf, groups)
+  mean = _group_sums(tf.reduce_sum(xf, 1), groups) / n
+  dev = xf - _per_channel(mean, c)[:, None, :]
+  var = _group_sums(tf.reduce_sum(tf.square(dev), 1), groups) / n
+  return mean, tf.math.rsqrt(var + epsilon)
 
 
 def _forward_impl(x, gamma, beta, groups, epsilon):
-  xg, mean, rstd = _moments(x, groups, epsilon)
-  y = tf.reshape((xg - mean) * rstd, tf.shape(x))
+  """``y = (x - mean) * rstd * gamma + beta`` as ``x * a + b`` per example
+  and channel; ``gamma``/``beta`` ``[C]`` or per example ``[B, C]``."""
+  xf = _flat(x)
+  c = xf.shape[-1]
+  mean, rstd = _moments(xf, groups, epsilon)
+  a = _per_channel(rstd, c)
   if gamma is not None:
-    y = y * _per_example(gamma, x)
+    a = a * gamma
+  b = -_per_channel(mean, c) * a
   if beta is not None:
-    y = y + _per_example(beta, x)
-  return y, mean, rstd
+    b = b + beta
+  y = xf * a[:, None, :] + b[:, None, :]
+  return tf.reshape(y, tf.shape(x)), mean, rstd
 
 
 def _backward_impl(x, gamma, mean, rstd, dy, groups):
-  """``dx`` and the per-example ``dgamma``, ``dbeta`` (``[B, C]`` each)."""
-  xhat = (_grouped(x, groups) - mean) * rstd
-  d = _grouped(dy * _per_example(gamma, x) if gamma is not None else dy,
-               groups)
-  dx = rstd * (d - tf.reduce_mean(d, [1, 3], keepdims=True)
-               - xhat * tf.reduce_mean(d * xhat, [1, 3], keepdims=True))
-  positions = list(range(1, dy.shape.rank - 1))
-  dgamma = tf.reduce_sum(dy * tf.reshape(xhat, tf.shape(x)), positions)
-  dbeta = tf.reduce_sum(dy, positions)
+  """``dx`` and the per-example ``dgamma``, ``dbeta`` (``[B, C]`` each).
+
+  With ``d = dy * gamma``, the group means of ``d`` and ``d * xhat`` are
+  the group sums of ``gamma * dbeta`` and ``gamma * dgamma`` over ``n``:
+  one pass reads ``x`` and ``dy`` for the sums, one more writes ``dx``.
+  """
+  xf, dyf = _flat(x), _flat(dy)
+  c, n = xf.shape[-1], _count(xf, groups)
+  r = _per_channel(rstd, c)
+  xhat = (xf - _per_channel(mean, c)[:, None, :]) * r[:, None, :]
+  dgamma = tf.reduce_sum(dyf * xhat, 1)
+  dbeta = tf.reduce_sum(dyf, 1)
+  scale = gamma if gamma is not None else tf.ones([c], dy.dtype)
+  mean_d = _per_channel(_group_sums(dbeta * scale, groups) / n, c)
+  mean_dx = _per_channel(_group_sums(dgamma * scale, groups) / n, c)
+  if scale.shape.rank == 1:
+    scale = scale[None]
+  dx = r[:, None, :] * (dyf * scale[:, None, :] - mean_d[:, None, :]
+                        - xhat * mean_dx[:, None, :])
   return tf.reshape(dx, tf.shape(x)), dgamma, dbeta
 
 
 def _param_sums_impl(x, g, groups, epsilon):
-  xg, mean, rstd = _moments(x, groups, epsilon)
-  xhat = tf.reshape((xg - mean) * rstd, tf.shape(x))
-  positions = list(range(1, g.shape.rank - 1))
-  return (tf.reduce_sum(g * xhat, positions),
-          tf.reduce_sum(g, positions))
+  xf = _flat(x)
+  c = xf.shape[-1]
+  mean, rstd = _moments(xf, groups, epsilon)
+  xhat = ((xf - _per_channel(mean, c)[:, None, :])
+          * _per_channel(rstd, c)[:, None, :])
+  gf = _flat(g)
+  return tf.reduce_sum(gf * xhat, 1), tf.reduce_sum(gf, 1)
 
 
 def _compiled(fn):
