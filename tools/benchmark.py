@@ -62,6 +62,10 @@ flags.DEFINE_bool("bf16_fixed_structure", True,
                   "Build the bf16 contenders' layers for the bf16 structure "
                   "only (QuantizedLayer fixed_structure); false: every "
                   "precision's branch, as before issue 21's XLA fix.")
+flags.DEFINE_bool("bf16_pinned", True,
+                  "dp_bf16_100 builds pinned layers (QuantizedLayer "
+                  "switchable=False: no on/off switch, bf16 taps); false: "
+                  "switchable layers all switched on.")
 flags.DEFINE_bool("smoke", False, "Tiny run (1 round, 1 step, 1 warm-up): "
                   "checks that every contender runs; numbers meaningless.")
 flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
@@ -117,6 +121,7 @@ def main(argv):
       rounds=rounds, steps=steps, warmup=warmup,
       bf16_rounding=FLAGS.bf16_rounding,
       bf16_fixed_structure=FLAGS.bf16_fixed_structure,
+      bf16_pinned=FLAGS.bf16_pinned,
       quant_ratio=FLAGS.quant_ratio, seed=FLAGS.seed,
       jit_compile=FLAGS.jit_compile, contenders=tuple(FLAGS.contenders))
   report = benchmark_lib.run(FLAGS.cases, settings, log=logging.info,

@@ -67,6 +67,7 @@ class Settings:
   jit_compile: bool = False
   bf16_rounding: str = "nearest"
   bf16_fixed_structure: bool = True
+  bf16_pinned: bool = True
   contenders: Sequence[str] = CONTENDERS
 
 
@@ -199,9 +200,13 @@ def make_contender(kind: str, model_name: str, batch_size: int,
     if bf16_ratio(kind) is not None:
       bf16 = quantization.LayerQuantConfig(fwd_bits=0, bwd_bits=0,
                                            precision="bf16")
+      # A plan at ratio 1.0 keeps every layer on: pinned layers (no switch,
+      # bf16 taps) when the structure is fixed and bf16_pinned is on.
+      pinned = (s.bf16_pinned and s.bf16_fixed_structure
+                and bf16_ratio(kind) == 1.0)
       model = quantization.quantize_model(
           base, config=bf16, seed=s.seed, bf16_rounding=s.bf16_rounding,
-          fixed_structure=s.bf16_fixed_structure)
+          fixed_structure=s.bf16_fixed_structure, switchable=not pinned)
       plan = _quant_plan(model, bf16_ratio(kind), s.seed, config=bf16)
       quantization.set_plan(model, plan)
       info["quantized_layers"] = plan.enabled_layers()

@@ -29,8 +29,12 @@ fast path is faster). Switches:
   per-example result (``perexample._taps.expand_norm_params``); off: the
   rule recomputes the normalization from the tap input (as before
   2026-12-05, third session).
+* ``pinned``: the bf16 plan at ratio 1.0 (``--contender=dp_bf16_100``)
+  builds pinned layers (``QuantizedLayer(switchable=False)``: no switch,
+  bf16 taps); off: switchable layers, all switched on.
 """
 
+import dataclasses
 import os
 import statistics
 import sys
@@ -55,7 +59,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("case", "small_resnet:64", "model:batch (benchmark_lib).")
 flags.DEFINE_enum("switch", "shifted", ["shifted", "fused_group_norm",
                                         "bf16_conv_contraction",
-                                        "expanded_norm_params"],
+                                        "expanded_norm_params", "pinned"],
                   "The fast path to turn off in the second copy.")
 flags.DEFINE_string("contender", "dp", "benchmark_lib contender to build.")
 flags.DEFINE_integer("rounds", 9, "Timed rounds (median).")
@@ -66,7 +70,8 @@ flags.DEFINE_integer("warmup", 3, "Warm-up steps per contender.")
 _SWITCHES = {"shifted": (_rules, "_use_shifted"),
              "fused_group_norm": (_norms, "fusable"),
              "bf16_conv_contraction": (_gradients, "_bf16_contraction"),
-             "expanded_norm_params": (_taps, "expand_norm_params")}
+             "expanded_norm_params": (_taps, "expand_norm_params"),
+             "pinned": None}   # benchmark_lib.Settings.bf16_pinned
 
 
 def main(argv):
@@ -79,20 +84,24 @@ def main(argv):
   weights = base.get_weights()
   data = benchmark_lib.load_data(batch, base.input_shape[1:], model_name)
   batches = iter(data)
-  module, attr = _SWITCHES[FLAGS.switch]
-  chosen = getattr(module, attr)
+  module, attr = _SWITCHES[FLAGS.switch] or (None, None)
+  chosen = getattr(module, attr) if module else None
   funcs = {}
   for name, rule in (("on", chosen), ("off", lambda *_, **__: False)):
-    setattr(module, attr, rule)
+    if module:
+      setattr(module, attr, rule)
     try:
-      model, _ = benchmark_lib.make_contender(FLAGS.contender, model_name,
-                                              batch, weights, settings)
+      model, _ = benchmark_lib.make_contender(
+          FLAGS.contender, model_name, batch, weights,
+          settings if module else dataclasses.replace(
+              settings, bf16_pinned=name == "on"))
       training.prepare_first_step(model, data)
       fn = model.make_train_function()
       for _ in range(FLAGS.warmup):   # traces with this choice
         fn(batches)
     finally:
-      setattr(module, attr, chosen)
+      if module:
+        setattr(module, attr, chosen)
     funcs[name] = fn
   times = {k: [] for k in funcs}
   for r in range(FLAGS.rounds):

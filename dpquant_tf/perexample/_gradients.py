@@ -405,20 +405,26 @@ class PerExampleTaps:
     exactly these tensors), so the clip argument is unchanged.
     """
     inner = slot.layer.layer
-    on = tf.convert_to_tensor(slot.layer.enabled)
 
     def rule(dtype):
       def run():
-        per_role = _apply_rule(_RULES[slot.kind], inner, tf.cast(x, dtype),
-                               tf.cast(g, dtype), m, self._chunk)
+        per_role = _apply_rule(_RULES[slot.kind], inner, x, g, m, self._chunk,
+                               dtype=dtype)
         return {r: tf.cast(t, tf.float32) for r, t in per_role.items()
                 if r != "bias"}
       return run
 
-    per_role = tf.cond(on, rule(tf.bfloat16), rule(tf.float32))
+    if x.dtype == tf.bfloat16:
+      # A pinned layer (``QuantizedLayer(switchable=False)``): it ran in
+      # bf16, its taps are the bf16 tensors; no switch to follow.
+      per_role = rule(tf.bfloat16)()
+    else:
+      per_role = tf.cond(tf.convert_to_tensor(slot.layer.enabled),
+                         rule(tf.bfloat16), rule(tf.float32))
     if any(role == "bias" for _, role in entries):
-      # The bias sums positions: keep it float32 (cheap) in both cases.
-      per_role["bias"] = _rules._bias_grad(g, m, x)  # pylint: disable=protected-access
+      # The bias sums positions: keep it float32 (cheap) in both cases (a
+      # pinned layer with a bias taps its float32 output).
+      per_role["bias"] = _rules._bias_grad(tf.cast(g, tf.float32), m, x)  # pylint: disable=protected-access
     return _materialized_part({i: per_role[role] for i, role in entries}, k)
 
 
@@ -482,8 +488,14 @@ def _rule_of(tapped, tap):
   return _RULES[_registry.kind_of(tapped.layer)]
 
 
-def _apply_rule(rule, inner, x, g, m, chunk_size):
-  """Runs a rule on the whole batch, or chunk by chunk with ``tf.map_fn``."""
+def _apply_rule(rule, inner, x, g, m, chunk_size, dtype=None):
+  """Runs a rule on the whole batch, or chunk by chunk with ``tf.map_fn``.
+
+  ``x`` and ``g`` are cast to ``dtype`` (default: float32 when one is
+  bfloat16 and the other not, as a pinned layer with a bias taps them:
+  exact); rules see one dtype.
+  """
+  x, g = _operands(x, g, dtype)
   b = x.shape[0]
   if (chunk_size is None or b is None or not isinstance(m, int)
       or b <= chunk_size):
@@ -502,11 +514,23 @@ def _apply_rule(rule, inner, x, g, m, chunk_size):
   return {r: tf.reshape(t, [m] + t.shape.as_list()[2:]) for r, t in out.items()}
 
 
+def _operands(x, g, dtype=None):
+  """``(x, g)`` in ``dtype``; by default float32 if only one is bfloat16."""
+  if dtype is None:
+    if tf.bfloat16 not in (x.dtype, g.dtype) or x.dtype == g.dtype:
+      return x, g
+    dtype = tf.float32
+  return tf.cast(x, dtype), tf.cast(g, dtype)
+
+
 def _signature(rule, inner, x, g, m):
   """Output signature of ``rule`` on one chunk (traced in a scratch graph)."""
+  dtypes = (x.dtype, g.dtype)
+  if tf.bfloat16 in dtypes and dtypes[0] != dtypes[1]:
+    dtypes = (tf.float32, tf.float32)   # as _operands casts them
   with tf.Graph().as_default():
-    xp = tf.compat.v1.placeholder(x.dtype, x.shape)
-    gp = tf.compat.v1.placeholder(g.dtype, g.shape)
+    xp = tf.compat.v1.placeholder(dtypes[0], x.shape)
+    gp = tf.compat.v1.placeholder(dtypes[1], g.shape)
     if m == 1 and x.shape[0] is not None:  # support check on one example
       xp, gp = xp[:1], gp[:1]
     spec = {r: tf.TensorSpec(t.shape, t.dtype)

@@ -42,6 +42,7 @@ and cannot quantize the gradient at a layer's output, which DPQuant needs.
 """
 
 
+import numpy as np
 import tensorflow as tf
 
 from dpquant_tf import _layer_kinds
@@ -73,6 +74,21 @@ def quantizable_kind(layer):
 def _structure_of(precision, fwd_bits, bwd_bits):
   """(precision, forward quantization on, backward quantization on)."""
   return (precision, fwd_bits > 0, bwd_bits > 0)
+
+
+def _trains(training):
+  """True or False when ``training`` says so at trace time (None counts as
+  training, as for quantization); None for a tensor known only at run time."""
+  if training is None:
+    return True
+  if isinstance(training, (bool, np.bool_, int)):
+    return bool(training)
+  value = tf.get_static_value(training)
+  return None if value is None else bool(value)
+
+
+# The one structure a layer can be pinned to (``switchable=False``).
+_PINNABLE = (Precision.BFLOAT16, False, False)
 
 
 def _describe(structure):
@@ -125,6 +141,16 @@ class QuantizedLayer(_layers.Wrapper):
       `assign_config`. Smaller graphs: a float32 layer without quantization
       has no branch at all, a pure bf16 layer one ``tf.cond``, and XLA
       compiles only what can run.
+    switchable: True (default): the ``enabled`` variable switches the layer
+      on and off. False (a *pinned* layer; only for a pure bf16 layer:
+      ``fixed_structure=True``, ``enabled=True``, precision bf16, forward
+      and backward bits 0): the layer runs in bf16 whenever it trains, with
+      no switch in the graph, and its taps are the bf16 tensors themselves
+      (the input cast once, and the op's output for a layer without bias),
+      which saves three of the seven casts a switchable bf16 layer makes
+      per step (``docs/PERFORMANCE.md``). For plans that keep every such
+      layer on (a bf16 plan at ratio 1.0); `assign_config` refuses to switch
+      it off. Inference (``training=False``) still runs the float32 op.
     **kwargs: passed to `tf.keras.layers.Wrapper` (e.g. `name`).
   """
 
@@ -135,7 +161,7 @@ class QuantizedLayer(_layers.Wrapper):
                rounding=Rounding.STOCHASTIC,
                bf16_rounding=Rounding.NEAREST,
                weight_scale=ScaleMode.PER_CHANNEL, seed=None,
-               fixed_structure=False, **kwargs):
+               fixed_structure=False, switchable=True, **kwargs):
     kind = quantizable_kind(layer)
     if kind is None:
       _validation.fail("layer", layer, f"a {SUPPORTED} layer", TypeError)
@@ -163,6 +189,17 @@ class QuantizedLayer(_layers.Wrapper):
     self._structure = _structure_of(self._initial["precision"],
                                     self._initial["fwd_bits"],
                                     self._initial["bwd_bits"])
+    self.switchable = bool(_validation.check_type("switchable", switchable,
+                                                  bool))
+    if not self.switchable and not (
+        self.fixed_structure and self._initial["enabled"]
+        and self._structure == _PINNABLE):
+      _validation.fail(
+          "switchable", switchable,
+          "True unless the layer is a pure bf16 layer built for it "
+          "(fixed_structure=True, enabled=True, precision='bf16', fwd_bits=0,"
+          f" bwd_bits=0); got fixed_structure={self.fixed_structure}, "
+          f"enabled={self._initial['enabled']}, {_describe(self._structure)}")
     self.quantize_in_inference = False
     kwargs.setdefault("name", f"quant_{layer.name}")
     super().__init__(layer, **kwargs)
@@ -347,6 +384,27 @@ class QuantizedLayer(_layers.Wrapper):
       return self._bfloat16_op(qx, qk)
     return qx, self._linear(qx, qk)
 
+  def _pinned_call(self, inputs, x, kernel, axis):
+    """A pinned layer in training: the bf16 op with no switch, bf16 taps.
+
+    The tap input is the bf16 input the op reads; the tap output is the
+    op's bf16 output when the layer has no bias (the gradient there is the
+    one the op's own backward pass reads), else the float32 output after the
+    bias (the bias gradient stays float32).
+    """
+    xb = _precision.to_bfloat16(x, rounding=self.bf16_rounding,
+                                generator=self.generator)
+    zb = self._linear(xb, _precision.to_bfloat16(kernel))
+    if axis is not None:
+      xb, zb = tf.squeeze(xb, axis), tf.squeeze(zb, axis)
+    z = self._add_bias(tf.cast(zb, tf.float32))
+    if not tf.executing_eagerly() and self.kind in (LayerKind.CONV1D,
+                                                     LayerKind.CONV2D):
+      z.set_shape(self.layer.compute_output_shape(inputs.shape))
+    has_bias = getattr(self.layer, "bias", None) is not None
+    _perexample_registry.record_tap(self, xb, z if has_bias else zb)
+    return z if self.layer.activation is None else self.layer.activation(z)
+
   @property
   def bf16_taps(self) -> bool:
     """True when the layer's structure is fixed to bf16 execution.
@@ -365,10 +423,6 @@ class QuantizedLayer(_layers.Wrapper):
       x = tf.cast(x, layer.compute_dtype)
     if self.kind == LayerKind.CONV1D and layer._is_causal:  # pylint: disable=protected-access
       x = tf.pad(x, layer._compute_causal_padding(x))  # pylint: disable=protected-access
-    enabled = tf.convert_to_tensor(self.enabled)
-    if training is not None and not self.quantize_in_inference:
-      # Inference (training=False) never runs the training plan.
-      enabled = tf.logical_and(enabled, tf.cast(training, tf.bool))
     kernel = tf.convert_to_tensor(kernel_of(layer))
     weight_axes = self._weight_axes(kernel)
     axis = self._conv1d_axis()
@@ -378,6 +432,15 @@ class QuantizedLayer(_layers.Wrapper):
       x, kernel = tf.expand_dims(x, axis), tf.expand_dims(kernel, 0)
       if weight_axes is not None:
         weight_axes = [0] + [a + 1 for a in weight_axes]
+    if not self.switchable and (self.quantize_in_inference
+                                or _trains(training) is True):
+      return self._pinned_call(inputs, x, kernel, axis)
+    # A pinned layer given a training *tensor* takes the switch below (its
+    # enabled variable is True): float32 taps, the same values.
+    enabled = tf.convert_to_tensor(self.enabled)
+    if training is not None and not self.quantize_in_inference:
+      # Inference (training=False) never runs the training plan.
+      enabled = tf.logical_and(enabled, tf.cast(training, tf.bool))
     if self.fixed_structure:
       precision, fwd, bwd = self._structure
       if fwd or precision != Precision.FLOAT32:
@@ -430,7 +493,9 @@ class QuantizedLayer(_layers.Wrapper):
     """The layer's current settings as a `LayerQuantConfig` (reads variables)."""
     from dpquant_tf.quantization import _plan  # pylint: disable=g-import-not-at-top
     return _plan.LayerQuantConfig(
-        enabled=bool(self.enabled.numpy()),
+        # A pinned layer runs whatever its variable says (a restore may
+        # have written it): report what runs.
+        enabled=bool(self.enabled.numpy()) or not self.switchable,
         fwd_format=QuantFormat(int(self.fwd_format.numpy())),
         fwd_bits=int(self.fwd_bits.numpy()),
         bwd_format=QuantFormat(int(self.bwd_format.numpy())),
@@ -464,6 +529,12 @@ class QuantizedLayer(_layers.Wrapper):
     if not self.built:
       raise ValueError(f"Expected layer {self.name!r} to be built before "
                        "assigning a quantization config.")
+    if not self.switchable and not config.enabled:
+      _validation.fail(
+          "config", config,
+          f"an enabled config: layer {self.name!r} is pinned "
+          "(switchable=False) and runs in bf16 whenever it trains; rebuild it "
+          "with switchable=True to switch it off")
     if self.fixed_structure and config.enabled:
       got = _structure_of(config.precision, config.fwd_bits, config.bwd_bits)
       if got != self._structure:
@@ -490,5 +561,6 @@ class QuantizedLayer(_layers.Wrapper):
         precision=init["precision"].name.lower(),
         rounding=self.rounding.value, bf16_rounding=self.bf16_rounding.value,
         weight_scale=self.weight_scale.value,
-        seed=self.seed, fixed_structure=self.fixed_structure)
+        seed=self.seed, fixed_structure=self.fixed_structure,
+        switchable=self.switchable)
     return config

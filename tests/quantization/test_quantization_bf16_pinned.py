@@ -1,0 +1,227 @@
+"""Issue 21: pinned bf16 layers (``QuantizedLayer(switchable=False)``).
+
+A pinned layer runs its bf16 op whenever it trains, with no on/off switch
+in the graph, and its taps are the bf16 tensors themselves. The DP step must
+add exactly what the switchable layer (switched on) adds, every contribution
+must stay within C in the arithmetic executed, inference stays float32, and
+nothing can switch the layer off behind the plan's back.
+"""
+
+import dpquant_tf  # noqa: F401  (Keras 2 before TensorFlow)
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from dpquant_tf import perexample as pe
+from dpquant_tf import quantization as dq
+from dpquant_tf import training
+from dpquant_tf.optimizers import DPQuantOptimizer
+from dpquant_tf.perexample import _registry
+
+L = tf.keras.layers
+BF16 = dq.LayerQuantConfig(fwd_bits=0, bwd_bits=0, precision="bf16")
+B = 6
+C = 1.0
+NORM = 8.0
+_LOSS = tf.keras.losses.MeanSquaredError(reduction="none")
+
+
+def _base():
+  """A conv without bias (tap output bf16), a GroupNorm, a sequence Dense
+  and a head with bias (tap output float32)."""
+  tf.keras.utils.set_random_seed(0)
+  inp = tf.keras.Input((6, 6, 3))
+  h = L.Conv2D(8, 3, padding="same", use_bias=False, name="conv")(inp)
+  h = L.GroupNormalization(2, name="gn")(h)
+  h = L.ReLU()(h)
+  h = L.Reshape((36, 8))(h)
+  h = L.Dense(8, name="seq", use_bias=False)(h)
+  h = L.GlobalAveragePooling1D()(h)
+  return tf.keras.Model(inp, L.Dense(2, name="head")(h))
+
+
+def _model(switchable, base=None):
+  base = base or _base()
+  model = dq.quantize_model(base, config=BF16, rounding="nearest", seed=0,
+                            fixed_structure=True, switchable=switchable)
+  return pe.tap_model(model)
+
+
+def _dp_sum_step(model, spec, jit=False):
+  """tf.function: the optimizer's clipped sum (noise 0) times NORM."""
+  opt = DPQuantOptimizer(C, 0.0, learning_rate=0.1, expected_batch_size=NORM,
+                         seed=0)
+
+  def step(x):
+    with tf.GradientTape() as tape:
+      out = model(x, training=True)
+      loss = _LOSS(tf.zeros_like(out) + 1.0, out)
+    with opt._bind(model, x):  # pylint: disable=protected-access
+      pairs = opt._compute_gradients(loss, model.trainable_variables, tape=tape)  # pylint: disable=protected-access
+    return [g * NORM for g, _ in pairs]
+
+  return tf.function(step, jit_compile=jit, input_signature=[spec])
+
+
+def _x(seed=1, batch=B):
+  return np.random.default_rng(seed).normal(size=(batch, 6, 6, 3)).astype(
+      np.float32)
+
+
+def _ops(fn, *args):
+  graph_def = fn.get_concrete_function(*args).graph.as_graph_def()
+  nodes = list(graph_def.node)
+  for f in graph_def.library.function:
+    nodes.extend(f.node_def)
+  return nodes
+
+
+def test_pinned_layers_have_no_switch_and_tap_bf16_tensors():
+  model = _model(switchable=False)
+  taps = {}
+
+  @tf.function
+  def forward(x):
+    with tf.GradientTape() as tape:
+      out = model(x, training=True)
+    for layer in dq.quantized_layers(model):
+      tap = _registry.current_tap(layer)
+      taps[layer.layer.name] = (tap.tap_input.dtype, tap.tap_output.dtype)
+    return tape.gradient(out, model.trainable_variables)
+
+  ops = [n.op for n in _ops(forward, tf.constant(_x()))]
+  assert not {"If", "StatelessIf"} & set(ops), sorted(set(ops))
+  assert taps == {"conv": (tf.bfloat16, tf.bfloat16),
+                  "seq": (tf.bfloat16, tf.bfloat16),
+                  "head": (tf.bfloat16, tf.float32)}   # the bias: float32
+  switchable = _model(switchable=True)
+  ops = [n.op for n in _ops(tf.function(lambda x: switchable(x, training=True)),
+                            tf.constant(_x()))]
+  assert {"If", "StatelessIf"} & set(ops)
+
+
+@pytest.mark.parametrize("jit,dynamic", [
+    (False, False), (False, True),
+    pytest.param(True, False, marks=pytest.mark.slow)])
+def test_pinned_step_adds_what_the_switchable_step_adds(jit, dynamic):
+  """Same weights, same data: the clipped sums (noise 0) agree to float32
+  rounding (the same bf16 operands; only where the casts happen moves)."""
+  base = _base()
+  pinned, switchable = _model(False, base), _model(True, base)
+  spec = tf.TensorSpec((None if dynamic else B, 6, 6, 3))
+  x = tf.constant(_x())
+  got = [t.numpy() for t in _dp_sum_step(pinned, spec, jit)(x)]
+  want = [t.numpy() for t in _dp_sum_step(switchable, spec, jit)(x)]
+  assert len(got) == len(want) == len(base.trainable_variables)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max() + 1e-7)
+  assert all(np.abs(a).max() > 0 for a in got)
+
+
+def test_pinned_step_keeps_each_contribution_within_c():
+  """An example built to cancel (huge opposite rows) moves the clipped sum
+  by at most C; a benign one moves it."""
+  model = _model(switchable=False)
+  step = _dp_sum_step(model, tf.TensorSpec((None, 6, 6, 3)))
+
+  def run(x):
+    return [t.numpy().astype(np.float64) for t in step(tf.constant(x))]
+
+  def contribution(x, i):
+    with_i, without = run(x), run(np.delete(x, i, axis=0))
+    assert all(np.isfinite(a).all() for a in with_i)
+    return np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(with_i, without)))
+
+  x = _x(2)
+  x[0] = 0
+  x[0, 0, 0, 0], x[0, 0, 1, 0], x[0, 0, 1, 1] = 2.0 ** 30, -2.0 ** 30, 2.0 ** 17
+  assert contribution(x, 0) <= C * (1 + 1e-6)
+  assert contribution(_x(3), 1) > 0.0
+
+
+def test_pinned_inference_runs_the_float32_op():
+  base = _base()
+  model, plain = _model(False, base), pe.tap_model(base)
+  x = tf.constant(_x(4))
+  # The tapped model's fused GroupNorm rounds in another order than Keras'.
+  np.testing.assert_array_equal(model(x, training=False), plain(x))
+  np.testing.assert_allclose(model(x, training=False), base(x), rtol=1e-5)
+  trained = model(x, training=True)   # bf16: close, not equal
+  assert not np.allclose(trained, plain(x), rtol=1e-5, atol=0)
+  np.testing.assert_allclose(trained, plain(x), atol=0.05)
+
+
+def test_a_training_tensor_takes_the_switch_with_the_same_values():
+  model = _model(switchable=False)
+  x = tf.constant(_x(5))
+  pinned = tf.function(lambda x: model(x, training=True))(x)
+  as_tensor = tf.function(lambda x, t: model(x, training=t))(x, tf.constant(True))
+  np.testing.assert_array_equal(pinned, as_tensor)
+  off = tf.function(lambda x, t: model(x, training=t))(x, tf.constant(False))
+  np.testing.assert_array_equal(off, model(x, training=False))
+
+
+def test_a_pinned_layer_cannot_be_switched_off_or_built_wrongly():
+  model = _model(switchable=False)
+  layer = [l for l in dq.quantized_layers(model) if l.layer.name == "conv"][0]
+  assert layer.current_config() == BF16
+  assert layer.execution()["precision"] == "bfloat16"
+  before = [l.current_config() for l in dq.quantized_layers(model)]
+  with pytest.raises(ValueError, match="pinned"):
+    dq.set_plan(model, {"conv": BF16.disabled()})
+  assert [l.current_config() for l in dq.quantized_layers(model)] == before
+  dq.set_plan(model, {"conv": BF16})   # keeping it on is fine
+  # Its variable, if a restore wrote False into it, does not change what
+  # runs, and the layer reports what runs.
+  layer.enabled.assign(False)
+  assert layer.current_config().enabled
+  assert layer.execution()["precision"] == "bfloat16"
+  # Only a pure, fixed bf16 structure can be pinned.
+  dense = lambda: L.Dense(2)
+  for kwargs, what in (
+      ({"fixed_structure": False, "precision": "bf16", "fwd_bits": 0,
+        "bwd_bits": 0}, "fixed_structure=False"),
+      ({"fixed_structure": True, "precision": "float32", "fwd_bits": 0,
+        "bwd_bits": 0}, "precision=float32"),
+      ({"fixed_structure": True, "precision": "bf16", "fwd_bits": 4,
+        "bwd_bits": 0}, "forward quantization on"),
+      ({"fixed_structure": True, "precision": "bf16", "fwd_bits": 0,
+        "bwd_bits": 0, "enabled": False}, "enabled=False")):
+    with pytest.raises(ValueError, match="switchable") as err:
+      dq.QuantizedLayer(dense(), switchable=False, **kwargs)
+    assert what in str(err.value)
+  with pytest.raises(TypeError, match="switchable"):
+    dq.QuantizedLayer(dense(), switchable="no")
+  with pytest.raises(TypeError, match="switchable"):
+    dq.quantize_model(_base(), config=BF16, fixed_structure=True,
+                      switchable=0)
+
+
+def test_pinned_layers_survive_save_and_reload(tmp_path):
+  model = _model(switchable=False)
+  x = tf.constant(_x(6))
+  path = str(tmp_path / "pinned.keras")
+  model.save(path)
+  loaded = tf.keras.models.load_model(path)
+  layers = dq.quantized_layers(loaded)
+  assert layers and all(not l.switchable for l in layers)
+  np.testing.assert_array_equal(loaded(x, training=True),
+                                model(x, training=True))
+  np.testing.assert_array_equal(loaded(x, training=False),
+                                model(x, training=False))
+
+
+def test_pinned_model_trains_with_the_owned_step():
+  """fit with the library's own DP step (Poisson batches, trimmed padding):
+  finite loss, every weight moves, the ledger counts the steps."""
+  model = _model(switchable=False)
+  x = _x(7, batch=64)
+  y = np.ones((64, 2), np.float32)
+  opt = DPQuantOptimizer(C, 1.0, learning_rate=0.05, seed=0)
+  model.compile(optimizer=opt, loss=_LOSS)
+  training.install_dp_train_step(model)
+  before = [w.numpy().copy() for w in model.trainable_variables]
+  history = model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+  assert np.isfinite(history.history["loss"]).all()
+  assert all(not np.array_equal(a, b.numpy())
+             for a, b in zip(before, model.trainable_variables))
