@@ -526,6 +526,16 @@ class QuantizedLayer(_layers.Wrapper):
 
   def assign_config(self, config):
     """Assigns a `LayerQuantConfig` to the variables (no retrace)."""
+    self.check_config(config)
+    self.enabled.assign(config.enabled)
+    self.fwd_format.assign(config.fwd_format.id)
+    self.fwd_bits.assign(config.fwd_bits)
+    self.bwd_format.assign(config.bwd_format.id)
+    self.bwd_bits.assign(config.bwd_bits)
+    self.precision.assign(config.precision.id)
+
+  def check_config(self, config):
+    """Raises (changing nothing) if `assign_config` would refuse ``config``."""
     if not self.built:
       raise ValueError(f"Expected layer {self.name!r} to be built before "
                        "assigning a quantization config.")
@@ -544,12 +554,6 @@ class QuantizedLayer(_layers.Wrapper):
             f"built with (fixed_structure=True: {_describe(self._structure)}); "
             f"got {_describe(got)}. Rebuild the model with that config, or "
             "with fixed_structure=False")
-    self.enabled.assign(config.enabled)
-    self.fwd_format.assign(config.fwd_format.id)
-    self.fwd_bits.assign(config.fwd_bits)
-    self.bwd_format.assign(config.bwd_format.id)
-    self.bwd_bits.assign(config.bwd_bits)
-    self.precision.assign(config.precision.id)
 
   def get_config(self):
     config = super().get_config()

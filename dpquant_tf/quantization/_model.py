@@ -244,7 +244,9 @@ def set_plan(model, plan: Union[_plan.QuantPlan, Mapping[str, _plan.LayerQuantCo
       plan is the complete description). True: they are left unchanged.
 
   Raises:
-    ValueError: the plan names a layer the model does not quantize.
+    ValueError: the plan names a layer the model does not quantize, or a
+      layer refuses its config (see `QuantizedLayer.assign_config`); then
+      no layer is changed.
   """
   if not isinstance(plan, _plan.QuantPlan):
     plan = _plan.QuantPlan(plan)
@@ -253,11 +255,17 @@ def set_plan(model, plan: Union[_plan.QuantPlan, Mapping[str, _plan.LayerQuantCo
   if unknown:
     _validation.fail("plan", unknown,
                      f"names of quantized layers of the model {sorted(wrappers)}")
-  for name, wrapper in wrappers.items():
-    if name in plan.layers:
-      wrapper.assign_config(plan.layers[name])
-    elif not partial:
-      wrapper.enabled.assign(False)
+  # Every layer's config is checked before any is assigned: a refused plan
+  # changes nothing.
+  off = [] if partial else [n for n in wrappers if n not in plan.layers]
+  for name, config in plan.layers.items():
+    wrappers[name].check_config(config)
+  for name in off:   # a layer the plan leaves out is switched off
+    wrappers[name].check_config(_plan.OFF)
+  for name, config in plan.layers.items():
+    wrappers[name].assign_config(config)
+  for name in off:
+    wrappers[name].enabled.assign(False)
 
 
 def get_plan(model) -> _plan.QuantPlan:

@@ -267,3 +267,16 @@ def test_bf16_conv_keeps_each_contribution_within_c(name):
     contribution = np.sqrt(sum(np.sum((a - b) ** 2)
                                for a, b in zip(with_i, without)))
     assert 0.0 < contribution <= C * (1 + 1e-6), (i, contribution)
+
+
+def test_a_refused_plan_changes_no_layer():
+  """set_plan checks every layer's config before assigning any."""
+  inp = tf.keras.Input((8,))
+  out = L.Dense(2, name="b")(L.Dense(4, name="a")(inp))
+  model = dq.quantize_model(tf.keras.Model(inp, out), config=BF16,
+                            fixed_structure=True)
+  dq.set_plan(model, {"a": BF16.disabled(), "b": BF16.disabled()})
+  before = dq.get_plan(model)
+  with pytest.raises(ValueError, match="fixed_structure=True"):
+    dq.set_plan(model, {"a": BF16, "b": dq.LayerQuantConfig()})
+  assert dq.get_plan(model) == before

@@ -166,11 +166,19 @@ def test_a_pinned_layer_cannot_be_switched_off_or_built_wrongly():
   layer = [l for l in dq.quantized_layers(model) if l.layer.name == "conv"][0]
   assert layer.current_config() == BF16
   assert layer.execution()["precision"] == "bfloat16"
+  for l in dq.quantized_layers(model):   # distinct, so changes would show
+    l.fwd_bits.assign(0)
   before = [l.current_config() for l in dq.quantized_layers(model)]
   with pytest.raises(ValueError, match="pinned"):
     dq.set_plan(model, {"conv": BF16.disabled()})
   assert [l.current_config() for l in dq.quantized_layers(model)] == before
-  dq.set_plan(model, {"conv": BF16})   # keeping it on is fine
+  # A plan that leaves a pinned layer out would switch it off: refused too,
+  # before any layer changes (the conv's config comes first in the plan).
+  with pytest.raises(ValueError, match="pinned"):
+    dq.set_plan(model, {"conv": BF16, "seq": BF16})
+  assert [l.current_config() for l in dq.quantized_layers(model)] == before
+  dq.set_plan(model, {"conv": BF16}, partial=True)   # keeping it on is fine
+  dq.set_plan(model, {"conv": BF16, "seq": BF16, "head": BF16})
   # Its variable, if a restore wrote False into it, does not change what
   # runs, and the layer reports what runs.
   layer.enabled.assign(False)
