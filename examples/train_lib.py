@@ -409,7 +409,7 @@ def _quantized_model(cfg: TrainConfig, ds):
   (the wrapper is then the plain layer).
 
   Returns:
-    (model, layer infos, the all-off plan).
+    (model, layer infos, the all-off plan; None when the layers are pinned).
   """
   from dpquant_tf import quantization  # pylint: disable=g-import-not-at-top
   from dpquant_tf import perexample  # pylint: disable=g-import-not-at-top
@@ -421,17 +421,29 @@ def _quantized_model(cfg: TrainConfig, ds):
   # epoch and XLA compiles; the schedule only switches layers on and off.
   # A run that never quantizes (policy none, ratio 0) fixes the plain
   # structure: no branch at all, the same float32 ops as a disabled layer.
+  # A static bf16 plan at ratio 1.0 keeps every layer on for the whole run:
+  # its layers are pinned (QuantizedLayer switchable=False: no on/off
+  # switch, bf16 taps, three casts fewer per layer and step).
   config = base_layer_config(cfg.format)
+  policy = _validation.check_enum("policy", cfg.policy, PolicyName)
   structure = config
-  if (_validation.check_enum("policy", cfg.policy, PolicyName)
-      is PolicyName.NONE or cfg.ratio == 0):
+  if policy is PolicyName.NONE or cfg.ratio == 0:
     structure = quantization.LayerQuantConfig(fwd_bits=0, bwd_bits=0)
+  pinned = (policy is PolicyName.STATIC and cfg.ratio == 1.0
+            and cfg.static_layers is None
+            and config.precision is quantization.Precision.BFLOAT16
+            and config.fwd_bits == 0 and config.bwd_bits == 0)
   model = perexample.tap_model(quantization.quantize_model(
       dp_models.build_model(cfg.model, ds.input_shape, ds.num_classes,
                             vocab_size=getattr(ds, "vocab_size", None)),
-      config=dataclasses.replace(structure, enabled=False),
-      fixed_structure=True))
+      config=dataclasses.replace(structure, enabled=pinned),
+      fixed_structure=True, switchable=not pinned))
   layers = quantization.quantizable_layers(model)
+  if pinned:
+    print("Static bf16 plan at ratio 1.0: every quantizable layer is pinned "
+          "to bf16 in training (no on/off switch); evaluation and export "
+          "run float32.")
+    return model, layers, None
   all_off = quantization.QuantPlan.select(
       [l.name for l in layers], [], config=config)
   quantization.set_plan(model, all_off)
@@ -724,7 +736,8 @@ def train(config: TrainConfig) -> TrainResult:
           f"{steps_per_epoch * cfg.epochs} planned steps (a callback set "
           "model.stop_training).")
 
-  quantization.set_plan(model, all_off)  # evaluate in full precision
+  if all_off is not None:   # pinned layers run float32 in evaluate anyway
+    quantization.set_plan(model, all_off)  # evaluate in full precision
   _, acc = model.evaluate(ds.x_test, ds.y_test, batch_size=256, verbose=0)
   history = scheduler.history if scheduler is not None else [
       {"epoch": e, "quantized": [], "analysis": None} for e in range(cfg.epochs)]

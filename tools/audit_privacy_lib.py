@@ -173,7 +173,8 @@ def audit_train_config(train_config, *, canaries: int, seed: int = 0,
       scores, included, ledger=ledger, guesses_in=k, guesses_out=k,
       delta=cfg.delta, confidence=confidence, canary_kind="gradient",
       wall_s=time.perf_counter() - start)
-  dpquant_tf.set_plan(model, all_off)  # evaluate in full precision
+  if all_off is not None:   # pinned layers evaluate in float32 anyway
+    dpquant_tf.set_plan(model, all_off)  # evaluate in full precision
   _, acc = model.evaluate(ds.x_test, ds.y_test, batch_size=256, verbose=0)
   out = result.as_dict()
   out.update(noise_multiplier=noise, test_accuracy=float(acc), score=score)

@@ -32,6 +32,9 @@ fast path is faster). Switches:
 * ``pinned``: the bf16 plan at ratio 1.0 (``--contender=dp_bf16_100``)
   builds pinned layers (``QuantizedLayer(switchable=False)``: no switch,
   bf16 taps); off: switchable layers, all switched on.
+* ``bf16_group_norm_input``: a fused GroupNorm after a pinned bf16 layer
+  reads its bf16 output (``perexample._taps.bf16_source``); off: the
+  float32 cast of it.
 """
 
 import dataclasses
@@ -59,7 +62,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("case", "small_resnet:64", "model:batch (benchmark_lib).")
 flags.DEFINE_enum("switch", "shifted", ["shifted", "fused_group_norm",
                                         "bf16_conv_contraction",
-                                        "expanded_norm_params", "pinned"],
+                                        "expanded_norm_params", "pinned",
+                                        "bf16_group_norm_input"],
                   "The fast path to turn off in the second copy.")
 flags.DEFINE_string("contender", "dp", "benchmark_lib contender to build.")
 flags.DEFINE_integer("rounds", 9, "Timed rounds (median).")
@@ -71,7 +75,8 @@ _SWITCHES = {"shifted": (_rules, "_use_shifted"),
              "fused_group_norm": (_norms, "fusable"),
              "bf16_conv_contraction": (_gradients, "_bf16_contraction"),
              "expanded_norm_params": (_taps, "expand_norm_params"),
-             "pinned": None}   # benchmark_lib.Settings.bf16_pinned
+             "pinned": None,   # benchmark_lib.Settings.bf16_pinned
+             "bf16_group_norm_input": (_taps, "bf16_source")}
 
 
 def main(argv):
@@ -87,7 +92,9 @@ def main(argv):
   module, attr = _SWITCHES[FLAGS.switch] or (None, None)
   chosen = getattr(module, attr) if module else None
   funcs = {}
-  for name, rule in (("on", chosen), ("off", lambda *_, **__: False)):
+  # Off: the predicate answers False (a source finder: None).
+  off = None if FLAGS.switch == "bf16_group_norm_input" else False
+  for name, rule in (("on", chosen), ("off", lambda *_, **__: off)):
     if module:
       setattr(module, attr, rule)
     try:

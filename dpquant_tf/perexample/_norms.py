@@ -90,8 +90,9 @@ def _moments(xf, groups, epsilon):
 
 def _forward_impl(x, gamma, beta, groups, epsilon):
   """``y = (x - mean) * rstd * gamma + beta`` as ``x * a + b`` per example
-  and channel; ``gamma``/``beta`` ``[C]`` or per example ``[B, C]``."""
-  xf = _flat(x)
+  and channel; ``gamma``/``beta`` ``[C]`` or per example ``[B, C]``; ``x``
+  float32 or bfloat16 (read as float32: exact), ``y`` float32."""
+  xf = tf.cast(_flat(x), tf.float32)
   c = xf.shape[-1]
   mean, rstd = _moments(xf, groups, epsilon)
   a = _per_channel(rstd, c)
@@ -109,9 +110,11 @@ def _backward_impl(x, gamma, mean, rstd, dy, groups):
 
   With ``d = dy * gamma``, the group means of ``d`` and ``d * xhat`` are
   the group sums of ``gamma * dbeta`` and ``gamma * dgamma`` over ``n``:
-  one pass reads ``x`` and ``dy`` for the sums, one more writes ``dx``.
+  one pass reads ``x`` and ``dy`` for the sums, one more writes ``dx``
+  (in ``x``'s dtype: a bfloat16 input gets its gradient rounded to bfloat16
+  once, as the cast it replaces would round it).
   """
-  xf, dyf = _flat(x), _flat(dy)
+  xf, dyf = tf.cast(_flat(x), tf.float32), _flat(dy)
   c, n = xf.shape[-1], _count(xf, groups)
   r = _per_channel(rstd, c)
   xhat = (xf - _per_channel(mean, c)[:, None, :]) * r[:, None, :]
@@ -124,11 +127,11 @@ def _backward_impl(x, gamma, mean, rstd, dy, groups):
     scale = scale[None]
   dx = r[:, None, :] * (dyf * scale[:, None, :] - mean_d[:, None, :]
                         - xhat * mean_dx[:, None, :])
-  return tf.reshape(dx, tf.shape(x)), dgamma, dbeta
+  return tf.cast(tf.reshape(dx, tf.shape(x)), x.dtype), dgamma, dbeta
 
 
 def _param_sums_impl(x, g, groups, epsilon):
-  xf = _flat(x)
+  xf = tf.cast(_flat(x), tf.float32)
   c = xf.shape[-1]
   mean, rstd = _moments(xf, groups, epsilon)
   xhat = ((xf - _per_channel(mean, c)[:, None, :])
@@ -188,14 +191,16 @@ def group_norm(x, gamma: Optional[tf.Tensor], beta: Optional[tf.Tensor], *,
   with no further pass over the activations.
 
   Args:
-    x: float32 ``[B, ..., C]``.
+    x: float32 or bfloat16 ``[B, ..., C]`` (bfloat16: the normalization
+      reads it as float32, exactly, and its gradient is bfloat16).
     gamma: ``[C]`` scale, per-example ``[B, C]``, or None (``scale=False``).
     beta: ``[C]`` offset, per-example ``[B, C]``, or None (``center=False``).
     groups: number of groups (divides ``C``).
     epsilon: added to the variance.
 
   Returns:
-    ``y`` of ``x``'s shape; differentiable in ``x``, ``gamma`` and ``beta``.
+    float32 ``y`` of ``x``'s shape; differentiable in ``x``, ``gamma`` and
+    ``beta``.
   """
   args = [tf.convert_to_tensor(t) for t in (gamma, beta) if t is not None]
   mode = _mode(x)

@@ -362,6 +362,7 @@ def group_norm_grads(layer, x, g, m) -> Dict[str, tf.Tensor]:
   axis = layer.axis % rank
   if axis == 0:
     raise UnsupportedLayerError("GroupNormalization over the batch axis")
+  x = tf.cast(x, tf.float32)   # a bf16 input (after a pinned layer): exact
   if _norms.fusable(layer, x) and g.dtype == tf.float32:
     gg, gb = _norms.group_norm_param_sums(x, g, groups=layer.groups,
                                           epsilon=layer.epsilon)

@@ -89,6 +89,9 @@ class TappedLayer(tf.keras.layers.Wrapper):
     layer = self.layer
     if not layer.built:
       layer.build(inputs.shape)
+    source = bf16_source(inputs)
+    if source is not None:
+      inputs = source
     if not expand_norm_params(layer):
       z = _norms.group_norm(inputs, layer.gamma if layer.scale else None,
                             layer.beta if layer.center else None,
@@ -133,6 +136,28 @@ class TappedLayer(tf.keras.layers.Wrapper):
     if activation is not None:
       layer.activation = tf.keras.activations.get(activation)
     return layer
+
+
+def bf16_source(t):
+  """The bfloat16 tensor ``t`` is a cast of, else None (graph mode only).
+
+  A pinned bf16 layer (``QuantizedLayer(switchable=False)``) casts its
+  bfloat16 output to float32 for the next layer. A fused GroupNorm reading
+  that output reads the bfloat16 tensor instead, inside its XLA program:
+  the same values (every bfloat16 is a float32), without the separate cast
+  pass, and its backward program writes the input gradient in bfloat16,
+  which the float32 cast's gradient would have rounded it to (if the float32
+  output has other consumers, their gradient and this one are then summed
+  in bfloat16). ``tools/benchmark_switch.py --switch=bf16_group_norm_input``
+  turns this off.
+  """
+  if tf.executing_eagerly() or not isinstance(t, tf.Tensor):
+    return None
+  op = t.op
+  if op.type != "Cast" or len(op.inputs) != 1:
+    return None
+  source = op.inputs[0]
+  return source if source.dtype == tf.bfloat16 else None
 
 
 def expand_norm_params(layer) -> bool:

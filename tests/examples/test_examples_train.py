@@ -184,3 +184,37 @@ def test_fallback_watch_sees_the_per_example_paths_jacobian_warning():
       loss = tf.reduce_sum(model(x) ** 2, axis=1)
     perexample.per_example_gradients(loss, model.trainable_variables, tape, 4)
   assert len(watch.messages) == 1 and "simple_rnn" in watch.messages[0]
+
+
+@needs_quantization
+def test_static_bf16_plan_at_ratio_one_pins_its_layers(monkeypatch):
+  """A static bf16 plan at ratio 1.0 builds pinned layers (no switch): the
+  run trains, reports every layer native bf16, evaluates in float32; at
+  ratio 0.5 the layers stay switchable."""
+  from dpquant_tf import quantization  # pylint: disable=import-outside-toplevel
+  monkeypatch.setenv("DPQUANT_ASSUME_BF16_HARDWARE", "1")
+  result = train_lib.train(train_lib.TrainConfig(
+      policy="static", ratio=1.0, format="bf16", target_epsilon=8.0, seed=1,
+      **SMALL))
+  layers = quantization.quantized_layers(result.model)
+  assert layers and all(not l.switchable for l in layers)
+  m = result.metrics
+  assert m["execution"]["native_layers"] == ["conv1", "conv2", "dense1",
+                                             "logits"]
+  assert 0.0 <= m["test_accuracy"] <= 1.0 and m["steps"] == 4
+  # Inference (evaluate, export) runs no bf16 op; training does.
+  spec = tf.TensorSpec((4, 28, 28, 1), tf.float32)
+
+  def bf16_ops(training):
+    fn = tf.function(lambda t: result.model(t, training=training))
+    graph_def = fn.get_concrete_function(spec).graph.as_graph_def()
+    nodes = list(graph_def.node) + [n for f in graph_def.library.function
+                                    for n in f.node_def]
+    return [n.name for n in nodes
+            if n.attr["T"].type == tf.bfloat16.as_datatype_enum]
+  assert not bf16_ops(False)
+  assert bf16_ops(True)
+  half = train_lib.train(train_lib.TrainConfig(
+      policy="static", ratio=0.5, format="bf16", target_epsilon=8.0, seed=1,
+      **SMALL))
+  assert all(l.switchable for l in quantization.quantized_layers(half.model))
