@@ -432,8 +432,16 @@ class QuantizedLayer(_layers.Wrapper):
       x, kernel = tf.expand_dims(x, axis), tf.expand_dims(kernel, 0)
       if weight_axes is not None:
         weight_axes = [0] + [a + 1 for a in weight_axes]
-    if not self.switchable and (self.quantize_in_inference
-                                or _trains(training) is True):
+    if not self.switchable and not self.quantize_in_inference:
+      trains = _trains(training)
+      if trains is True:
+        return self._pinned_call(inputs, x, kernel, axis)
+      if trains is False:   # inference: only the float32 op in the graph
+        tap_x, z = x, self._linear(x, kernel)
+        if axis is not None:
+          tap_x, z = tf.squeeze(tap_x, axis), tf.squeeze(z, axis)
+        return self._finish(inputs, tap_x, z, None)
+    elif not self.switchable:
       return self._pinned_call(inputs, x, kernel, axis)
     # A pinned layer given a training *tensor* takes the switch below (its
     # enabled variable is True): float32 taps, the same values.
