@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from dpquant_tf import perexample as pe
 from dpquant_tf import quantization as dq
-from dpquant_tf.optimizers import DPQuantOptimizer
+from tests.quantization import _helpers
 
 L = tf.keras.layers
 BF16 = dq.LayerQuantConfig(fwd_bits=0, bwd_bits=0, precision="bf16")
@@ -111,7 +111,6 @@ def test_fixed_layer_refuses_an_enabled_config_of_another_structure():
 B, T, K, O = 4, 6, 8, 16
 C = 1.0
 NORM = 8.0
-_LOSS = tf.keras.losses.MeanSquaredError(reduction="none")
 
 
 def _seq_model(fixed):
@@ -126,18 +125,7 @@ def _seq_model(fixed):
 
 def _dp_sum_step(model, spec, jit=False):
   """tf.function: the optimizer's clipped sum (noise 0) times NORM."""
-  opt = DPQuantOptimizer(C, 0.0, learning_rate=0.1, expected_batch_size=NORM,
-                         seed=0)
-
-  def step(x):
-    with tf.GradientTape() as tape:
-      out = model(x, training=True)
-      loss = _LOSS(tf.zeros_like(out) + 1.0, out)
-    with opt._bind(model, x):  # pylint: disable=protected-access
-      pairs = opt._compute_gradients(loss, model.trainable_variables, tape=tape)  # pylint: disable=protected-access
-    return [g * NORM for g, _ in pairs]
-
-  return tf.function(step, jit_compile=jit, input_signature=[spec])
+  return _helpers.dp_sum_step(model, spec, clip=C, norm=NORM, jit=jit)
 
 
 def _clipped_sum_fn(model, jit=False):

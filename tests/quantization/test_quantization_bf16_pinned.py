@@ -16,6 +16,7 @@ from dpquant_tf import perexample as pe
 from dpquant_tf import quantization as dq
 from dpquant_tf import training
 from dpquant_tf.optimizers import DPQuantOptimizer
+from tests.quantization import _helpers
 from dpquant_tf.perexample import _registry
 
 L = tf.keras.layers
@@ -49,18 +50,7 @@ def _model(switchable, base=None):
 
 def _dp_sum_step(model, spec, jit=False):
   """tf.function: the optimizer's clipped sum (noise 0) times NORM."""
-  opt = DPQuantOptimizer(C, 0.0, learning_rate=0.1, expected_batch_size=NORM,
-                         seed=0)
-
-  def step(x):
-    with tf.GradientTape() as tape:
-      out = model(x, training=True)
-      loss = _LOSS(tf.zeros_like(out) + 1.0, out)
-    with opt._bind(model, x):  # pylint: disable=protected-access
-      pairs = opt._compute_gradients(loss, model.trainable_variables, tape=tape)  # pylint: disable=protected-access
-    return [g * NORM for g, _ in pairs]
-
-  return tf.function(step, jit_compile=jit, input_signature=[spec])
+  return _helpers.dp_sum_step(model, spec, clip=C, norm=NORM, jit=jit)
 
 
 def _x(seed=1, batch=B):
