@@ -29,6 +29,16 @@ def _keras_gn(shape, groups, seed, **kwargs):
   return layer
 
 
+def _one_by_one(plain, x, y):
+  """Per-example gradients of ``plain``: one backward pass per example."""
+  ref = []
+  for i in range(x.shape[0]):
+    with tf.GradientTape() as tape:
+      loss = tf.reduce_mean(_LOSS(y[i:i + 1], plain(x[i:i + 1])))
+    ref.append(tape.gradient(loss, plain.trainable_variables))
+  return [tf.stack(g) for g in zip(*ref)]
+
+
 def _close(a, b, tol=2e-5):
   scale = max(float(tf.reduce_max(tf.abs(b))), 1e-6)
   np.testing.assert_allclose(np.asarray(a) / scale, np.asarray(b) / scale,
@@ -153,12 +163,7 @@ def test_per_example_gradients_match_the_untapped_model(jit, dynamic):
     return pe.per_example_gradients(loss, tapped.trainable_variables, tape,
                                     tf.shape(x)[0] if dynamic else 4)
 
-  ref = []
-  for i in range(4):
-    with tf.GradientTape() as tape:
-      loss = tf.reduce_mean(_LOSS(y[i:i + 1], plain(x[i:i + 1])))
-    ref.append(tape.gradient(loss, plain.trainable_variables))
-  ref = [tf.stack(g) for g in zip(*ref)]
+  ref = _one_by_one(plain, x, y)
   got = fast(x, y)
   names = [v.name for v in tapped.trainable_variables]
   assert any("gn" in n and "gamma" in n for n in names), names
@@ -238,12 +243,7 @@ def test_jacobian_fallback_through_the_fused_group_norm_and_reload(tmp_path):
       loss = _LOSS(y, tapped(x, training=True))
     return pe.per_example_gradients(loss, tapped.trainable_variables, tape, 4)
 
-  ref = []
-  for i in range(4):
-    with tf.GradientTape() as tape:
-      loss = tf.reduce_mean(_LOSS(y[i:i + 1], plain(x[i:i + 1])))
-    ref.append(tape.gradient(loss, plain.trainable_variables))
-  for a, b in zip(fast(), [tf.stack(g) for g in zip(*ref)]):
+  for a, b in zip(fast(), _one_by_one(plain, x, y)):
     _close(a, b)
   path = str(tmp_path / "tapped.keras")
   tapped.save(path)
@@ -298,12 +298,7 @@ def test_expanded_parameter_taps_give_each_examples_gradient(kwargs, dynamic,
   monkeypatch.setattr(_taps, "expand_norm_params", lambda layer: False)
   (grads_off, sums_off), expanded_off = run(pe.tap_model(plain))
   assert not expanded_off
-  ref = []
-  for i in range(5):
-    with tf.GradientTape() as tape:
-      loss = tf.reduce_mean(_LOSS(y[i:i + 1], plain(x[i:i + 1])))
-    ref.append(tape.gradient(loss, plain.trainable_variables))
-  ref = [tf.stack(g) for g in zip(*ref)]
+  ref = _one_by_one(plain, x, y)
   assert len(grads) == len(ref) == len(plain.trainable_variables)
   for a, b, c in zip(grads, grads_off, ref):
     _close(a, c)
