@@ -443,9 +443,11 @@ class QuantizedLayer(_layers.Wrapper):
         return self._finish(inputs, tap_x, z, None)
     elif not self.switchable:
       return self._pinned_call(inputs, x, kernel, axis)
-    # A pinned layer given a training *tensor* takes the switch below (its
-    # enabled variable is True): float32 taps, the same values.
-    enabled = tf.convert_to_tensor(self.enabled)
+    # A pinned layer given a training *tensor* takes the switch below, on
+    # whatever its variable holds (a restore may have written False):
+    # float32 taps, the same values.
+    enabled = (tf.convert_to_tensor(self.enabled) if self.switchable
+               else tf.constant(True))
     if training is not None and not self.quantize_in_inference:
       # Inference (training=False) never runs the training plan.
       enabled = tf.logical_and(enabled, tf.cast(training, tf.bool))

@@ -157,6 +157,11 @@ def test_a_training_tensor_takes_the_switch_with_the_same_values():
   np.testing.assert_array_equal(pinned, as_tensor)
   off = tf.function(lambda x, t: model(x, training=t))(x, tf.constant(False))
   np.testing.assert_array_equal(off, model(x, training=False))
+  # A variable written False (a restore) does not switch it off either.
+  for layer in dq.quantized_layers(model):
+    layer.enabled.assign(False)
+  again = tf.function(lambda x, t: model(x, training=t))(x, tf.constant(True))
+  np.testing.assert_array_equal(pinned, again)
 
 
 def test_a_pinned_layer_cannot_be_switched_off_or_built_wrongly():
