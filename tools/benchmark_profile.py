@@ -52,6 +52,8 @@ flags.DEFINE_integer("rounds", 5, "Timed rounds per part (median).")
 flags.DEFINE_integer("steps", 2, "Calls per part per round.")
 flags.DEFINE_integer("ops", 5, "Profiled steps per contender (0: no op profile).")
 flags.DEFINE_integer("top", 12, "Op types listed per contender.")
+flags.DEFINE_integer("names", 0, "Op names (graph nodes) listed per "
+                     "contender, by time (0: none).")
 flags.DEFINE_bool("parts", True, "Time the cumulative parts (forward, "
                   "backward, clip, step); false: the train step only (each "
                   "part holds its own buffers: the encoder's 8 part "
@@ -135,13 +137,15 @@ def _op_profile(fn, steps, dtypes):
   times = _xplane_op_times(logdir)
   by_type = collections.Counter()
   by_dtype = collections.Counter()
+  by_name = collections.Counter()
   for (op_type, op_name), us in times.items():
     dtype = dtypes(op_name)
     mark = {"bfloat16": " [bf16]", "float64": " [f64]"}.get(dtype, "")
     by_type[op_type + mark] += us / steps
     by_dtype[dtype] += us / steps
+    by_name[f"{op_name} ({op_type}{mark})"] += us / steps
   total = sum(by_type.values())
-  return by_type, total, by_dtype
+  return by_type, total, by_dtype, by_name
 
 
 def _graph_dtypes(model, data):
@@ -227,7 +231,7 @@ def main(argv):
     if FLAGS.ops:
       for kind in FLAGS.contenders:
         dtypes = _graph_dtypes(models[kind], data)
-        by_type, total, by_dtype = _op_profile(parts[kind]["step"], FLAGS.ops,
+        by_type, total, by_dtype, by_name = _op_profile(parts[kind]["step"], FLAGS.ops,
                                                dtypes)
         case[kind]["op_ms"] = round(total / 1e3, 2)
         case[kind]["bf16_share"] = (round(by_dtype["bfloat16"] / total, 3)
@@ -242,6 +246,10 @@ def main(argv):
               f"bf16 share {case[kind]['bf16_share']}")
         for op, us in by_type.most_common(FLAGS.top):
           print(f"   {op:<40} {us / 1e3:7.2f} ms  {us / total:6.1%}")
+        if FLAGS.names:
+          print(f"-- {kind}: op names by time")
+          for op, us in by_name.most_common(FLAGS.names):
+            print(f"   {us / 1e3:7.2f} ms  {op}")
     report["cases"].append(case)
   print("\nJSON " + json.dumps(report))
 

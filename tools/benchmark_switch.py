@@ -35,6 +35,14 @@ fast path is faster). Switches:
 * ``bf16_group_norm_input``: a fused GroupNorm after a pinned bf16 layer
   reads its bf16 output (``perexample._taps.bf16_source``); off: the
   float32 cast of it.
+* ``bf16_epilogue``: a pinned layer with a bias and a ReLU-like activation
+  adds the bias and applies the activation in bf16, one cast after
+  (``quantization._layers.bf16_epilogue``); off: the float32 bias and
+  activation after the op's output cast (as before 2026-12-05, seventh
+  session).
+* ``bf16_one_hot_patches``: bf16 patches of depth 129-256 are copied by the
+  one-hot convolution (``perexample._rules._identity_conv_max_depth``);
+  off: ``extract_patches`` above depth 128, as in float32.
 """
 
 import dataclasses
@@ -56,6 +64,7 @@ from dpquant_tf.perexample import _gradients  # noqa: E402
 from dpquant_tf.perexample import _norms  # noqa: E402
 from dpquant_tf.perexample import _rules  # noqa: E402
 from dpquant_tf.perexample import _taps  # noqa: E402
+from dpquant_tf.quantization import _layers  # noqa: E402
 from tools import benchmark_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -63,7 +72,9 @@ flags.DEFINE_string("case", "small_resnet:64", "model:batch (benchmark_lib).")
 flags.DEFINE_enum("switch", "shifted", ["shifted", "fused_group_norm",
                                         "bf16_conv_contraction",
                                         "expanded_norm_params", "pinned",
-                                        "bf16_group_norm_input"],
+                                        "bf16_group_norm_input",
+                                        "bf16_epilogue",
+                                        "bf16_one_hot_patches"],
                   "The fast path to turn off in the second copy.")
 flags.DEFINE_string("contender", "dp", "benchmark_lib contender to build.")
 flags.DEFINE_integer("rounds", 9, "Timed rounds (median).")
@@ -76,7 +87,12 @@ _SWITCHES = {"shifted": (_rules, "_use_shifted"),
              "bf16_conv_contraction": (_gradients, "_bf16_contraction"),
              "expanded_norm_params": (_taps, "expand_norm_params"),
              "pinned": None,   # benchmark_lib.Settings.bf16_pinned
-             "bf16_group_norm_input": (_taps, "bf16_source")}
+             "bf16_group_norm_input": (_taps, "bf16_source"),
+             "bf16_epilogue": (_layers, "bf16_epilogue"),
+             "bf16_one_hot_patches": (_rules, "_identity_conv_max_depth")}
+# What the switched-off function answers (default False: a predicate).
+_OFF = {"bf16_group_norm_input": None,   # a source finder: no bf16 source
+        "bf16_one_hot_patches": _rules._IDENTITY_CONV_MAX_DEPTH}  # pylint: disable=protected-access
 
 
 def main(argv):
@@ -92,8 +108,7 @@ def main(argv):
   module, attr = _SWITCHES[FLAGS.switch] or (None, None)
   chosen = getattr(module, attr) if module else None
   funcs = {}
-  # Off: the predicate answers False (a source finder: None).
-  off = None if FLAGS.switch == "bf16_group_norm_input" else False
+  off = _OFF.get(FLAGS.switch, False)
   for name, rule in (("on", chosen), ("off", lambda *_, **__: off)):
     if module:
       setattr(module, attr, rule)

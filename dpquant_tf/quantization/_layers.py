@@ -106,6 +106,32 @@ def _straight_through(x, k, qx, qk):
   return (tf.identity(qx), tf.identity(qk)), grad
 
 
+# Activations a pinned layer applies in bfloat16, after a bf16 bias add
+# (``bf16_epilogue``): elementwise functions that keep their input's dtype.
+_BF16_ACTIVATIONS = tuple(
+    getattr(tf.keras.activations, name) for name in (
+        "relu", "relu6", "gelu", "tanh", "sigmoid", "swish", "silu", "elu")
+    if hasattr(tf.keras.activations, name))
+
+
+def bf16_epilogue(layer) -> bool:
+  """Whether a pinned layer adds its bias and applies its activation in bf16.
+
+  True for an activation in ``_BF16_ACTIVATIONS``: then the bias (cast to
+  nearest), the activation and, in the backward pass, the activation's
+  gradient run on the bf16 output of the op, and one cast to float32
+  follows, as under Keras' mixed-precision policy. The float32 epilogue
+  after a bf16 convolution cost more than the float32 layer's whole fused
+  convolution, bias and ReLU (tutorial CNN, first convolution at batch
+  256: 0.97 vs 0.77 ms; bf16 epilogue 0.60 ms; docs/PERFORMANCE.md). The
+  forward pass rounds once more (the sum after the bias, to bf16); the
+  DP step's bound is unaffected: it is computed from the tensors summed.
+  """
+  activation = getattr(layer, "activation", None)
+  return activation is not None and any(
+      activation is f for f in _BF16_ACTIVATIONS)
+
+
 @tf.keras.utils.register_keras_serializable(package="dpquant_tf")
 class QuantizedLayer(_layers.Wrapper):
   """Runs a Dense/Conv/DepthwiseConv2D/EinsumDense layer in low precision.
@@ -309,22 +335,24 @@ class QuantizedLayer(_layers.Wrapper):
       return None
     return 1 if self.layer.data_format == "channels_last" else 2
 
-  def _add_bias(self, z):
+  def _add_bias(self, z, cast=None):
+    """``z`` plus the layer's bias (cast to ``cast`` first when given)."""
     layer, kind = self.layer, self.kind
-    if kind == LayerKind.DENSE:
-      return tf.nn.bias_add(z, layer.bias) if layer.use_bias else z
-    if kind == LayerKind.EINSUM_DENSE:
-      return z + layer.bias if layer.bias is not None else z
-    if kind == LayerKind.DEPTHWISE_CONV2D:
-      if layer.use_bias:
-        z = tf.keras.backend.bias_add(z, layer.bias, data_format=layer.data_format)
+    bias = getattr(layer, "bias", None)
+    if bias is None or (kind != LayerKind.EINSUM_DENSE and not layer.use_bias):
       return z
-    if layer.use_bias:
-      if layer.rank == 1 and layer._channels_first:  # pylint: disable=protected-access
-        z += tf.reshape(layer.bias, (1, layer.filters, 1))
-      else:
-        z = tf.nn.bias_add(z, layer.bias, data_format=layer._tf_data_format)  # pylint: disable=protected-access
-    return z
+    bias = tf.convert_to_tensor(bias)
+    if cast is not None:
+      bias = tf.cast(bias, cast)
+    if kind == LayerKind.DENSE:
+      return tf.nn.bias_add(z, bias)
+    if kind == LayerKind.EINSUM_DENSE:
+      return z + bias
+    if kind == LayerKind.DEPTHWISE_CONV2D:
+      return tf.keras.backend.bias_add(z, bias, data_format=layer.data_format)
+    if layer.rank == 1 and layer._channels_first:  # pylint: disable=protected-access
+      return z + tf.reshape(bias, (1, layer.filters, 1))
+    return tf.nn.bias_add(z, bias, data_format=layer._tf_data_format)  # pylint: disable=protected-access
 
   def _forward_quant(self, x, kernel, fwd_on, fp8_on, weight_axes):
     """Fake quantization of input and kernel (the forward format, then the
@@ -387,21 +415,30 @@ class QuantizedLayer(_layers.Wrapper):
   def _pinned_call(self, inputs, x, kernel, axis):
     """A pinned layer in training: the bf16 op with no switch, bf16 taps.
 
-    The tap input is the bf16 input the op reads; the tap output is the
-    op's bf16 output when the layer has no bias (the gradient there is the
-    one the op's own backward pass reads), else the float32 output after the
-    bias (the bias gradient stays float32).
+    The tap input is the bf16 input the op reads. The tap output is the
+    op's bf16 output when the layer has no bias; with a bias and an
+    activation that runs in bf16 (``bf16_epilogue``), the bf16 sum after
+    the bias (cast to nearest), whose activation is cast to float32 once;
+    with a bias and no such activation, the float32 output after the bias.
     """
     xb = _precision.to_bfloat16(x, rounding=self.bf16_rounding,
                                 generator=self.generator)
     zb = self._linear(xb, _precision.to_bfloat16(kernel))
     if axis is not None:
       xb, zb = tf.squeeze(xb, axis), tf.squeeze(zb, axis)
-    z = self._add_bias(tf.cast(zb, tf.float32))
-    if not tf.executing_eagerly() and self.kind in (LayerKind.CONV1D,
-                                                     LayerKind.CONV2D):
-      z.set_shape(self.layer.compute_output_shape(inputs.shape))
     has_bias = getattr(self.layer, "bias", None) is not None
+    shape = (self.layer.compute_output_shape(inputs.shape)
+             if not tf.executing_eagerly() and self.kind in (
+                 LayerKind.CONV1D, LayerKind.CONV2D) else None)
+    if has_bias and bf16_epilogue(self.layer):
+      zb = self._add_bias(zb, cast=tf.bfloat16)
+      if shape is not None:
+        zb.set_shape(shape)
+      _perexample_registry.record_tap(self, xb, zb)
+      return tf.cast(self.layer.activation(zb), tf.float32)
+    z = self._add_bias(tf.cast(zb, tf.float32))
+    if shape is not None:
+      z.set_shape(shape)
     _perexample_registry.record_tap(self, xb, z if has_bias else zb)
     return z if self.layer.activation is None else self.layer.activation(z)
 

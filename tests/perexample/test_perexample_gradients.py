@@ -365,3 +365,27 @@ def test_clipped_sum_equals_clipping_materialized_gradients(m, dynamic, kind):
     np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6, rtol=1e-5)
   total = tf.sqrt(tf.add_n([tf.reduce_sum(s ** 2) for s in sums]))
   assert float(total) <= 0.3 * (m or B) * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("cin,k,stride,one_hot", [
+    (16, 3, 2, True), (16, 4, 2, True), (32, 3, 2, False)])
+def test_bf16_patches_are_exact_copies(cin, k, stride, one_hot):
+  """bf16 patches up to depth 256 come from the one-hot convolution (128
+  in float32), bit for bit what extract_patches copies, huge, tiny and
+  negative values included."""
+  from dpquant_tf.perexample import _rules
+  rng = np.random.default_rng(cin + k)
+  x = rng.normal(size=(3, 9, 9, cin)) * 2.0 ** rng.integers(-100, 100, (3, 9, 9, cin))
+  x = tf.cast(tf.constant(x, tf.float32), tf.bfloat16)
+  args = ((k, k), (stride, stride), (1, 1), "VALID")
+  f = tf.function(lambda x: _rules._patches(x, *args))  # pylint: disable=protected-access
+  ops = {op.type for op in f.get_concrete_function(x).graph.get_operations()}
+  assert ("ExtractImagePatches" not in ops) == one_hot, sorted(ops)
+  want = tf.image.extract_patches(x, [1, k, k, 1], [1, stride, stride, 1],
+                                  [1, 1, 1, 1], "VALID")
+  np.testing.assert_array_equal(tf.bitcast(f(x), tf.int16),
+                                tf.bitcast(want, tf.int16))
+  xf = tf.cast(x, tf.float32)   # float32 above depth 128: extract_patches
+  ops32 = {op.type for op in tf.function(lambda x: _rules._patches(x, *args))  # pylint: disable=protected-access
+           .get_concrete_function(xf).graph.get_operations()}
+  assert ("ExtractImagePatches" in ops32) == (k * k * cin > 128)

@@ -116,10 +116,12 @@ def test_pinned_step_adds_what_the_switchable_step_adds(jit, dynamic):
   assert all(np.abs(a).max() > 0 for a in got)
 
 
-def test_pinned_step_keeps_each_contribution_within_c():
+@pytest.mark.parametrize("base", ["plain", "bf16_epilogue"])
+def test_pinned_step_keeps_each_contribution_within_c(base):
   """An example built to cancel (huge opposite rows) moves the clipped sum
-  by at most C; a benign one moves it."""
-  model = _model(switchable=False)
+  by at most C; a benign one moves it. Also with bf16 bias and activation
+  (bf16 taps with a bias, a bf16 output gradient)."""
+  model = _model(False, _base() if base == "plain" else _base_epilogue())
   step = _dp_sum_step(model, tf.TensorSpec((None, 6, 6, 3)))
 
   def run(x):
@@ -259,3 +261,60 @@ def test_a_group_norm_reading_bf16_matches_the_cast_also_with_two_consumers(
   want = [t.numpy() for t in _dp_sum_step(model, spec)(x)]
   for a, b in zip(got, want):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-2 * np.abs(b).max())
+
+
+def _base_epilogue():
+  """Layers with a bias and a bf16 activation (ReLU conv, GELU Dense), one
+  with an activation kept float32 (softmax) and a head without one."""
+  tf.keras.utils.set_random_seed(2)
+  inp = tf.keras.Input((6, 6, 3))
+  h = L.Conv2D(8, 3, strides=2, padding="same", activation="relu",
+               name="conv")(inp)
+  h = L.Flatten()(h)
+  h = L.Dense(8, activation="gelu", name="mid")(h)
+  h = L.Dense(8, activation="softmax", name="soft")(h)
+  return tf.keras.Model(inp, L.Dense(2, name="head")(h))
+
+
+def test_pinned_bias_and_activation_run_in_bf16_where_they_can():
+  """A bias followed by a bf16 activation is added in bf16 (the tap output
+  is the bf16 sum, its gradient bf16) and the activation's output is cast
+  once; other layers keep the float32 epilogue. Fails if the bias is added
+  after the output's cast."""
+  model = _model(False, _base_epilogue())
+  taps = {}
+
+  @tf.function
+  def forward(x):
+    out = model(x, training=True)
+    for layer in dq.quantized_layers(model):
+      tap = _registry.current_tap(layer)
+      taps[layer.layer.name] = (tap.tap_input.dtype, tap.tap_output.dtype)
+    return out
+
+  nodes = _ops(forward, tf.constant(_x()))
+  assert taps == {"conv": (tf.bfloat16, tf.bfloat16),
+                  "mid": (tf.bfloat16, tf.bfloat16),
+                  "soft": (tf.bfloat16, tf.float32),
+                  "head": (tf.bfloat16, tf.float32)}
+  bias_dtypes = sorted(tf.as_dtype(n.attr["T"].type).name for n in nodes
+                       if n.op == "BiasAdd")
+  assert bias_dtypes == ["bfloat16", "bfloat16", "float32", "float32"]
+  assert any(n.op == "Relu" and n.attr["T"].type == tf.bfloat16.as_datatype_enum
+             for n in nodes)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_pinned_bf16_epilogue_step_is_the_switchable_one_to_bf16_rounding(
+    dynamic):
+  """The only difference from the switchable layers is one more bf16
+  rounding (the sum after the bias): the clipped sums agree to it."""
+  base = _base_epilogue()
+  spec = tf.TensorSpec((None if dynamic else B, 6, 6, 3))
+  x = tf.constant(_x(9))
+  got = [t.numpy() for t in _dp_sum_step(_model(False, base), spec)(x)]
+  want = [t.numpy() for t in _dp_sum_step(_model(True, base), spec)(x)]
+  assert len(got) == len(base.trainable_variables)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=0, atol=2e-2 * np.abs(b).max())
+  assert all(np.abs(a).max() > 0 for a in got)
