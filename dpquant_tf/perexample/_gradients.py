@@ -491,9 +491,8 @@ def _rule_of(tapped, tap):
 def _apply_rule(rule, inner, x, g, m, chunk_size, dtype=None):
   """Runs a rule on the whole batch, or chunk by chunk with ``tf.map_fn``.
 
-  ``x`` and ``g`` are cast to ``dtype`` (default: float32 when one is
-  bfloat16 and the other not, as a pinned layer with a bias taps them:
-  exact); rules see one dtype.
+  ``x`` and ``g`` are cast to ``dtype`` (default: float32 when either is
+  bfloat16, as a pinned layer taps them: exact); rules see one dtype.
   """
   x, g = _operands(x, g, dtype)
   b = x.shape[0]
@@ -515,9 +514,15 @@ def _apply_rule(rule, inner, x, g, m, chunk_size, dtype=None):
 
 
 def _operands(x, g, dtype=None):
-  """``(x, g)`` in ``dtype``; by default float32 if only one is bfloat16."""
+  """``(x, g)`` in ``dtype``; by default float32 if either is bfloat16.
+
+  Only ``_bf16_part`` asks for bfloat16 (contractions that accumulate in
+  float32); every other rule (depthwise, grouped and einsum layers, bias
+  sums over positions) sees the bf16 taps of a pinned layer cast to float32
+  (exact), so it neither accumulates nor rounds its result in bf16.
+  """
   if dtype is None:
-    if tf.bfloat16 not in (x.dtype, g.dtype) or x.dtype == g.dtype:
+    if tf.bfloat16 not in (x.dtype, g.dtype):
       return x, g
     dtype = tf.float32
   return tf.cast(x, dtype), tf.cast(g, dtype)
@@ -527,7 +532,7 @@ def _signature(rule, inner, x, g, m):
   """Output signature of ``rule`` on one chunk (traced in a scratch graph)."""
   dtypes = (x.dtype, g.dtype)
   if tf.bfloat16 in dtypes and dtypes[0] != dtypes[1]:
-    dtypes = (tf.float32, tf.float32)   # as _operands casts them
+    dtypes = (tf.float32, tf.float32)   # one dtype, as rules see
   with tf.Graph().as_default():
     xp = tf.compat.v1.placeholder(dtypes[0], x.shape)
     gp = tf.compat.v1.placeholder(dtypes[1], g.shape)

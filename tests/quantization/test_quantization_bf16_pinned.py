@@ -318,3 +318,54 @@ def test_pinned_bf16_epilogue_step_is_the_switchable_one_to_bf16_rounding(
   for a, b in zip(got, want):
     np.testing.assert_allclose(a, b, rtol=0, atol=2e-2 * np.abs(b).max())
   assert all(np.abs(a).max() > 0 for a in got)
+
+
+def test_pinned_rules_without_a_bf16_contraction_run_in_float32():
+  """Depthwise and grouped convolutions with a bias and a ReLU tap bf16
+  tensors; their per-example rules (and bias sums over positions) see them
+  cast to float32, exactly what the rule computes from float32 copies.
+  Fails if the rules run on the bf16 taps (bf16 sums and results). Chunked
+  (``chunk_size``) gives the same."""
+  from dpquant_tf.perexample import _gradients
+  tf.keras.utils.set_random_seed(3)
+  inp = tf.keras.Input((6, 6, 4))
+  h = L.DepthwiseConv2D(3, padding="same", activation="relu", name="dw")(inp)
+  h = L.Conv2D(4, 3, groups=2, activation="relu", name="grouped")(h)
+  base = tf.keras.Model(inp, L.Dense(2, name="head")(L.Flatten()(h)))
+  model = _model(False, base)
+  layers = {l.layer.name: l for l in dq.quantized_layers(model)}
+
+  @tf.function
+  def run(x):
+    with tf.GradientTape(persistent=True) as tape:
+      out = model(x, training=True)
+      loss = _LOSS(tf.ones_like(out), out)
+    got = pe.per_example_gradients(loss, model.trainable_variables, tape)
+    chunked = pe.per_example_gradients(loss, model.trainable_variables, tape,
+                                       chunk_size=2)
+    want = {}
+    for name in ("dw", "grouped"):
+      tap = _registry.current_tap(layers[name])
+      dtypes[name] = (tap.tap_input.dtype, tap.tap_output.dtype)
+      g = tape.gradient(loss, tap.tap_output)
+      rule = _gradients._RULES[_registry.kind_of(layers[name].layer)]  # pylint: disable=protected-access
+      want[name] = rule(layers[name].layer, tf.cast(tap.tap_input, tf.float32),
+                        tf.cast(g, tf.float32), B)
+    return got, chunked, want
+
+  x = np.random.default_rng(3).normal(size=(B, 6, 6, 4)).astype(np.float32)
+  dtypes = {}
+  got, chunked, want = run(tf.constant(x))
+  assert dtypes == {"dw": (tf.bfloat16, tf.bfloat16),
+                    "grouped": (tf.bfloat16, tf.bfloat16)}
+  by_var = dict(zip([v.ref() for v in model.trainable_variables],
+                    zip(got, chunked)))
+  for name in ("dw", "grouped"):
+    inner = layers[name].layer
+    kernel = inner.depthwise_kernel if name == "dw" else inner.kernel
+    for role, var in (("kernel", kernel), ("bias", inner.bias)):
+      g, c = by_var[var.ref()]
+      w = tf.reshape(want[name][role], g.shape)
+      np.testing.assert_array_equal(g, w)
+      np.testing.assert_allclose(c, w, rtol=1e-6, atol=1e-7)
+      assert np.abs(w).max() > 0
