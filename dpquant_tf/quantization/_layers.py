@@ -28,7 +28,8 @@ rounded as ``bf16_rounding`` says, to nearest by default or stochastically
 with 16 counter-based random bits per element, the kernel to nearest; the
 backward pass through the
 casts runs in bfloat16 too; the output is cast back to float32 before the
-bias) or simulated FP8 E4M3 (an extra fake quantization to the FP8 grid, the
+bias, except in a pinned layer whose activation runs in bf16:
+``bf16_epilogue``) or simulated FP8 E4M3 (an extra fake quantization to the FP8 grid, the
 op in float32). Every setting is in the graph as ``tf.cond`` branches, so
 switching does not retrace, also under ``jit_compile``; the outer branch is
 the ``enabled`` switch, so a disabled layer runs its plain float32 op and no

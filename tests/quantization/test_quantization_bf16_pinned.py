@@ -302,6 +302,13 @@ def test_pinned_bias_and_activation_run_in_bf16_where_they_can():
   assert bias_dtypes == ["bfloat16", "bfloat16", "float32", "float32"]
   assert any(n.op == "Relu" and n.attr["T"].type == tf.bfloat16.as_datatype_enum
              for n in nodes)
+  # A training tensor takes the switchable path (float32 epilogue): the
+  # same values to bf16 rounding.
+  x = tf.constant(_x())
+  as_tensor = tf.function(lambda x, t: model(x, training=t))(x, tf.constant(True))
+  pinned = forward(x).numpy()
+  np.testing.assert_allclose(as_tensor, pinned, rtol=0,
+                             atol=2e-2 * np.abs(pinned).max())
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
