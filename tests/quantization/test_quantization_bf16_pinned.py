@@ -311,16 +311,19 @@ def test_pinned_bias_and_activation_run_in_bf16_where_they_can():
                              atol=2e-2 * np.abs(pinned).max())
 
 
-@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("jit,dynamic", [
+    (False, False), (False, True),
+    pytest.param(True, True, marks=pytest.mark.slow)])
 def test_pinned_bf16_epilogue_step_is_the_switchable_one_to_bf16_rounding(
-    dynamic):
+    jit, dynamic):
   """The only difference from the switchable layers is one more bf16
-  rounding (the sum after the bias): the clipped sums agree to it."""
+  rounding (the sum after the bias): the clipped sums agree to it (also
+  under XLA)."""
   base = _base_epilogue()
   spec = tf.TensorSpec((None if dynamic else B, 6, 6, 3))
   x = tf.constant(_x(9))
-  got = [t.numpy() for t in _dp_sum_step(_model(False, base), spec)(x)]
-  want = [t.numpy() for t in _dp_sum_step(_model(True, base), spec)(x)]
+  got = [t.numpy() for t in _dp_sum_step(_model(False, base), spec, jit)(x)]
+  want = [t.numpy() for t in _dp_sum_step(_model(True, base), spec, jit)(x)]
   assert len(got) == len(base.trainable_variables)
   for a, b in zip(got, want):
     np.testing.assert_allclose(a, b, rtol=0, atol=2e-2 * np.abs(b).max())
