@@ -59,6 +59,28 @@ class _Unsaved:
     self.generator = generator
 
 
+class _Trace:
+  """A function traced for one optimizer object (``_sync_spent_history_now``).
+
+  A copy starts empty: the trace holds the original's variables, so a
+  deep copy (or an unpickled one) must trace its own.
+  """
+
+  def __init__(self):
+    self.fn = None
+    self.made_for = None
+
+  def __deepcopy__(self, memo):
+    return _Trace()
+
+  def __getstate__(self):
+    return {}
+
+  def __setstate__(self, state):
+    del state
+    self.__init__()
+
+
 class _SpentHistory:
   """The steps this optimizer object took that a restore cannot undo.
 
@@ -93,6 +115,7 @@ class _SpentHistory:
     self.base_count = var([k], tf.int64, 0, "dp_base_count")
     self.base_used = var([], tf.int32, 0, "dp_base_used")
     self.base_id = var([], tf.int64, history_id, "dp_base_history_id")
+    self.sync = _Trace()
 
 
 class DPStateMixin:
@@ -326,22 +349,24 @@ class DPStateMixin:
     """``_sync_spent_history`` from Python (the ``dp_events`` queries), as
     one traced call: run eagerly it is some 300 small ops, about 25 ms a
     query on a 2-core CPU, and a Keras epoch end with the privacy callback
-    and the scheduler makes six. Traced again if any variable it reads was
-    replaced by another object (the trace holds the ones it was made with).
+    and the scheduler makes six. Traced again for another optimizer object
+    (a shallow copy shares the holder) or if a variable it reads was
+    replaced (the trace holds the ones it was made with); a deep copy starts
+    without a trace (``_Trace``).
     """
-    h = self._spent_holder
-    reads = (self._event_q, self._event_z, self._event_count,
+    trace = self._spent_holder.sync
+    reads = (self, self._event_q, self._event_z, self._event_count,
              self._event_used, self._history_id)
-    made_for = getattr(h, "sync_made_for", None)
-    if made_for is None or any(a is not b for a, b in zip(made_for, reads)):
+    if trace.fn is None or any(a is not b
+                               for a, b in zip(trace.made_for, reads)):
       sync = self._sync_spent_history
 
       def run():
         sync()   # a tf.group: the function returns nothing
 
-      h.sync = tf.function(run, autograph=False)
-      h.sync_made_for = reads
-    h.sync()
+      trace.fn = tf.function(run, autograph=False)
+      trace.made_for = reads
+    trace.fn()
 
   def _set_shadow(self, q, z, counts, used):
     h = self._spent_holder

@@ -185,3 +185,19 @@ def test_a_ledger_newer_than_the_optimizer_is_refused(tmp_path):
   tf.train.Checkpoint(ledger=ledger2).read(late)
   with pytest.raises(ValueError, match="history"):
     ledger2.epsilon(DELTA)
+
+
+def test_an_optimizer_deep_copied_after_a_query_accounts_its_own_steps():
+  """``dp_events`` traces the spent-history sync once per optimizer; a deep
+  copy made after a query must not run the original's trace (its
+  variables). Fails if the copy cannot be made or reads the original."""
+  import copy
+  model, opt, ledger = _setup()
+  _fit(model, 1)   # 8 steps
+  assert sum(c for _, c in opt.dp_events()) == 8
+  twin = copy.deepcopy(opt)
+  assert sum(c for _, c in twin.dp_events()) == 8
+  _fit(model, 1)   # the original only: 16
+  assert sum(c for _, c in opt.dp_events()) == 16
+  assert sum(c for _, c in twin.dp_events()) == 8
+  assert ledger.epsilon(DELTA) == pytest.approx(_reference(16), rel=1e-9)
