@@ -231,8 +231,8 @@ def main(argv):
     if FLAGS.ops:
       for kind in FLAGS.contenders:
         dtypes = _graph_dtypes(models[kind], data)
-        by_type, total, by_dtype, by_name = _op_profile(parts[kind]["step"], FLAGS.ops,
-                                               dtypes)
+        by_type, total, by_dtype, by_name = _op_profile(
+            parts[kind]["step"], FLAGS.ops, dtypes)
         case[kind]["op_ms"] = round(total / 1e3, 2)
         case[kind]["bf16_share"] = (round(by_dtype["bfloat16"] / total, 3)
                                     if total else None)

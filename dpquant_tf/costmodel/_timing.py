@@ -20,10 +20,10 @@ class StepTimeCallback(tf.keras.callbacks.Callback):
   first (the first step of a run traces and compiles): from the end of the
   first step to the end of the last, so epoch-end work of other callbacks
   (the epsilon, a schedule: about 50 ms each in ``examples/train.py``) is
-  not in it; an epoch of one step reports that step. ``epoch_time_s`` is the time from this callback's
-  ``on_epoch_begin`` to its ``on_epoch_end``: put the callback last in the
-  list so that work other callbacks do at the epoch start (a loss-sensitivity
-  analysis) is not counted. ``epoch_wall_s`` counts everything: the time
+  not in it; an epoch of one step reports that step. ``epoch_time_s`` is
+  the time from this callback's ``on_epoch_begin`` to its ``on_epoch_end``:
+  put the callback last in the list so that work other callbacks do at the
+  epoch start (a loss-sensitivity analysis) is not counted. ``epoch_wall_s`` counts everything: the time
   from the previous epoch's end (for the first epoch, from this callback's
   ``on_train_begin``) to this epoch's end, so the first epoch's tracing and
   every callback's epoch-start work (the analysis) are in it; the fixed

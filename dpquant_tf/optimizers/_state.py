@@ -62,8 +62,8 @@ class _Unsaved:
 class _Trace:
   """A function traced for one optimizer object (``_sync_spent_history_now``).
 
-  A copy starts empty: the trace holds the original's variables, so a
-  deep copy (or an unpickled one) must trace its own.
+  A deep copy starts empty: the trace holds the original's variables, so
+  the copy must trace its own.
   """
 
   def __init__(self):
@@ -72,13 +72,6 @@ class _Trace:
 
   def __deepcopy__(self, memo):
     return _Trace()
-
-  def __getstate__(self):
-    return {}
-
-  def __setstate__(self, state):
-    del state
-    self.__init__()
 
 
 class _SpentHistory:

@@ -423,7 +423,8 @@ class PerExampleTaps:
                          rule(tf.bfloat16), rule(tf.float32))
     if any(role == "bias" for _, role in entries):
       # The bias sums positions: keep it float32 (cheap) in both cases (a
-      # pinned layer with a bias taps its float32 output).
+      # pinned layer with a bias taps a float32 output, or a bf16 one when
+      # its epilogue runs in bf16).
       per_role["bias"] = _rules._bias_grad(tf.cast(g, tf.float32), m, x)  # pylint: disable=protected-access
     return _materialized_part({i: per_role[role] for i, role in entries}, k)
 

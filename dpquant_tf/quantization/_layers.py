@@ -109,10 +109,10 @@ def _straight_through(x, k, qx, qk):
 
 # Activations a pinned layer applies in bfloat16, after a bf16 bias add
 # (``bf16_epilogue``): elementwise functions that keep their input's dtype.
-_BF16_ACTIVATIONS = tuple(
-    getattr(tf.keras.activations, name) for name in (
-        "relu", "relu6", "gelu", "tanh", "sigmoid", "swish", "silu", "elu")
-    if hasattr(tf.keras.activations, name))
+_BF16_ACTIVATIONS = (
+    tf.keras.activations.relu, tf.keras.activations.gelu,
+    tf.keras.activations.tanh, tf.keras.activations.sigmoid,
+    tf.keras.activations.swish, tf.keras.activations.elu)
 
 
 def bf16_epilogue(layer) -> bool:
@@ -355,6 +355,13 @@ class QuantizedLayer(_layers.Wrapper):
       return z + tf.reshape(bias, (1, layer.filters, 1))
     return tf.nn.bias_add(z, bias, data_format=layer._tf_data_format)  # pylint: disable=protected-access
 
+  def _with_output_shape(self, inputs, z):
+    """``z`` with a Conv layer's static output shape set (in a graph)."""
+    if not tf.executing_eagerly() and self.kind in (LayerKind.CONV1D,
+                                                     LayerKind.CONV2D):
+      z.set_shape(self.layer.compute_output_shape(inputs.shape))
+    return z
+
   def _forward_quant(self, x, kernel, fwd_on, fp8_on, weight_axes):
     """Fake quantization of input and kernel (the forward format, then the
     simulated FP8 grid when that is the precision), straight-through.
@@ -428,18 +435,13 @@ class QuantizedLayer(_layers.Wrapper):
     if axis is not None:
       xb, zb = tf.squeeze(xb, axis), tf.squeeze(zb, axis)
     has_bias = getattr(self.layer, "bias", None) is not None
-    shape = (self.layer.compute_output_shape(inputs.shape)
-             if not tf.executing_eagerly() and self.kind in (
-                 LayerKind.CONV1D, LayerKind.CONV2D) else None)
     if has_bias and bf16_epilogue(self.layer):
-      zb = self._add_bias(zb, cast=tf.bfloat16)
-      if shape is not None:
-        zb.set_shape(shape)
+      zb = self._with_output_shape(inputs,
+                                   self._add_bias(zb, cast=tf.bfloat16))
       _perexample_registry.record_tap(self, xb, zb)
       return tf.cast(self.layer.activation(zb), tf.float32)
-    z = self._add_bias(tf.cast(zb, tf.float32))
-    if shape is not None:
-      z.set_shape(shape)
+    z = self._with_output_shape(inputs,
+                                self._add_bias(tf.cast(zb, tf.float32)))
     _perexample_registry.record_tap(self, xb, z if has_bias else zb)
     return z if self.layer.activation is None else self.layer.activation(z)
 
@@ -522,10 +524,7 @@ class QuantizedLayer(_layers.Wrapper):
   def _finish(self, inputs, tap_x, z, bwd_on):
     """Bias, taps, the backward quantizer (None: none built), activation."""
     layer = self.layer
-    z = self._add_bias(z)
-    if not tf.executing_eagerly() and self.kind in (LayerKind.CONV1D,
-                                                     LayerKind.CONV2D):
-      z.set_shape(layer.compute_output_shape(inputs.shape))
+    z = self._with_output_shape(inputs, self._add_bias(z))
     _perexample_registry.record_tap(self, tap_x, z)
     out = z if bwd_on is None else self._backward_quantizer(z, bwd_on)
     if layer.activation is not None:
